@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One entry point for people and CI. Works from any working directory.
+#   ./launch.sh setup        create .venv and install mmjax[test] with pinned constraints
+#   ./launch.sh test [ARGS]  setup, then the whole test suite (ARGS go to pytest)
+#   ./launch.sh quickstart   setup, then the main job
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="${MMJAX_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+
+usage() {
+  cat <<USAGE
+usage: ./launch.sh <command> [args]
+
+commands:
+  setup          create $VENV (if missing) and install mmjax[test] pinned by
+                 constraints.txt; skipped when setup.py and constraints.txt are unchanged
+  test [ARGS]    setup, then run the whole test suite (extra ARGS are passed to pytest)
+  quickstart     setup, then the main job: build the 'small' multimodal model and
+                 train it for a few steps, printing parameters, loss and step time
+  help           this message
+
+environment:
+  MMJAX_VENV     where the virtual environment lives (default: <repo>/.venv)
+  PYTHON         the interpreter used to create it (default: python3, needs >= 3.10)
+USAGE
+}
+
+setup() {
+  if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    echo "error: mmjax needs Python >= 3.10; '$PYTHON' is $("$PYTHON" --version 2>&1 || echo missing)." >&2
+    echo "       Set PYTHON=/path/to/python3.10+ and run again." >&2
+    exit 1
+  fi
+  if [[ ! -x "$VENV/bin/python" ]]; then
+    echo "[setup] creating virtual environment in $VENV"
+    "$PYTHON" -m venv "$VENV"
+  fi
+  local stamp="$VENV/.mmjax-install-stamp" want
+  want="$(cat "$ROOT/setup.py" "$ROOT/constraints.txt" | sha256sum | cut -d' ' -f1)"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    return 0
+  fi
+  echo "[setup] installing mmjax[test] with pinned versions (constraints.txt)"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet -c "$ROOT/constraints.txt" -e "$ROOT[test]"
+  echo "$want" >"$stamp"
+  echo "[setup] done"
+}
+
+cmd="${1:-help}"
+[[ $# -gt 0 ]] && shift
+case "$cmd" in
+  setup)
+    setup
+    ;;
+  test)
+    setup
+    cd "$ROOT"
+    exec "$VENV/bin/python" -m pytest tests "$@"
+    ;;
+  quickstart)
+    setup
+    cd "$ROOT"
+    exec "$VENV/bin/python" -m experiments.quickstart "$@"
+    ;;
+  help | -h | --help)
+    usage
+    ;;
+  *)
+    echo "error: unknown command '$cmd'" >&2
+    usage >&2
+    exit 2
+    ;;
+esac

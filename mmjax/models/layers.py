@@ -1,0 +1,108 @@
+"""Transformer building blocks on `mmjax.attention`: attention (self and cross), MLP,
+pre-LayerNorm blocks.
+
+Every projection is a plain 2-D `nn.Dense` ([in, out] kernels, heads laid out as
+contiguous column groups of `head_dim`), so compression transforms see one kernel layout:
+N:M groups run along axis 0, a head is a slice of columns of query/key/value and of rows
+of `out`. Parameter paths read like `text/block_03/attn/query/kernel`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.attention import dot_product_attention
+
+
+def key_padding_mask(mask):
+  """[batch, kv_len] bool (True = real token) -> broadcastable attention mask."""
+  return None if mask is None else mask[:, None, None, :]
+
+
+class MultiHeadAttention(nn.Module):
+  """Queries from `x`, keys/values from `context` (default: `x` itself)."""
+  num_heads: int
+  implementation: Optional[str] = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context=None, *, context_mask=None):
+    context = x if context is None else context
+    d = x.shape[-1]
+    if d % self.num_heads:
+      raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}.")
+    hd = d // self.num_heads
+    dense = lambda name: nn.Dense(d, dtype=self.dtype, name=name)
+    split = lambda y: y.reshape(y.shape[:2] + (self.num_heads, hd))
+    q = split(dense("query")(x))
+    k = split(dense("key")(context))
+    v = split(dense("value")(context))
+    out = dot_product_attention(q, k, v, mask=key_padding_mask(context_mask),
+                                implementation=self.implementation)
+    return dense("out")(out.reshape(out.shape[:2] + (d,)))
+
+
+class Mlp(nn.Module):
+  hidden_dim: int
+  gelu_approximate: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x)
+    h = nn.gelu(h, approximate=self.gelu_approximate)
+    return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN self-attention block: x + attn(ln(x)), then x + mlp(ln(x))."""
+  num_heads: int
+  mlp_dim: int
+  implementation: Optional[str] = None
+  gelu_approximate: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    h = nn.LayerNorm(name="ln_attn")(x)
+    x = x + MultiHeadAttention(self.num_heads, self.implementation, self.dtype,
+                               name="attn")(h, context_mask=mask)
+    h = nn.LayerNorm(name="ln_mlp")(x)
+    return x + Mlp(self.mlp_dim, self.gelu_approximate, self.dtype, name="mlp")(h)
+
+
+class CrossBlock(nn.Module):
+  """Pre-LN cross-attention block: queries from x, keys/values from another modality."""
+  num_heads: int
+  mlp_dim: int
+  implementation: Optional[str] = None
+  gelu_approximate: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context, context_mask=None):
+    h = nn.LayerNorm(name="ln_query")(x)
+    c = nn.LayerNorm(name="ln_context")(context)
+    x = x + MultiHeadAttention(self.num_heads, self.implementation, self.dtype,
+                               name="cross_attn")(h, c, context_mask=context_mask)
+    h = nn.LayerNorm(name="ln_mlp")(x)
+    return x + Mlp(self.mlp_dim, self.gelu_approximate, self.dtype, name="mlp")(h)
+
+
+def compute_dtype(cfg):
+  return jnp.dtype(cfg.dtype)
+
+
+def encoder_stack(x, mask, cfg, num_layers: int, intermediates: dict):
+  """`num_layers` EncoderBlocks named block_00, block_01, ... in the calling module.
+
+  Call from inside an `nn.compact` method; each block's output is recorded under its name.
+  """
+  for i in range(num_layers):
+    name = f"block_{i:02d}"
+    x = EncoderBlock(cfg.num_heads, cfg.mlp_dim, cfg.attention_impl, cfg.gelu_approximate,
+                     compute_dtype(cfg), name=name)(x, mask)
+    intermediates[name] = x
+  return x

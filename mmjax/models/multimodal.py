@@ -1,0 +1,56 @@
+"""The composed model: one tower per configured modality -> fusion -> head.
+
+`MultimodalModel(cfg).apply(variables, inputs)` takes a dict keyed by modality (plus
+optional `<modality>_mask` padding masks; other keys such as `label` are ignored) and
+returns `(logits, intermediates)`; intermediates hold every tower's named activations,
+the fusion's, and the pooled features, which is what distillation and calibration read.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.models.audio import AudioTower
+from mmjax.models.fusion import Fusion
+from mmjax.models.image import ImageTower
+from mmjax.models.text import TextTower
+
+TOWERS = {"text": TextTower, "image": ImageTower, "audio": AudioTower}
+
+
+def masked_mean(x, mask):
+  """Mean over real tokens: x [b, n, d], mask [b, n] -> [b, d] (zeros if none real)."""
+  w = mask.astype(x.dtype)[..., None]
+  return (x * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
+
+
+class MultimodalModel(nn.Module):
+  cfg: object  # ModelConfig (validated)
+
+  @nn.compact
+  def __call__(self, inputs):
+    cfg = self.cfg
+    missing = [m for m in cfg.modalities if m not in inputs]
+    if missing:
+      raise ValueError(f"inputs lack modalities {missing}: the model is configured for "
+                       f"{list(cfg.modalities)} and got keys {sorted(inputs)}.")
+    tokens, masks, inter = {}, {}, {}
+    for m in cfg.modalities:
+      tower_cfg = cfg.towers[m]
+      if tower_cfg.kind not in TOWERS:
+        raise ValueError(f"modality {m!r} has unknown tower kind {tower_cfg.kind!r}; valid "
+                         f"kinds are {sorted(TOWERS)}.")
+      mask = inputs.get(f"{m}_mask")
+      x, tower_inter = TOWERS[tower_cfg.kind](tower_cfg, cfg, name=m)(
+          jnp.asarray(inputs[m]), None if mask is None else jnp.asarray(mask))
+      tokens[m], masks[m], inter[m] = x, tower_inter["mask"], tower_inter
+    fused, inter["fusion"] = Fusion(cfg, name="fusion")(tokens, masks)
+    head = cfg.head
+    if head.kind == "classify":
+      pooled = jnp.concatenate([masked_mean(fused[m], masks[m]) for m in cfg.modalities], -1)
+      h = nn.LayerNorm(name="head_ln")(pooled)
+      inter["pooled"] = h
+    else:  # per_token: logits at every position of one modality
+      h = nn.LayerNorm(name="head_ln")(fused[head.token_modality])
+    logits = nn.Dense(head.num_classes, name="head")(h)
+    return logits.astype(jnp.float32), inter

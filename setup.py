@@ -1,0 +1,44 @@
+"""mmjax: compression experiments on multimodal transformers in JAX/Flax.
+
+Version ranges here stay loose so mmjax installs next to other packages;
+`constraints.txt` pins the exact versions the test suite passed with, and
+`launch.sh` installs with it.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="mmjax",
+    version="0.1.0",
+    description="Compression experiments (pruning, quantization, distillation) "
+    "on multimodal transformer models in JAX/Flax.",
+    packages=find_packages(include=["mmjax", "mmjax.*", "experiments", "experiments.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-datasets>=4.9.8",
+        "absl-py>=2.1",
+        "ml-collections>=0.1.1",
+        "grain>=0.2.10",
+        "array-record>=0.7",
+        "pillow>=10",
+        # tensorflow-datasets imports it without declaring it.
+        "importlib_resources>=6",
+        "matplotlib>=3.8",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "hypothesis>=6.100",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+        ],
+        # Optional: only tf.data and some TFDS builders need TensorFlow.
+        "tf": ["tensorflow-cpu>=2.16"],
+    },
+)
