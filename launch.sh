@@ -27,6 +27,14 @@ environment:
 USAGE
 }
 
+# pip, minus the warnings this machine's pip config prints about absent local indexes.
+pip_quiet() {
+  local rc=0
+  "$VENV/bin/python" -m pip "$@" 2>&1 |
+    { grep -v "is ignored: it is neither a file nor a directory" || true; } || rc=$?
+  return $rc
+}
+
 setup() {
   if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
     echo "error: mmjax needs Python >= 3.10; '$PYTHON' is $("$PYTHON" --version 2>&1 || echo missing)." >&2
@@ -43,8 +51,8 @@ setup() {
     return 0
   fi
   echo "[setup] installing mmjax[test] with pinned versions (constraints.txt)"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -c "$ROOT/constraints.txt" -e "$ROOT[test]"
+  pip_quiet install --quiet --upgrade pip
+  pip_quiet install --quiet -c "$ROOT/constraints.txt" -e "$ROOT[test]"
   echo "$want" >"$stamp"
   echo "[setup] done"
 }

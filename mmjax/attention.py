@@ -36,8 +36,9 @@ import numpy as np
 from jax import lax
 
 IMPLEMENTATIONS = ("reference", "chunked", "xla", "cudnn")
-# Automatic choice: chunked once a head's logit matrix has this many entries.
-CHUNKED_MIN_LOGITS = 1024 * 1024
+# Automatic choice: chunked once a head's logit matrix has this many entries (on this
+# 2-core CPU chunked ties xla below 512² and wins above; bench/README.md).
+CHUNKED_MIN_LOGITS = 512 * 512
 DEFAULT_Q_BLOCK = 512
 DEFAULT_KV_BLOCK = 512
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -238,20 +239,29 @@ class _Static(tuple):
   kb = property(lambda s: s[4])
 
 
-def _block_valid(st, mask, i, j):
-  """Validity of block (i, j): padding keys, causality, user mask. None = all valid."""
+def _block_valid(st, mask, i, j, kp):
+  """Validity of block (i, j): padding keys, causality, user mask. None = all valid
+  (decided statically, so unmasked attention pays for no select at all)."""
   qi0, kj0 = i * st.qb, j * st.kb
-  kj = kj0 + lax.broadcasted_iota(jnp.int32, (st.qb, st.kb), 1)
-  valid = kj < st.kv_len
+  valid = None
+  if st.kv_len != kp:
+    valid = kj0 + lax.broadcasted_iota(jnp.int32, (st.qb, st.kb), 1) < st.kv_len
   if st.causal:
-    valid = valid & _causal(st.qb, st.kb, qi0, kj0)
+    c = _causal(st.qb, st.kb, qi0, kj0)
+    valid = c if valid is None else valid & c
   if mask is not None:
-    valid = valid & _block(mask, qi0, st.qb, kj0, st.kb)
+    m = _block(mask, qi0, st.qb, kj0, st.kb)
+    valid = m if valid is None else valid & m
   return valid
 
 
+def _masked(valid, x, fill):
+  return x if valid is None else jnp.where(valid, x, fill)
+
+
 def _block_logits(st, qi, kj, bias, i, j):
-  s = jnp.einsum("bhqd,bhkd->bhqk", qi, kj, preferred_element_type=jnp.float32) * st.scale
+  """Logits of block (i, j); `qi` comes pre-multiplied by the scale."""
+  s = jnp.einsum("bhqd,bhkd->bhqk", qi, kj, preferred_element_type=jnp.float32)
   if bias is not None:
     s = s + _block(bias, i * st.qb, st.qb, j * st.kb, st.kb).astype(jnp.float32)
   return s
@@ -268,15 +278,15 @@ def _flash_forward(st, q, k, v, bias, mask):
   nq, nk = qp // st.qb, k.shape[2] // st.kb
 
   def q_block(i):
-    qi = lax.dynamic_slice_in_dim(q, i * st.qb, st.qb, axis=2)
+    qi = lax.dynamic_slice_in_dim(q, i * st.qb, st.qb, axis=2) * jnp.asarray(st.scale, q.dtype)
 
     def kv_step(carry, j):
       def compute(carry):
         m, l, acc = carry
         kj = lax.dynamic_slice_in_dim(k, j * st.kb, st.kb, axis=2)
         vj = lax.dynamic_slice_in_dim(v, j * st.kb, st.kb, axis=2)
-        s = jnp.where(_block_valid(st, mask, i, j), _block_logits(st, qi, kj, bias, i, j),
-                      -jnp.inf)
+        s = _masked(_block_valid(st, mask, i, j, k.shape[2]),
+                    _block_logits(st, qi, kj, bias, i, j), -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=-1))
         m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
         p = jnp.exp(s - m_safe[..., None])
@@ -334,8 +344,9 @@ def _flash_bwd(st, res, g):
         gi = lax.dynamic_slice_in_dim(g, i * st.qb, st.qb, axis=2)
         lse_i = lax.dynamic_slice_in_dim(lse, i * st.qb, st.qb, axis=2)
         delta_i = lax.dynamic_slice_in_dim(delta, i * st.qb, st.qb, axis=2)
-        s = _block_logits(st, qi, kj, bias, i, j)
-        p = jnp.where(_block_valid(st, mask, i, j), jnp.exp(s - lse_i[..., None]), 0.0)
+        s = _block_logits(st, qi * jnp.asarray(st.scale, q.dtype), kj, bias, i, j)
+        p = _masked(_block_valid(st, mask, i, j, k.shape[2]), jnp.exp(s - lse_i[..., None]),
+                    0.0)
         dv_j = dv_j + jnp.einsum("bhqk,bhqd->bhkd", p.astype(g.dtype), gi,
                                  preferred_element_type=jnp.float32)
         dp = jnp.einsum("bhqd,bhkd->bhqk", gi, vj, preferred_element_type=jnp.float32)

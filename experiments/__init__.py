@@ -1,0 +1,1 @@
+"""Experiment entry points and config files (project code on top of the mmjax library)."""
