@@ -18,3 +18,6 @@ def cpu_devices():
   devices = jax.devices("cpu")
   assert len(devices) == 8, f"expected 8 fake CPU devices, got {len(devices)}"
   return devices
+
+
+from data_fixtures import procedural_dir  # noqa: E402,F401  (shared fixture)

@@ -1,5 +1,8 @@
 """Named model sizes: `tiny` (tests), `small` (CPU experiments), `base` (the reference).
 
+`tiny` and `small` take mm_arith's inputs as they are: 28x28x1 digits, one second of 8 kHz
+audio, questions of up to 46 bytes (48 tokens with begin/end).
+
 `base` is the reference model the project was asked to reproduce: 12 layers per tower,
 d_model 768, 12 heads, MLP 3072, text vocabulary 32000, per-token output over 32000.
 """
@@ -14,10 +17,10 @@ from mmjax.tokenizer import VOCAB_SIZE
 
 def tiny() -> ModelConfig:
   return ModelConfig(
-      towers={"text": TextConfig(num_layers=1, vocab_size=VOCAB_SIZE, max_len=16),
+      towers={"text": TextConfig(num_layers=1, vocab_size=VOCAB_SIZE, max_len=48),
               "image": ImageConfig(num_layers=1, image_size=(28, 28), channels=1,
                                    patch_size=7),
-              "audio": AudioConfig(num_layers=1, sample_rate=8000, num_samples=4000,
+              "audio": AudioConfig(num_layers=1, sample_rate=8000, num_samples=8000,
                                    n_fft=256, hop_length=128, n_mels=16, patch_time=4,
                                    patch_freq=16)},
       d_model=32, num_heads=2, mlp_dim=64,
@@ -26,7 +29,7 @@ def tiny() -> ModelConfig:
 
 def small() -> ModelConfig:
   return ModelConfig(
-      towers={"text": TextConfig(num_layers=2, vocab_size=VOCAB_SIZE, max_len=32),
+      towers={"text": TextConfig(num_layers=2, vocab_size=VOCAB_SIZE, max_len=48),
               "image": ImageConfig(num_layers=2, image_size=(28, 28), channels=1,
                                    patch_size=4),
               "audio": AudioConfig(num_layers=2, sample_rate=8000, num_samples=8000,

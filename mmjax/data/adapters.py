@@ -1,0 +1,82 @@
+"""Which TFDS feature feeds which modality, and how each modality is preprocessed.
+
+An adapter maps a dataset's features to modalities and a label; preprocessing depends only
+on the modality kind, so mm_arith and real TFDS datasets share one code path:
+  * image: uint8 [h, w, c] -> float32 in [0, 1];
+  * text: a string -> byte tokens int32 [text_len] + mask (mmjax.tokenizer);
+  * audio: integer PCM [n] -> float32 in [-1, 1], cropped or zero-padded to
+    `audio_samples`, + mask (the model computes the log-mel spectrogram itself).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from mmjax import tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+  modalities: dict  # modality -> feature path ("captions/text" reaches into a dict)
+  label: str | None = "label"
+  extras: tuple = ()  # latent fields passed through for analysis
+  needs_tensorflow: bool = False  # its TFDS builder imports TensorFlow
+
+
+ADAPTERS = {
+    "mm_arith": Adapter({"image": "image", "audio": "audio", "text": "question"},
+                        extras=("digit_a", "digit_b", "op", "writer_id", "voice_id")),
+    "cifar10": Adapter({"image": "image"}),
+    "mnist": Adapter({"image": "image"}),
+    "imdb_reviews": Adapter({"text": "text"}),
+    "speech_commands": Adapter({"audio": "audio"}, needs_tensorflow=True),
+    "coco_captions": Adapter({"image": "image", "text": "captions/text"}, label=None,
+                             needs_tensorflow=True),
+}
+
+
+def get_adapter(dataset: str) -> Adapter:
+  name = dataset.partition("/")[0]
+  if name not in ADAPTERS:
+    raise ValueError(f"no modality adapter for dataset {name!r}; known: {sorted(ADAPTERS)}. "
+                     "Add one to mmjax/data/adapters.py:ADAPTERS (feature -> modality).")
+  return ADAPTERS[name]
+
+
+def _feature(example, path):
+  x = example
+  for part in path.split("/"):
+    x = x[part]
+  return x
+
+
+def preprocess(example: dict, adapter: Adapter, modalities, *, text_len: int,
+               audio_samples: int) -> dict:
+  """One TFDS example -> model inputs for `modalities` (+ label, extras)."""
+  out = {}
+  for m in modalities:
+    if m not in adapter.modalities:
+      raise ValueError(f"modality {m!r} is not provided by this dataset; it provides "
+                       f"{sorted(adapter.modalities)}.")
+    x = _feature(example, adapter.modalities[m])
+    if m == "image" or m.startswith("image"):
+      out[m] = np.asarray(x, np.float32) / 255.0
+    elif m == "text" or m.startswith("text"):
+      if isinstance(x, (list, tuple, np.ndarray)) and not isinstance(x, (str, bytes)):
+        x = x[0]  # several captions: the first
+      x = x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
+      out[m], out[f"{m}_mask"] = tokenizer.encode(x, text_len)
+    else:  # audio
+      x = np.asarray(x)
+      scale = float(np.iinfo(x.dtype).max + 1) if np.issubdtype(x.dtype, np.integer) else 1.0
+      wave = np.zeros(audio_samples, np.float32)
+      n = min(len(x), audio_samples)
+      wave[:n] = x[:n].astype(np.float32) / scale
+      out[m] = wave
+      out[f"{m}_mask"] = np.arange(audio_samples) < n
+  if adapter.label is not None:
+    out["label"] = np.int32(_feature(example, adapter.label))
+  for e in adapter.extras:
+    out[e] = np.int32(example[e])
+  return out
