@@ -35,6 +35,23 @@ pip_quiet() {
   return $rc
 }
 
+# espeak-ng speaks the digits of mm_arith/real (offline). Installed when we can (root
+# on Debian/Ubuntu); otherwise only that dataset config needs it, and it says how.
+ensure_espeak() {
+  command -v espeak-ng >/dev/null 2>&1 && return 0
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing espeak-ng (offline speech for mm_arith/real)"
+    if ! apt-get install -y -qq espeak-ng >/dev/null 2>&1; then
+      apt-get update -qq >/dev/null 2>&1 || true
+      apt-get install -y -qq espeak-ng >/dev/null 2>&1 ||
+        echo "[setup] warning: could not install espeak-ng; mm_arith/real will need it" >&2
+    fi
+  else
+    echo "[setup] note: espeak-ng is not installed; only mm_arith/real needs it" \
+      "(sudo apt-get install espeak-ng)" >&2
+  fi
+}
+
 setup() {
   if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
     echo "error: mmjax needs Python >= 3.10; '$PYTHON' is $("$PYTHON" --version 2>&1 || echo missing)." >&2
@@ -45,6 +62,7 @@ setup() {
     echo "[setup] creating virtual environment in $VENV"
     "$PYTHON" -m venv "$VENV"
   fi
+  ensure_espeak
   local stamp="$VENV/.mmjax-install-stamp" want
   want="$(cat "$ROOT/setup.py" "$ROOT/constraints.txt" | sha256sum | cut -d' ' -f1)"
   if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then

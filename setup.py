@@ -28,6 +28,8 @@ setup(
         "importlib_resources>=6",
         "matplotlib>=3.8",
         "numpy>=1.26",
+        # mm_arith/real: its bundled handwritten digit scans (no download).
+        "scikit-learn>=1.3",
     ],
     extras_require={
         "test": [

@@ -26,7 +26,7 @@ class Adapter:
 
 ADAPTERS = {
     "mm_arith": Adapter({"image": "image", "audio": "audio", "text": "question"},
-                        extras=("digit_a", "digit_b", "op", "writer_id", "voice_id")),
+                        extras=("digit_a", "digit_b", "op", "writer_id", "voice_id", "index")),
     "cifar10": Adapter({"image": "image"}),
     "mnist": Adapter({"image": "image"}),
     "imdb_reviews": Adapter({"text": "text"}),

@@ -63,6 +63,7 @@ class MmArith(tfds.core.GeneratorBasedBuilder):
             "writer_id": np.int32,
             "voice_id": np.int32,
             "template_id": np.int32,
+            "index": np.int64,  # the generation seed's index; TFDS stores in hashed order
         }),
         supervised_keys=None,
         metadata=tfds.core.MetadataDict(sample_rate=tones.SAMPLE_RATE),
@@ -80,7 +81,7 @@ class MmArith(tfds.core.GeneratorBasedBuilder):
     for i in range(num_examples):
       rng = np.random.default_rng([_CONFIG_SEED[self.builder_config.name],
                                    _SPLIT_SEED[split], i])
-      yield i, make(split, rng)
+      yield i, {**make(split, rng), "index": i}
 
 
 def _latents(rng):
