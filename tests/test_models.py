@@ -100,7 +100,7 @@ def test_per_token_head():
                                            token_modality="text"))
   model, params, x = _init(cfg)
   logits, _ = model.apply(params, x)
-  assert logits.shape == (3, 16, 300)
+  assert logits.shape == (3, cfg.towers["text"].max_len, 300)
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
@@ -189,7 +189,7 @@ def test_bad_inputs_raise_before_compilation():
   cases = [
       ({k: v for k, v in x.items() if k != "audio"}, "inputs lack modalities ['audio']"),
       ({**x, "image": np.zeros((3, 32, 32, 1), np.float32)}, "image input must be"),
-      ({**x, "text": np.zeros((3, 40), np.int32), "text_mask": None}, "exceeds the tower's"),
+      ({**x, "text": np.zeros((3, 60), np.int32), "text_mask": None}, "exceeds the tower's"),
       ({**x, "text": x["text"].astype(np.float32)}, "integer tokens"),
       ({**x, "audio": x["audio"][:, :100], "audio_mask": None}, "audio input must be"),
       ({**x, "audio_mask": x["audio_mask"][:, :10]}, "audio mask shape"),
