@@ -50,6 +50,7 @@ def test_coco_captions_image_text(tmp_path):
   with tfds.testing.mock_data(num_examples=16):
     b = next(train_iterator(_cfg("coco_captions", ("image", "text"), tmp_path)))
   assert "label" not in b and b["text"].shape == (8, 48)
+  assert b["image"].shape == (8, 224, 224, 3)
 
 
 def test_offline_without_download_fails_at_once(tmp_path):

@@ -2,7 +2,8 @@
 
 An adapter maps a dataset's features to modalities and a label; preprocessing depends only
 on the modality kind, so mm_arith and real TFDS datasets share one code path:
-  * image: uint8 [h, w, c] -> float32 in [0, 1];
+  * image: uint8 [h, w, c] -> float32 in [0, 1], resized (bilinear) to `image_size` when
+    one is given (datasets whose images vary in size, e.g. coco_captions);
   * text: a string -> byte tokens int32 [text_len] + mask (mmjax.tokenizer);
   * audio: integer PCM [n] -> float32 in [-1, 1], cropped or zero-padded to
     `audio_samples`, + mask (the model computes the log-mel spectrogram itself).
@@ -22,6 +23,7 @@ class Adapter:
   label: str | None = "label"
   extras: tuple = ()  # latent fields passed through for analysis
   needs_tensorflow: bool = False  # its TFDS builder imports TensorFlow
+  image_size: tuple | None = None  # resize to (h, w) when the images vary in size
 
 
 ADAPTERS = {
@@ -32,7 +34,7 @@ ADAPTERS = {
     "imdb_reviews": Adapter({"text": "text"}),
     "speech_commands": Adapter({"audio": "audio"}, needs_tensorflow=True),
     "coco_captions": Adapter({"image": "image", "text": "captions/text"}, label=None,
-                             needs_tensorflow=True),
+                             needs_tensorflow=True, image_size=(224, 224)),
 }
 
 
@@ -51,8 +53,18 @@ def _feature(example, path):
   return x
 
 
+def _resize(img, size):
+  img = np.asarray(img)
+  if size is None or tuple(img.shape[:2]) == tuple(size):
+    return img
+  from PIL import Image
+  chans = [np.asarray(Image.fromarray(img[..., c]).resize((size[1], size[0]), Image.BILINEAR))
+           for c in range(img.shape[-1])]
+  return np.stack(chans, axis=-1)
+
+
 def preprocess(example: dict, adapter: Adapter, modalities, *, text_len: int,
-               audio_samples: int) -> dict:
+               audio_samples: int, image_size=None) -> dict:
   """One TFDS example -> model inputs for `modalities` (+ label, extras)."""
   out = {}
   for m in modalities:
@@ -61,7 +73,7 @@ def preprocess(example: dict, adapter: Adapter, modalities, *, text_len: int,
                        f"{sorted(adapter.modalities)}.")
     x = _feature(example, adapter.modalities[m])
     if m == "image" or m.startswith("image"):
-      out[m] = np.asarray(x, np.float32) / 255.0
+      out[m] = _resize(x, image_size or adapter.image_size).astype(np.float32) / 255.0
     elif m == "text" or m.startswith("text"):
       if isinstance(x, (list, tuple, np.ndarray)) and not isinstance(x, (str, bytes)):
         x = x[0]  # several captions: the first

@@ -34,6 +34,7 @@ class InputConfig:
   modalities: tuple = ("audio", "image", "text")
   text_len: int = 48
   audio_samples: int = 8000
+  image_size: Optional[tuple] = None  # resize images to (h, w); None: as stored
   train_split: str = "train"
   eval_split: str = "test"
   num_threads: int = 2  # grain read threads per host
@@ -73,7 +74,7 @@ def _prep_fn(cfg: InputConfig):
 
   def prep(example):
     return adapters.preprocess(example, adapter, modalities, text_len=cfg.text_len,
-                               audio_samples=cfg.audio_samples)
+                               audio_samples=cfg.audio_samples, image_size=cfg.image_size)
   return prep
 
 
