@@ -19,6 +19,12 @@ commands:
   test [ARGS]    setup, then run the whole test suite (extra ARGS are passed to pytest)
   quickstart     setup, then the main job: build the 'small' multimodal model and
                  train it for a few steps, printing parameters, loss and step time
+  train FLAGS    setup, then python -m experiments.main FLAGS, e.g.
+                 --config=experiments/configs/dense.py:tiny --workdir=/tmp/run
+  gpu FLAGS      train on NVIDIA GPUs with recommended XLA flags (--dry-run: print only)
+  tpu NAME ZONE FLAGS
+                 run train on every worker of Cloud TPU VM NAME in ZONE through
+                 gcloud, with multi-host initialisation (--dry-run: print only)
   help           this message
 
 environment:
@@ -90,6 +96,42 @@ case "$cmd" in
     setup
     cd "$ROOT"
     exec "$VENV/bin/python" -m experiments.quickstart "$@"
+    ;;
+  train)
+    setup
+    cd "$ROOT"
+    exec "$VENV/bin/python" -m experiments.main "$@"
+    ;;
+  gpu)
+    dry=0 args=()
+    for a in "$@"; do [[ "$a" == "--dry-run" ]] && dry=1 || args+=("$a"); done
+    flags="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_highest_priority_async_stream=true"
+    if [[ $dry == 1 ]]; then
+      echo "XLA_FLAGS='$flags' XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 $VENV/bin/python -m experiments.main ${args[*]}"
+      exit 0
+    fi
+    setup
+    cd "$ROOT"
+    XLA_FLAGS="$flags ${XLA_FLAGS:-}" XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
+      exec "$VENV/bin/python" -m experiments.main "${args[@]}"
+    ;;
+  tpu)
+    if [[ $# -lt 2 ]]; then
+      echo "error: usage: ./launch.sh tpu <tpu-name> <zone> [--dry-run] FLAGS" >&2
+      exit 2
+    fi
+    name="$1" zone="$2"
+    shift 2
+    dry=0 args=()
+    for a in "$@"; do [[ "$a" == "--dry-run" ]] && dry=1 || args+=("$(printf '%q' "$a")"); done
+    remote="cd ~/mmjax && MMJAX_DISTRIBUTED=1 ./launch.sh train ${args[*]}"
+    cmd=(gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" --worker=all --command "$remote")
+    if [[ $dry == 1 ]]; then
+      printf '%q ' "${cmd[@]}"
+      echo
+      exit 0
+    fi
+    exec "${cmd[@]}"
     ;;
   help | -h | --help)
     usage

@@ -74,7 +74,7 @@ def test_prepare_bad_input(tmp_path, kwargs, needle):
   with pytest.raises(ValueError) as err:
     sources.prepare(data_dir=str(tmp_path), log=lambda *_: None, **kwargs)
   assert needle in str(err.value)
-  assert not os.path.exists(tmp_path / "mm_arith" / "procedural" / "1.0.0")
+  assert not os.path.exists(tmp_path / "mm_arith" / "procedural" / "1.1.0")
 
 
 def test_unprepared_data_dir_fails_at_once_with_the_command(tmp_path):
@@ -100,7 +100,7 @@ def test_prepare_cli_exit_codes(tmp_path):
 def test_corrupted_record_file_is_a_clear_error(procedural_dir, tmp_path):
   copy = tmp_path / "copy"
   shutil.copytree(procedural_dir, copy)
-  version_dir = copy / "mm_arith" / "procedural" / "1.0.0"
+  version_dir = copy / "mm_arith" / "procedural" / "1.1.0"
   record = next(p for p in version_dir.iterdir() if "test.array_record" in p.name)
   with open(record, "r+b") as f:
     f.truncate(record.stat().st_size // 2)
@@ -122,7 +122,7 @@ def test_killed_prepare_never_looks_complete(tmp_path):
   time.sleep(2.0)  # let it write some records
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert not (config_dir / "1.0.0").exists(), "a killed prepare left a complete-looking dir"
+  assert not (config_dir / "1.1.0").exists(), "a killed prepare left a complete-looking dir"
   with pytest.raises(sources.DatasetNotPreparedError):
     sources.open_split("mm_arith/procedural", "train", str(tmp_path))
   sources.prepare("mm_arith/procedural", str(tmp_path), num_train=30, num_test=10,

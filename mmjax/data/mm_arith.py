@@ -32,8 +32,8 @@ _CONFIG_SEED = {"procedural": 0, "real": 1}
 class MmArith(tfds.core.GeneratorBasedBuilder):
   """Cross-modal digit arithmetic: image digit, spoken digit, question -> answer."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "Adds the `index` feature."}
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name="procedural", description="NumPy-drawn glyphs and tones."),
       tfds.core.BuilderConfig(name="real", description="scikit-learn digit scans and "

@@ -1,0 +1,43 @@
+"""Shared pieces of experiment configs: the `tiny` argument and the config skeleton."""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from mmjax.models import get_preset
+
+ARGS = ("tiny",)
+
+
+def parse_arg(arg, valid=ARGS) -> set:
+  """'tiny' or '' or None -> {'tiny'}; anything unknown is an error listing what is valid."""
+  words = {w for w in (arg or "").split(",") if w}
+  unknown = sorted(words - set(valid))
+  if unknown:
+    raise ValueError(f"unknown config argument(s) {unknown}; valid: {list(valid)} "
+                     "(e.g. --config=experiments/configs/dense.py:tiny).")
+  return words
+
+
+def base_config(*, tiny: bool, modalities=None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = dict(dataset="mm_arith/procedural", data_dir=config_dict.placeholder(str),
+                batch_size=16 if tiny else 64, text_len=48, audio_samples=8000,
+                num_threads=2, prefetch=4, download=False,
+                # sizes used only if the run has to prepare the dataset itself
+                num_train=512 if tiny else 20_000, num_test=256 if tiny else 2_000)
+  model = get_preset("tiny" if tiny else "small", modalities=modalities).to_dict()
+  model["towers"] = {k: {**v, "image_size": list(v["image_size"])} if "image_size" in v else v
+                     for k, v in model["towers"].items()}
+  c.model = model
+  c.optimizer = dict(name="adamw", lr=1e-3, schedule="warmup_cosine",
+                     warmup_steps=5 if tiny else 200, end_lr_factor=0.0, weight_decay=1e-4,
+                     clip_norm=1.0, b1=0.9, b2=0.999)
+  c.train = dict(steps=30 if tiny else 4000, log_every=5 if tiny else 50,
+                 eval_every=15 if tiny else 1000, checkpoint_every=10 if tiny else 500,
+                 keep_checkpoints=2, async_checkpoints=True)
+  c.mesh = dict(data=-1, fsdp=False)
+  c.init = config_dict.placeholder(str)
+  c.compress = ml_collections.ConfigDict()
+  return c

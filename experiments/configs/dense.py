@@ -1,0 +1,13 @@
+"""Dense multimodal baseline on mm_arith/procedural with the `small` model.
+
+Reproduce:
+  ./launch.sh train --config=experiments/configs/dense.py --workdir=workdirs/dense
+Test-sized (tiny model, 30 steps):
+  ./launch.sh train --config=experiments/configs/dense.py:tiny --workdir=/tmp/dense_tiny
+"""
+from experiments.configs.common import base_config, parse_arg
+
+
+def get_config(arg=None):
+  args = parse_arg(arg)
+  return base_config(tiny="tiny" in args)

@@ -1,0 +1,339 @@
+"""The trainer: train state, pure train/eval steps, and the loop every experiment runs.
+
+Reads top to bottom: config -> data -> model and optimizer -> devices -> state (resume
+rules) -> the loop (train, log, evaluate, checkpoint) -> summary. `train_step` and
+`eval_step` are pure functions of (state, batch), jitted with the state donated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mmjax import checkpointing, optim, sharding
+from mmjax.data import pipeline, sources
+from mmjax.metrics_writer import MetricsWriter, Progress
+from mmjax.models import ModelConfig, MultimodalModel
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or Inf; the run stops and the last good checkpoint stays."""
+
+
+# ============================================================================ state
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: Any
+  opt_state: Any
+  cstate: Any  # compression state (empty for dense runs)
+  rng: jax.Array  # raw uint32[2] key; folded with the step inside the train step
+
+
+def make_init_fn(model, tx, sample_batch, seed: int):
+  def init():
+    rng = jax.random.PRNGKey(seed)
+    params = model.init(jax.random.fold_in(rng, 1), sample_batch)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      cstate={}, rng=rng)
+  return init
+
+
+# ============================================================================ steps
+
+def loss_and_accuracy(logits, batch, cfg: ModelConfig):
+  """Mean cross-entropy and accuracy over real examples (and real tokens, per-token)."""
+  labels = batch["label"]
+  weights = batch["example_mask"].astype(jnp.float32)
+  if logits.ndim == 3:  # per-token head: weight by the token modality's mask
+    weights = weights[:, None] * batch[f"{cfg.head.token_modality}_mask"].astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  total = jnp.maximum(weights.sum(), 1.0)
+  return (ce * weights).sum() / total, (correct * weights).sum() / total, weights.sum(), (
+      ce * weights).sum(), (correct * weights).sum()
+
+
+def make_train_step(model, tx, schedule, cfg: ModelConfig):
+  def train_step(state: TrainState, batch):
+    def loss_fn(params):
+      logits, _ = model.apply({"params": params}, batch)
+      loss, acc, *_ = loss_and_accuracy(logits, batch, cfg)
+      return loss, acc
+
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(loss=loss, accuracy=acc, lr=schedule(state.step),
+                   grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+                   update_norm=optax.global_norm(updates))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return train_step
+
+
+def make_eval_step(model, cfg: ModelConfig):
+  def eval_step(params, batch):
+    logits, _ = model.apply({"params": params}, batch)
+    *_, count, loss_sum, correct = loss_and_accuracy(logits, batch, cfg)
+    return dict(count=count, loss_sum=loss_sum, correct=correct)
+  return eval_step
+
+
+def evaluate(eval_step_fn, params, input_cfg, batch_sharding, keys):
+  """Every example of the eval split exactly once; returns loss and accuracy."""
+  totals = dict(count=0.0, loss_sum=0.0, correct=0.0)
+  for local in pipeline.eval_batches(input_cfg):
+    out = jax.device_get(eval_step_fn(params, _to_global(local, keys, batch_sharding)))
+    for k in totals:
+      totals[k] += float(out[k])
+  n = max(totals["count"], 1.0)
+  return dict(loss=totals["loss_sum"] / n, accuracy=totals["correct"] / n,
+              examples=totals["count"])
+
+
+# ============================================================================ setup
+
+def _to_global(local, keys, batch_sharding):
+  return sharding.global_batch({k: local[k] for k in keys}, batch_sharding)
+
+
+def input_config(config) -> pipeline.InputConfig:
+  d = config.data
+  return pipeline.InputConfig(
+      dataset=d.dataset, data_dir=d.get("data_dir") or sources.default_data_dir(),
+      batch_size=int(d.batch_size), seed=int(config.seed),
+      modalities=tuple(sorted(config.model.towers.keys())),
+      text_len=int(d.get("text_len", 48)), audio_samples=int(d.get("audio_samples", 8000)),
+      num_threads=int(d.get("num_threads", 2)), prefetch=int(d.get("prefetch", 4)),
+      download=bool(d.get("download", False)))
+
+
+def model_config(config) -> ModelConfig:
+  return ModelConfig.from_dict(config.model.to_dict())
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything validated from the config before anything is compiled or written."""
+  model_cfg: ModelConfig
+  input_cfg: pipeline.InputConfig
+  mesh: Any
+  total_steps: int
+
+
+def validate(config) -> Setup:
+  """All config errors, raised before compilation and before the workdir is touched."""
+  model_cfg = model_config(config)
+  input_cfg = input_config(config)
+  t = config.train
+  for field in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    if int(t[field]) <= 0:
+      raise ValueError(f"config.train.{field}={t[field]} must be a positive integer.")
+  optim.validate(config.optimizer, int(t.steps))
+  mesh = sharding.make_mesh(int(config.mesh.get("data", -1)))
+  n_dev = mesh.shape[sharding.AXIS]
+  if input_cfg.batch_size % n_dev:
+    raise ValueError(f"config.data.batch_size={input_cfg.batch_size} is not divisible by the "
+                     f"{n_dev} devices of the mesh; use a multiple of {n_dev}, or set "
+                     "config.mesh.data to a divisor of it.")
+  pipeline.host_batch_size(input_cfg.batch_size, jax.process_count())
+  pipeline._prep_fn(input_cfg)  # modality / adapter checks
+  return Setup(model_cfg, input_cfg, mesh, int(t.steps))
+
+
+def ensure_data(input_cfg, config, log=print):
+  """Prepare an offline dataset that is missing from the data_dir (never downloads)."""
+  name, _ = sources.split_name(input_cfg.dataset)
+  builder = sources.get_builder(input_cfg.dataset, input_cfg.data_dir)
+  if builder.is_prepared() or name not in sources.OFFLINE_BUILDERS:
+    return
+  log(f"[data] {input_cfg.dataset} is not prepared in {input_cfg.data_dir}: preparing it now")
+  sources.prepare(input_cfg.dataset, input_cfg.data_dir,
+                  num_train=config.data.get("num_train"), num_test=config.data.get("num_test"),
+                  log=log)
+
+
+def check_workdir(workdir: str):
+  parent = workdir
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent) or "."
+  try:
+    if not os.path.isdir(parent):
+      raise OSError(f"{parent} is not a directory")
+    with tempfile.TemporaryFile(dir=parent):  # the only honest test, also for root
+      pass
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir} is not writable ({e}); choose a directory you "
+                     "can write to.") from None
+
+
+# ============================================================================ the loop
+
+def train_and_evaluate(config, workdir: str, log=print) -> dict:
+  """Train, evaluate and checkpoint one experiment; returns the final summary."""
+  t_start = time.perf_counter()
+  setup = validate(config)
+  workdir = os.path.abspath(workdir)
+  check_workdir(workdir)
+  model = MultimodalModel(setup.model_cfg)
+  tx, schedule = optim.make_optimizer(config.optimizer, setup.total_steps)
+  mesh = setup.mesh
+  batch_shd = sharding.batch_sharding(mesh)
+  keys = list(setup.model_cfg.modalities) + [
+      f"{m}_mask" for m in setup.model_cfg.modalities
+      if setup.model_cfg.towers[m].kind in ("text", "audio")] + ["label", "example_mask"]
+
+  # ---- state: abstract first (nothing allocated), then the resume rules
+  from mmjax.models import random_inputs
+  sample = random_inputs(setup.model_cfg, 1, seed=0)
+  init_fn = make_init_fn(model, tx, sample, int(config.seed))
+  abstract = jax.eval_shape(init_fn)
+  fsdp = bool(config.mesh.get("fsdp", False))
+  state_shd = sharding.state_shardings(abstract, mesh, fsdp)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_shd)
+  ckpt_path = os.path.join(workdir, "checkpoints")
+  resume_step = None
+  if os.path.isdir(ckpt_path):
+    reader = checkpointing.Checkpointer(ckpt_path, read_only=True)
+    resume_step = reader.latest_step()
+    if resume_step is not None:
+      try:
+        reader.check_fits(resume_step, abstract, what="the workdir's checkpoint")
+      except checkpointing.CheckpointMismatchError as e:
+        raise checkpointing.CheckpointMismatchError(
+            f"{e}. Resume it with the config it was trained with "
+            f"({os.path.join(workdir, 'config.json')}), or use a new --workdir.") from None
+    reader.close()
+  init_dir = config.get("init")
+  if resume_step is None and init_dir:
+    init_reader = checkpointing.Checkpointer(checkpointing.checkpoint_dir(init_dir),
+                                             read_only=True)
+    init_step = init_reader.latest_step()
+    if init_step is None:
+      raise ValueError(f"config.init={init_dir} holds no checkpoint; point it at an earlier "
+                       "run's workdir or its checkpoints directory.")
+
+  # ---- from here on the workdir is written
+  ensure_data(setup.input_cfg, config, log)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  ckpt = checkpointing.Checkpointer(ckpt_path, keep=int(config.train.keep_checkpoints),
+                                    async_save=bool(config.train.get("async_checkpoints", True)))
+  train_iter = pipeline.train_iterator(setup.input_cfg)
+  if resume_step is not None:
+    state, data_state = ckpt.restore(resume_step, abstract)
+    train_iter.set_state(data_state["iterator"])
+    log(f"[init] resumed from {ckpt_path} at step {resume_step}")
+  else:
+    state = jax.jit(init_fn, out_shardings=state_shd)()
+    if init_dir:
+      params = init_reader.restore_params(init_step, abstract.params)
+      state = state.replace(params=params, opt_state=jax.jit(
+          tx.init, out_shardings=state_shd.opt_state)(params))
+      init_reader.close()
+      log(f"[init] params from {init_dir} (step {init_step})")
+    else:
+      log("[init] fresh initialisation")
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+
+  # ---- compile
+  t0 = time.perf_counter()
+  train_step = jax.jit(make_train_step(model, tx, schedule, setup.model_cfg),
+                       in_shardings=(state_shd, batch_shd), out_shardings=(state_shd, None),
+                       donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(model, setup.model_cfg),
+                      in_shardings=(state_shd.params, batch_shd))
+  first_local = next(train_iter)
+  first = _to_global(first_local, keys, batch_shd)
+  train_step = train_step.lower(state, first).compile()
+  compile_s = time.perf_counter() - t0
+  log(f"[train] {n_params:,} parameters, {mesh.shape[sharding.AXIS]} device(s) "
+      f"({jax.default_backend()}, {jax.process_count()} process(es)), global batch "
+      f"{setup.input_cfg.batch_size}, compiled in {compile_s:.1f} s")
+
+  writer = MetricsWriter(workdir)
+  t = config.train
+  step = int(jax.device_get(state.step))
+  progress = Progress(setup.total_steps, setup.input_cfg.batch_size, step,
+                      enabled=jax.process_index() == 0)
+  pending, history = None, []
+  last_ckpt = resume_step
+  batch = first
+  eval_metrics = {}
+
+  def check_finite(metrics, at_step):
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+      ckpt.wait()
+      kept = (f"The last good checkpoint (step {last_ckpt}) stays in {ckpt_path}"
+              if last_ckpt is not None else "No checkpoint had been saved yet")
+      raise NonFiniteLossError(
+          f"loss is {loss} at step {at_step}; stopping without saving. {kept}. Lower "
+          "config.optimizer.lr or set config.optimizer.clip_norm, then resume or start a "
+          "new workdir.")
+    return loss
+
+  while step < setup.total_steps:
+    state, metrics = train_step(state, batch)
+    step += 1
+    if pending is not None:  # the previous step's loss is ready by now: no stall
+      history.append(jax.device_get(pending[1]))
+      check_finite(history[-1], pending[0])
+    pending = (step, metrics)
+    # Where the data stand after `step` batches: what a checkpoint at `step` must record
+    # (taken before the next batch is read ahead).
+    data_state = {"iterator": train_iter.get_state()}
+    if step < setup.total_steps:
+      batch = _to_global(next(train_iter), keys, batch_shd)
+    if step % int(t.log_every) == 0 or step == setup.total_steps:
+      history.append(jax.device_get(metrics))
+      check_finite(history[-1], step)
+      pending = None
+      mean = {k: float(np.mean([h[k] for h in history])) for k in history[-1]}
+      mean["lr"] = float(history[-1]["lr"])
+      mean["steps_per_s"] = progress.update(step, mean)
+      writer.write(step, mean, "train")
+      history = []
+    if step % int(t.eval_every) == 0 or step == setup.total_steps:
+      eval_metrics = evaluate(eval_step, state.params, setup.input_cfg, batch_shd, keys)
+      writer.write(step, eval_metrics, "eval")
+      log(f"[eval] step {step}: loss {eval_metrics['loss']:.4f}, accuracy "
+          f"{eval_metrics['accuracy']:.4f} on {int(eval_metrics['examples'])} examples")
+      progress.restart(step)
+    if step % int(t.checkpoint_every) == 0 or step == setup.total_steps:
+      if pending is not None:
+        check_finite(jax.device_get(pending[1]), pending[0])
+      ckpt.save(step, state, data_state)
+      last_ckpt = step
+  ckpt.close()
+  writer.close()
+
+  summary = dict(step=step, parameters=n_params, wall_s=time.perf_counter() - t_start,
+                 compile_s=compile_s, checkpoint_dir=ckpt_path,
+                 **{f"eval_{k}": v for k, v in eval_metrics.items()})
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+  log("=" * 72)
+  log(f"done: {step} steps in {summary['wall_s']:.1f} s (compile {compile_s:.1f} s), "
+      f"{n_params:,} parameters")
+  if eval_metrics:
+    log(f"final eval: accuracy {eval_metrics['accuracy']:.4f}, loss "
+        f"{eval_metrics['loss']:.4f} on {int(eval_metrics['examples'])} examples")
+  log(f"checkpoints: {ckpt_path}\nmetrics: {os.path.join(workdir, 'metrics.jsonl')} and "
+      f"{os.path.join(workdir, 'tensorboard')}")
+  log("=" * 72)
+  return summary

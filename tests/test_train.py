@@ -1,0 +1,234 @@
+"""The experiment harness: the loop, exact resume after SIGKILL, devices, bad input."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from experiments.configs import dense
+from mmjax import checkpointing, optim, sharding, train
+from mmjax.data.pipeline import InputConfig, train_iterator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny(data_dir, **train_overrides):
+  """The tiny dense config on one device (fast); the device tests ask for more."""
+  c = dense.get_config("tiny")
+  c.data.data_dir = data_dir
+  c.mesh.data = 1
+  c.train.update(train_overrides)
+  return c
+
+
+def _quiet(*_):
+  pass
+
+
+def _load_final(workdir):
+  """(latest step, its train state as saved: nested dicts of arrays)."""
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  step = ckpt.latest_step()
+  state = ckpt._mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))["state"]
+  ckpt.close()
+  return step, state
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def test_tiny_run_trains_evaluates_and_writes_everything(procedural_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  summary = train.train_and_evaluate(_tiny(procedural_dir), workdir, log=_quiet)
+  for name in ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert summary["step"] == 30 and summary["eval_examples"] == 1000  # every test example
+  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  train_rec = [r for r in records if "train/loss" in r]
+  assert [r["step"] for r in train_rec] == [5, 10, 15, 20, 25, 30]
+  for key in ("train/accuracy", "train/lr", "train/grad_norm", "train/param_norm",
+              "train/update_norm", "train/steps_per_s"):
+    assert key in train_rec[0]
+  assert [r["step"] for r in records if "eval/accuracy" in r] == [15, 30]
+  assert any(f.startswith("events.out.tfevents")
+             for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
+                if s.isdigit()) == [20, 30]  # keep_checkpoints=2
+  assert json.load(open(os.path.join(workdir, "config.json")))["train"]["steps"] == 30
+
+
+def test_init_from_another_run(procedural_dir, tmp_path):
+  a = str(tmp_path / "a")
+  train.train_and_evaluate(_tiny(procedural_dir, steps=10), a, log=_quiet)
+  cfg = _tiny(procedural_dir, steps=1)
+  cfg.init = a
+  cfg.optimizer.lr = 1e-12
+  logs = []
+  train.train_and_evaluate(cfg, str(tmp_path / "b"), log=logs.append)
+  assert any("[init] params from" in l for l in logs)
+  _, sa = _load_final(a)
+  _, sb = _load_final(str(tmp_path / "b"))
+  for x, y in zip(jax.tree.leaves(sa["params"]), jax.tree.leaves(sb["params"])):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(procedural_dir, tmp_path):
+  workdir = str(tmp_path / "nan")
+  train.train_and_evaluate(_tiny(procedural_dir, steps=10), workdir, log=_quiet)
+  cfg = _tiny(procedural_dir, steps=200, checkpoint_every=2, log_every=100, eval_every=1000)
+  cfg.optimizer.update(lr=1e30, clip_norm=0.0, warmup_steps=0, schedule="constant")
+  with pytest.raises(train.NonFiniteLossError, match="The last good checkpoint .step 1[0-9]"):
+    train.train_and_evaluate(cfg, workdir, log=_quiet)  # resumes at 10, then diverges
+  step, state = _load_final(workdir)
+  assert 10 <= step < 200
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state["params"]))
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+def _cli(workdir, data_dir, *extra):
+  env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "PYTHONUNBUFFERED": "1"}
+  return subprocess.Popen(
+      [sys.executable, "-m", "experiments.main", "--config=experiments/configs/dense.py:tiny",
+       f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+       "--config.train.steps=150", "--config.train.checkpoint_every=10",
+       "--config.train.eval_every=1000", "--config.train.log_every=10",
+       "--config.mesh.data=1", *extra],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigkill_and_resume_is_bit_identical(procedural_dir, tmp_path):
+  straight = _cli(str(tmp_path / "straight"), procedural_dir)
+  killed_dir = tmp_path / "killed"
+  victim = _cli(str(killed_dir), procedural_dir)
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    ck = killed_dir / "checkpoints"
+    if ck.exists() and any(p.name.isdigit() for p in ck.iterdir()):
+      break
+    assert victim.poll() is None, victim.stdout.read()
+    time.sleep(0.05)
+  time.sleep(random.uniform(0.0, 0.5))
+  assert victim.poll() is None, "the run ended before it could be killed"
+  victim.send_signal(signal.SIGKILL)
+  victim.wait()
+  out = straight.communicate(timeout=300)[0]
+  assert straight.returncode == 0, out
+  steps = sorted(int(p.name) for p in (killed_dir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps and steps[-1] < 150, f"killed run left checkpoints {steps}"
+  resumed = _cli(str(killed_dir), procedural_dir)
+  out = resumed.communicate(timeout=300)[0]
+  assert resumed.returncode == 0, out
+  assert f"resumed from {killed_dir / 'checkpoints'} at step {steps[-1]}" in out
+  sa, a = _load_final(str(tmp_path / "straight"))
+  sb, b = _load_final(str(killed_dir))
+  assert sa == sb == 150
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit-identical
+  ea = json.load(open(tmp_path / "straight" / "summary.json"))
+  eb = json.load(open(killed_dir / "summary.json"))
+  assert ea["eval_accuracy"] == eb["eval_accuracy"] and ea["eval_loss"] == eb["eval_loss"]
+
+
+# ----------------------------------------------------------------------------- devices
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_one_step_on_8_devices_equals_1_device(procedural_dir, cpu_devices, fsdp):
+  cfg = _tiny(procedural_dir)
+  setup = train.validate(cfg)
+  model = train.MultimodalModel(setup.model_cfg)
+  tx, schedule = optim.make_optimizer(cfg.optimizer, 30)
+  keys = ["audio", "audio_mask", "image", "text", "text_mask", "label", "example_mask"]
+  local = next(train_iterator(InputConfig(data_dir=procedural_dir, batch_size=16)))
+  from mmjax.models import random_inputs
+  init_fn = train.make_init_fn(model, tx, random_inputs(setup.model_cfg, 1), 0)
+  results = {}
+  for n in (1, 8):
+    mesh = sharding.make_mesh(n)
+    shd = sharding.state_shardings(jax.eval_shape(init_fn), mesh, fsdp)
+    state = jax.jit(init_fn, out_shardings=shd)()
+    batch = sharding.global_batch({k: local[k] for k in keys}, sharding.batch_sharding(mesh))
+    step = jax.jit(train.make_train_step(model, tx, schedule, setup.model_cfg),
+                   in_shardings=(shd, sharding.batch_sharding(mesh)), out_shardings=(shd, None))
+    for _ in range(2):
+      state, metrics = step(state, batch)
+    results[n] = (jax.device_get(state.params), float(metrics["loss"]))
+    if n == 8 and fsdp:
+      specs = [s.spec for s in jax.tree.leaves(shd.params)]
+      assert any(sharding.AXIS in tuple(sp) for sp in specs), "FSDP sharded nothing"
+  assert abs(results[1][1] - results[8][1]) < 1e-5
+  for x, y in zip(jax.tree.leaves(results[1][0]), jax.tree.leaves(results[8][0])):
+    np.testing.assert_allclose(x, y, atol=2e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _main(*args):
+  return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_cli_flag_errors(tmp_path):
+  wd = str(tmp_path / "wd")
+  r = _main("--config=experiments/configs/nope.py", f"--workdir={wd}")
+  assert r.returncode != 0 and "nope.py" in r.stderr
+  r = _main("--config=experiments/configs/dense.py:huge", f"--workdir={wd}")
+  assert r.returncode != 0 and "unknown config argument(s) ['huge']" in r.stderr
+  r = _main("--config=experiments/configs/dense.py:tiny", f"--workdir={wd}",
+            "--config.train.steps=abc")
+  assert r.returncode != 0 and "config.train.steps" in r.stderr
+  r = _main("--config=experiments/configs/dense.py:tiny", f"--workdir={wd}",
+            "--config.train.stepz=3")
+  assert r.returncode != 0 and "stepz" in r.stderr
+  assert not os.path.exists(wd), "a failed start must not create the workdir"
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda c: (c.mesh.update(data=8), c.data.update(batch_size=12)),
+     "not divisible by the 8 devices"),
+    (lambda c: c.train.update(steps=0), "config.train.steps=0"),
+    (lambda c: c.optimizer.update(name="adamz"), "not an optax optimizer"),
+    (lambda c: c.optimizer.update(momentum=0.9), "which optax.adamw does not take"),
+    (lambda c: c.model.update(num_heads=3), "'num_heads' = 3"),
+    (lambda c: c.mesh.update(data=16), "16 devices asked, 8 available"),
+])
+def test_config_errors_before_compilation(procedural_dir, tmp_path, mutate, needle):
+  cfg = _tiny(procedural_dir)
+  mutate(cfg)
+  with pytest.raises(ValueError) as err:
+    train.train_and_evaluate(cfg, str(tmp_path / "wd"), log=_quiet)
+  assert needle in str(err.value)
+  assert not (tmp_path / "wd").exists()
+
+
+def test_unwritable_workdir(procedural_dir):
+  with pytest.raises(ValueError, match="is not writable"):
+    train.train_and_evaluate(_tiny(procedural_dir), "/proc/mmjax_run", log=_quiet)
+
+
+def test_checkpoint_that_does_not_fit_leaves_the_workdir_untouched(procedural_dir, tmp_path):
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(_tiny(procedural_dir, steps=10), str(workdir), log=_quiet)
+  before = {str(p): p.stat().st_mtime_ns for p in workdir.rglob("*")}
+  cfg = _tiny(procedural_dir, steps=20)
+  cfg.model.d_model = 64
+  with pytest.raises(checkpointing.CheckpointMismatchError) as err:
+    train.train_and_evaluate(cfg, str(workdir), log=_quiet)
+  assert "params/" in str(err.value) and "config.json" in str(err.value)
+  assert {str(p): p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+
+
+def test_optimizer_by_name():
+  import ml_collections
+  tx, sched = optim.make_optimizer(ml_collections.ConfigDict(dict(
+      name="sgd", lr=0.1, momentum=0.9, schedule="warmup_linear", warmup_steps=2,
+      clip_norm=0.0)), 10)
+  assert float(sched(0)) == 0.0 and abs(float(sched(2)) - 0.1) < 1e-7
+  assert float(sched(10)) == 0.0
