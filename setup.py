@@ -30,6 +30,8 @@ setup(
         "numpy>=1.26",
         # mm_arith/real: its bundled handwritten digit scans (no download).
         "scikit-learn>=1.3",
+        # TensorBoard event files without TensorFlow.
+        "tensorboardX>=2.6",
     ],
     extras_require={
         "test": [

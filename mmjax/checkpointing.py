@@ -111,11 +111,20 @@ class Checkpointer:
                             f"(step {step})")
     if why:
       raise CheckpointMismatchError(why)
-    raw = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    state = raw["state"]
-    params = state["params"] if isinstance(state, dict) else state.params
+    params = self.restore_local(step)["params"]
     return jax.tree.map(lambda a, x: jax.device_put(np.asarray(a), x.sharding), params,
                         abstract_params)
+
+  def restore_local(self, step):
+    """The saved train state as nested dicts of arrays on this process's first device,
+    whatever topology saved it (for analysis, export, tests)."""
+    device = jax.local_devices()[0]
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                       sharding=jax.sharding.SingleDeviceSharding(device)),
+        self._state_metadata(step))
+    return self._mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
 
   def wait(self):
     self._mngr.wait_until_finished()

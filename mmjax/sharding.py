@@ -29,6 +29,8 @@ def maybe_initialize_distributed():
     kwargs = dict(coordinator_address=os.environ["MMJAX_COORDINATOR"],
                   num_processes=int(os.environ["MMJAX_NUM_PROCESSES"]),
                   process_id=int(os.environ["MMJAX_PROCESS_ID"]))
+  # CPU processes exchange collectives through gloo (GPU/TPU use their own fabric).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
   return True
 

@@ -9,7 +9,6 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from experiments.configs import dense
@@ -36,8 +35,7 @@ def _load_final(workdir):
   """(latest step, its train state as saved: nested dicts of arrays)."""
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   step = ckpt.latest_step()
-  state = ckpt._mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))["state"]
+  state = ckpt.restore_local(step)
   ckpt.close()
   return step, state
 
@@ -232,3 +230,45 @@ def test_optimizer_by_name():
       clip_norm=0.0)), 10)
   assert float(sched(0)) == 0.0 and abs(float(sched(2)) - 0.1) < 1e-7
   assert float(sched(10)) == 0.0
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_on_localhost_match_one_process(procedural_dir, tmp_path):
+  """Two CPU processes x 2 devices (gloo collectives) == one process x 4 devices."""
+  args = [sys.executable, "-m", "experiments.main", "--config=experiments/configs/dense.py:tiny",
+          f"--config.data.data_dir={procedural_dir}", "--config.train.steps=6",
+          "--config.train.eval_every=1000", "--config.train.log_every=3",
+          "--config.train.checkpoint_every=6"]
+  base = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+  port = _free_port()
+  procs = [subprocess.Popen(args + [f"--workdir={tmp_path / 'multi'}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                                 "MMJAX_DISTRIBUTED": "1",
+                                 "MMJAX_COORDINATOR": f"127.0.0.1:{port}",
+                                 "MMJAX_NUM_PROCESSES": "2", "MMJAX_PROCESS_ID": str(i)})
+           for i in range(2)]
+  single = subprocess.run(args + [f"--workdir={tmp_path / 'single'}"], cwd=ROOT, text=True,
+                          capture_output=True, timeout=300,
+                          env={**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert single.returncode == 0, single.stdout + single.stderr
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out
+  assert "4 device(s) (cpu, 2 process(es))" in outs[0]
+  a = json.load(open(tmp_path / "multi" / "summary.json"))
+  b = json.load(open(tmp_path / "single" / "summary.json"))
+  assert a["eval_examples"] == b["eval_examples"] == 1000  # each test example once
+  assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-4
+  _, sa = _load_final(str(tmp_path / "multi"))
+  _, sb = _load_final(str(tmp_path / "single"))
+  for x, y in zip(jax.tree.leaves(sa["params"]), jax.tree.leaves(sb["params"])):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5, rtol=1e-4)
