@@ -286,6 +286,7 @@ def train_and_evaluate(config, workdir: str, log=print) -> dict:
           "new workdir.")
     return loss
 
+  loop_start, eval_s = time.perf_counter(), 0.0
   while step < setup.total_steps:
     state, metrics = train_step(state, batch)
     step += 1
@@ -308,11 +309,13 @@ def train_and_evaluate(config, workdir: str, log=print) -> dict:
       writer.write(step, mean, "train")
       history = []
     if step % int(t.eval_every) == 0 or step == setup.total_steps:
+      t_eval = time.perf_counter()
       eval_metrics = evaluate(eval_step, state.params, setup.input_cfg, batch_shd, keys)
       writer.write(step, eval_metrics, "eval")
       log(f"[eval] step {step}: loss {eval_metrics['loss']:.4f}, accuracy "
           f"{eval_metrics['accuracy']:.4f} on {int(eval_metrics['examples'])} examples")
       progress.restart(step)
+      eval_s += time.perf_counter() - t_eval
     if step % int(t.checkpoint_every) == 0 or step == setup.total_steps:
       if pending is not None:
         check_finite(jax.device_get(pending[1]), pending[0])
@@ -320,9 +323,11 @@ def train_and_evaluate(config, workdir: str, log=print) -> dict:
       last_ckpt = step
   ckpt.close()
   writer.close()
+  loop_s = time.perf_counter() - loop_start - eval_s  # training, input, logging, saving
 
   summary = dict(step=step, parameters=n_params, wall_s=time.perf_counter() - t_start,
-                 compile_s=compile_s, checkpoint_dir=ckpt_path,
+                 compile_s=compile_s, loop_s=loop_s, eval_s=eval_s,
+                 steps_run=step - (resume_step or 0), checkpoint_dir=ckpt_path,
                  **{f"eval_{k}": v for k, v in eval_metrics.items()})
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
