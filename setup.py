@@ -44,5 +44,7 @@ setup(
         ],
         # Optional: only tf.data and some TFDS builders need TensorFlow.
         "tf": ["tensorflow-cpu>=2.16"],
+        # Benchmarks only: the PyTorch twin of bench/train_step.py --vs_torch (CPU wheel).
+        "bench": ["torch==2.13.0"],
     },
 )

@@ -22,13 +22,100 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def vs_torch(batch_size: int, reps: int, out: str):
+  """The `small` model's train step in JAX (jitted) and in PyTorch (eager), interleaved."""
+  import jax
+  import numpy as np
+  import optax
+  import torch
+
+  from bench.torch_twin import TorchMultimodal, load_flax_params, to_torch
+  from mmjax.models import MultimodalModel, get_preset, random_inputs
+
+  cfg = get_preset("small")
+  batch = random_inputs(cfg, batch_size, seed=0)
+  model = MultimodalModel(cfg)
+  params = jax.jit(model.init)(jax.random.key(0), batch)
+  tx = optax.adamw(1e-3, weight_decay=1e-4)
+  opt = tx.init(params)
+
+  def jax_step(p, o, b):
+    def loss_fn(p):
+      return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, b)[0],
+                                                             b["label"]).mean()
+    loss, g = jax.value_and_grad(loss_fn)(p)
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o, loss
+
+  jstep = jax.jit(jax_step, donate_argnums=(0, 1))
+  torch.manual_seed(0)
+  tmodel = TorchMultimodal(cfg)
+  topt = torch.optim.AdamW(tmodel.parameters(), lr=1e-3, weight_decay=1e-4)
+  tbatch = to_torch(batch)
+  n_jax = sum(x.size for x in jax.tree.leaves(params))
+  n_torch = sum(p.numel() for p in tmodel.parameters())
+  if n_jax != n_torch:
+    raise AssertionError(f"twin parameter counts differ: jax {n_jax:,}, torch {n_torch:,}")
+
+  # Same architecture, same numbers: with the Flax weights copied in, the logits agree.
+  load_flax_params(tmodel, params)
+  with torch.no_grad():
+    diff = np.abs(tmodel(tbatch).numpy() - np.asarray(model.apply(params, batch)[0])).max()
+  if diff > 1e-3:
+    raise AssertionError(f"the PyTorch twin computes something else: max logit diff {diff}")
+  torch.manual_seed(0)
+  tmodel = TorchMultimodal(cfg)  # fresh init for the timing, as in a real run
+  topt = torch.optim.AdamW(tmodel.parameters(), lr=1e-3, weight_decay=1e-4)
+
+  def torch_step():
+    topt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(tmodel(tbatch), tbatch["label"])
+    loss.backward()
+    topt.step()
+    return loss.item()
+
+  params, opt, loss = jstep(params, opt, batch)
+  jax.block_until_ready(loss)
+  torch_step()
+  jt, tt = [], []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    params, opt, loss = jstep(params, opt, batch)
+    jax.block_until_ready(loss)
+    jt.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    torch_step()
+    tt.append(time.perf_counter() - t0)
+  j, t = statistics.median(jt), statistics.median(tt)
+  res = dict(batch_size=batch_size, params=n_jax, max_logit_diff=float(diff), jax_step_s=j,
+             torch_eager_step_s=t,
+             jax_over_torch=j / t, torch=torch.__version__, torch_threads=torch.get_num_threads(),
+             jax=jax.__version__)
+  print(f"small model ({n_jax:,} parameters in both; same logits to {diff:.1e}), batch "
+        f"{batch_size}, interleaved x{reps}")
+  print(f"  JAX jitted step     {j * 1e3:8.1f} ms")
+  print(f"  PyTorch eager step  {t * 1e3:8.1f} ms ({torch.get_num_threads()} threads)")
+  print(f"  JAX / PyTorch       {j / t:8.2f}  (target <= 1.0)")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(res, f, indent=1)
+  print(f"wrote {out}")
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--vs_torch", action="store_true",
+                 help="only compare the step with a PyTorch twin (needs `pip install "
+                 "-e .[bench]`)")
+  p.add_argument("--reps", type=int, default=15)
   p.add_argument("--data_dir", default="/tmp/mmjax_bench_tfds")
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--batch_size", type=int, default=64)
   p.add_argument("--out", default="bench/out/train_step.json")
   args = p.parse_args(argv)
+  if args.vs_torch:
+    out = args.out if args.out != "bench/out/train_step.json" else "bench/out/vs_torch.json"
+    return vs_torch(args.batch_size, args.reps, out)
 
   import jax
 
