@@ -104,6 +104,20 @@ def evaluate(eval_step_fn, params, input_cfg, batch_sharding, keys):
 
 # ============================================================================ setup
 
+def _all_agree(flag: bool) -> bool:
+  """Process 0's value of `flag`, on every process."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+def _barrier(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def _to_global(local, keys, batch_sharding):
   return sharding.global_batch({k: local[k] for k in keys}, batch_sharding)
 
@@ -205,7 +219,9 @@ def train_and_evaluate(config, workdir: str, log=print) -> dict:
                           abstract, state_shd)
   ckpt_path = os.path.join(workdir, "checkpoints")
   resume_step = None
-  if os.path.isdir(ckpt_path):
+  # Every process must take the same branch (Orbax managers synchronise across processes),
+  # so process 0's view of the workdir decides, before anyone writes to it.
+  if _all_agree(os.path.isdir(ckpt_path)):
     reader = checkpointing.Checkpointer(ckpt_path, read_only=True)
     resume_step = reader.latest_step()
     if resume_step is not None:
@@ -226,10 +242,12 @@ def train_and_evaluate(config, workdir: str, log=print) -> dict:
                        "run's workdir or its checkpoints directory.")
 
   # ---- from here on the workdir is written
-  ensure_data(setup.input_cfg, config, log)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  if jax.process_index() == 0:
+    ensure_data(setup.input_cfg, config, log)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  _barrier("mmjax:workdir_ready")
   ckpt = checkpointing.Checkpointer(ckpt_path, keep=int(config.train.keep_checkpoints),
                                     async_save=bool(config.train.get("async_checkpoints", True)))
   train_iter = pipeline.train_iterator(setup.input_cfg)
