@@ -50,7 +50,6 @@ def vs_torch(batch_size: int, reps: int, out: str):
   jstep = jax.jit(jax_step, donate_argnums=(0, 1))
   torch.manual_seed(0)
   tmodel = TorchMultimodal(cfg)
-  topt = torch.optim.AdamW(tmodel.parameters(), lr=1e-3, weight_decay=1e-4)
   tbatch = to_torch(batch)
   n_jax = sum(x.size for x in jax.tree.leaves(params))
   n_torch = sum(p.numel() for p in tmodel.parameters())

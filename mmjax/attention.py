@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -226,17 +227,13 @@ def _chunked(query, key, value, mask, bias, is_causal, scale, q_block, kv_block)
   return jnp.swapaxes(out[:, :, :q_len], 1, 2)
 
 
-class _Static(tuple):
+class _Static(NamedTuple):
   """Hashable static configuration of the chunked kernel."""
-
-  def __new__(cls, *, scale, causal, kv_len, qb, kb):
-    return super().__new__(cls, (scale, causal, kv_len, qb, kb))
-
-  scale = property(lambda s: s[0])
-  causal = property(lambda s: s[1])
-  kv_len = property(lambda s: s[2])
-  qb = property(lambda s: s[3])
-  kb = property(lambda s: s[4])
+  scale: float
+  causal: bool
+  kv_len: int
+  qb: int
+  kb: int
 
 
 def _block_valid(st, mask, i, j, kp):

@@ -38,7 +38,8 @@ class TrainState:
   params: Any
   opt_state: Any
   cstate: Any  # compression state (empty for dense runs)
-  rng: jax.Array  # raw uint32[2] key; folded with the step inside the train step
+  rng: jax.Array  # raw uint32[2] key; the train step folds in the step and hands the
+  # result to the model as its "dropout" stream (unused by today's layers)
 
 
 def make_init_fn(model, tx, sample_batch, seed: int):
@@ -52,25 +53,27 @@ def make_init_fn(model, tx, sample_batch, seed: int):
 
 # ============================================================================ steps
 
-def loss_and_accuracy(logits, batch, cfg: ModelConfig):
-  """Mean cross-entropy and accuracy over real examples (and real tokens, per-token)."""
+def loss_sums(logits, batch, cfg: ModelConfig):
+  """(cross-entropy sum, correct count, count) over real examples (and, for a per-token
+  head, real tokens). Sums, so that eval batches add up exactly."""
   labels = batch["label"]
   weights = batch["example_mask"].astype(jnp.float32)
   if logits.ndim == 3:  # per-token head: weight by the token modality's mask
     weights = weights[:, None] * batch[f"{cfg.head.token_modality}_mask"].astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-  total = jnp.maximum(weights.sum(), 1.0)
-  return (ce * weights).sum() / total, (correct * weights).sum() / total, weights.sum(), (
-      ce * weights).sum(), (correct * weights).sum()
+  return (ce * weights).sum(), (correct * weights).sum(), weights.sum()
 
 
 def make_train_step(model, tx, schedule, cfg: ModelConfig):
   def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(state.rng, state.step)  # fresh per step, same on resume
+
     def loss_fn(params):
-      logits, _ = model.apply({"params": params}, batch)
-      loss, acc, *_ = loss_and_accuracy(logits, batch, cfg)
-      return loss, acc
+      logits, _ = model.apply({"params": params}, batch, rngs={"dropout": rng})
+      loss_sum, correct, count = loss_sums(logits, batch, cfg)
+      count = jnp.maximum(count, 1.0)
+      return loss_sum / count, correct / count
 
     (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -85,7 +88,7 @@ def make_train_step(model, tx, schedule, cfg: ModelConfig):
 def make_eval_step(model, cfg: ModelConfig):
   def eval_step(params, batch):
     logits, _ = model.apply({"params": params}, batch)
-    *_, count, loss_sum, correct = loss_and_accuracy(logits, batch, cfg)
+    loss_sum, correct, count = loss_sums(logits, batch, cfg)
     return dict(count=count, loss_sum=loss_sum, correct=correct)
   return eval_step
 

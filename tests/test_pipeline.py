@@ -97,8 +97,6 @@ def test_eval_sees_every_example_exactly_once(procedural_dir):
     for b in batches:
       assert len(b["label"]) == 32
       seen.extend(b["index"][b["example_mask"]].tolist())
-      seen_count = b["example_mask"].sum()
-      assert seen_count in range(0, 33)
   assert len(set(n_batches)) == 1, "every host must run the same number of eval steps"
   assert sorted(seen) == list(range(SIZES["num_test"]))
 

@@ -22,7 +22,6 @@ class Adapter:
   modalities: dict  # modality -> feature path ("captions/text" reaches into a dict)
   label: str | None = "label"
   extras: tuple = ()  # latent fields passed through for analysis
-  needs_tensorflow: bool = False  # its TFDS builder imports TensorFlow
   image_size: tuple | None = None  # resize to (h, w) when the images vary in size
 
 
@@ -32,9 +31,9 @@ ADAPTERS = {
     "cifar10": Adapter({"image": "image"}),
     "mnist": Adapter({"image": "image"}),
     "imdb_reviews": Adapter({"text": "text"}),
-    "speech_commands": Adapter({"audio": "audio"}, needs_tensorflow=True),
+    "speech_commands": Adapter({"audio": "audio"}),
     "coco_captions": Adapter({"image": "image", "text": "captions/text"}, label=None,
-                             needs_tensorflow=True, image_size=(224, 224)),
+                             image_size=(224, 224)),
 }
 
 
@@ -68,13 +67,10 @@ def preprocess(example: dict, adapter: Adapter, modalities, *, text_len: int,
   """One TFDS example -> model inputs for `modalities` (+ label, extras)."""
   out = {}
   for m in modalities:
-    if m not in adapter.modalities:
-      raise ValueError(f"modality {m!r} is not provided by this dataset; it provides "
-                       f"{sorted(adapter.modalities)}.")
-    x = _feature(example, adapter.modalities[m])
-    if m == "image" or m.startswith("image"):
+    x = _feature(example, adapter.modalities[m])  # pipeline._prep_fn checked `m` exists
+    if m.startswith("image"):
       out[m] = _resize(x, image_size or adapter.image_size).astype(np.float32) / 255.0
-    elif m == "text" or m.startswith("text"):
+    elif m.startswith("text"):
       if isinstance(x, (list, tuple, np.ndarray)) and not isinstance(x, (str, bytes)):
         x = x[0]  # several captions: the first
       x = x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)

@@ -2,8 +2,9 @@
 
 A digit is a pair of formant frequencies (f1 from 3 values, f2 from 4, spaced >= 30% apart
 so the pattern survives a voice's pitch shift), amplitude-modulated at the voice's
-fundamental (a glottal buzz), under a syllable envelope of random duration and onset, plus noise. A *voice*
-fixes the pitch factor, the fundamental and the brightness; each utterance adds its own.
+fundamental (a glottal buzz), under a syllable envelope of random duration and onset, plus
+noise. A *voice* fixes the pitch factor, the fundamental and the brightness; each
+utterance adds its own.
 """
 from __future__ import annotations
 
