@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from mmjax import checkpointing, optim, sharding
+from mmjax.compress import Plan, build_plan, flatten
 from mmjax.data import pipeline, sources
 from mmjax.metrics_writer import MetricsWriter, Progress
 from mmjax.models import ModelConfig, MultimodalModel
@@ -42,12 +43,16 @@ class TrainState:
   # result to the model as its "dropout" stream (unused by today's layers)
 
 
-def make_init_fn(model, tx, sample_batch, seed: int):
+def cstate_key(seed: int):
+  return jax.random.fold_in(jax.random.PRNGKey(seed), 2)
+
+
+def make_init_fn(model, tx, sample_batch, seed: int, plan: Plan = Plan()):
   def init():
     rng = jax.random.PRNGKey(seed)
     params = model.init(jax.random.fold_in(rng, 1), sample_batch)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      cstate={}, rng=rng)
+                      cstate=plan.init(params, cstate_key(seed)), rng=rng)
   return init
 
 
@@ -65,12 +70,15 @@ def loss_sums(logits, batch, cfg: ModelConfig):
   return (ce * weights).sum(), (correct * weights).sum(), weights.sum()
 
 
-def make_train_step(model, tx, schedule, cfg: ModelConfig):
+def make_train_step(model, tx, schedule, cfg: ModelConfig, plan: Plan = Plan()):
+  """One step: the compressed view -> loss -> optimizer update of the master params ->
+  the compression update (schedules, masks re-applied), all in one jitted function."""
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)  # fresh per step, same on resume
 
     def loss_fn(params):
-      logits, _ = model.apply({"params": params}, batch, rngs={"dropout": rng})
+      view = plan.forward(params, state.cstate)
+      logits, _ = model.apply({"params": view}, batch, rngs={"dropout": rng})
       loss_sum, correct, count = loss_sums(logits, batch, cfg)
       count = jnp.maximum(count, 1.0)
       return loss_sum / count, correct / count
@@ -78,26 +86,29 @@ def make_train_step(model, tx, schedule, cfg: ModelConfig):
     (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    params, cstate = plan.update(params, state.cstate, state.step + 1)
     metrics = dict(loss=loss, accuracy=acc, lr=schedule(state.step),
                    grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
                    update_norm=optax.global_norm(updates))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         cstate=cstate), metrics
   return train_step
 
 
-def make_eval_step(model, cfg: ModelConfig):
-  def eval_step(params, batch):
-    logits, _ = model.apply({"params": params}, batch)
+def make_eval_step(model, cfg: ModelConfig, plan: Plan = Plan()):
+  def eval_step(params, cstate, batch):
+    logits, _ = model.apply({"params": plan.forward(params, cstate)}, batch)
     loss_sum, correct, count = loss_sums(logits, batch, cfg)
     return dict(count=count, loss_sum=loss_sum, correct=correct)
   return eval_step
 
 
-def evaluate(eval_step_fn, params, input_cfg, batch_sharding, keys):
+def evaluate(eval_step_fn, params, cstate, input_cfg, batch_sharding, keys):
   """Every example of the eval split exactly once; returns loss and accuracy."""
   totals = dict(count=0.0, loss_sum=0.0, correct=0.0)
   for local in pipeline.eval_batches(input_cfg):
-    out = jax.device_get(eval_step_fn(params, _to_global(local, keys, batch_sharding)))
+    out = jax.device_get(eval_step_fn(params, cstate,
+                                      _to_global(local, keys, batch_sharding)))
     for k in totals:
       totals[k] += float(out[k])
   n = max(totals["count"], 1.0)
@@ -147,6 +158,7 @@ class Setup:
   input_cfg: pipeline.InputConfig
   mesh: Any
   total_steps: int
+  plan: Plan
 
 
 def validate(config) -> Setup:
@@ -166,7 +178,23 @@ def validate(config) -> Setup:
                      "config.mesh.data to a divisor of it.")
   pipeline.host_batch_size(input_cfg.batch_size, jax.process_count())
   pipeline._prep_fn(input_cfg)  # modality / adapter checks
-  return Setup(model_cfg, input_cfg, mesh, int(t.steps))
+  return Setup(model_cfg, input_cfg, mesh, int(t.steps), make_plan(config, model_cfg))
+
+
+def param_shapes(model_cfg: ModelConfig) -> dict:
+  """{path: shape} of the model's parameters, traced (nothing allocated)."""
+  from mmjax.models import random_inputs
+  model = MultimodalModel(model_cfg)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                               random_inputs(model_cfg, 1))["params"])
+  return {p: tuple(a.shape) for p, a in flatten(abstract).items()}
+
+
+def make_plan(config, model_cfg: ModelConfig) -> Plan:
+  compress = config.get("compress")
+  if not compress or not compress.to_dict():
+    return Plan()
+  return build_plan(compress, param_shapes(model_cfg))
 
 
 def ensure_data(input_cfg, config, log=print):
@@ -197,10 +225,57 @@ def check_workdir(workdir: str):
 
 # ============================================================================ the loop
 
-def train_and_evaluate(config, workdir: str, log=print) -> dict:
-  """Train, evaluate and checkpoint one experiment; returns the final summary."""
+def _dense_accuracy(config):
+  """The accuracy of the run this one started from (config.init), if it recorded one."""
+  init = config.get("init")
+  if not init:
+    return None
+  for d in (init, os.path.dirname(os.path.normpath(init))):
+    path = os.path.join(d, "summary.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        return json.load(f).get("eval_accuracy")
+  return None
+
+
+def _compression_report(config, workdir, plan, state, eval_metrics, log):
+  """compression_report.json, the printed table, and (config.compress.export, default on)
+  the real compressed export in <workdir>/export with its bytes on disk measured next to
+  a dense fp32 export of the same weights written the same way."""
+  from mmjax.compress import export, report
+  extra = {}
+  if config.compress.get("export", True):
+    params, cstate = report._host(state.params), report._host(state.cstate)
+    if jax.process_index() == 0:
+      out = os.path.join(workdir, "export")
+      export.export(params, out, plan, cstate)
+      dense_dir = os.path.join(workdir, "export_dense_fp32.tmp")
+      view = jax.device_get(jax.jit(plan.forward)(params, cstate))  # local arrays
+      export.export(jax.tree.map(lambda x: np.asarray(x, np.float32), view), dense_dir)
+      extra = dict(export_dir=out, disk_bytes=export.disk_bytes(out),
+                   disk_bytes_dense=export.disk_bytes(dense_dir))
+      extra["disk_ratio"] = extra["disk_bytes_dense"] / extra["disk_bytes"]
+      import shutil
+      shutil.rmtree(dense_dir)
+  rep = report.build(state.params, plan, state.cstate, accuracy=eval_metrics.get("accuracy"),
+                     dense_accuracy=_dense_accuracy(config), **extra)
+  if jax.process_index() == 0:
+    path = report.write(workdir, rep)
+    log(report.format_table(rep))
+    log(f"compression report: {path}")
+  return rep
+
+
+def train_and_evaluate(config, workdir: str, log=print, plan: Plan | None = None) -> dict:
+  """Train, evaluate and checkpoint one experiment; returns the final summary.
+
+  `plan` replaces the compression plan built from `config.compress` (a transform written
+  in a notebook, say); the config then records only its name under compress_plan."""
   t_start = time.perf_counter()
   setup = validate(config)
+  if plan is not None:
+    setup.plan = plan
+  plan = setup.plan
   workdir = os.path.abspath(workdir)
   check_workdir(workdir)
   model = MultimodalModel(setup.model_cfg)
@@ -214,7 +289,7 @@ def train_and_evaluate(config, workdir: str, log=print) -> dict:
   # ---- state: abstract first (nothing allocated), then the resume rules
   from mmjax.models import random_inputs
   sample = random_inputs(setup.model_cfg, 1, seed=0)
-  init_fn = make_init_fn(model, tx, sample, int(config.seed))
+  init_fn = make_init_fn(model, tx, sample, int(config.seed), plan)
   abstract = jax.eval_shape(init_fn)
   fsdp = bool(config.mesh.get("fsdp", False))
   state_shd = sharding.state_shardings(abstract, mesh, fsdp)
@@ -262,7 +337,10 @@ def train_and_evaluate(config, workdir: str, log=print) -> dict:
     state = jax.jit(init_fn, out_shardings=state_shd)()
     if init_dir:
       params = init_reader.restore_params(init_step, abstract.params)
-      state = state.replace(params=params, opt_state=jax.jit(
+      # the compression state starts from these weights (one-shot masks of a trained model)
+      cstate = jax.jit(plan.init, out_shardings=state_shd.cstate)(
+          params, cstate_key(int(config.seed)))
+      state = state.replace(params=params, cstate=cstate, opt_state=jax.jit(
           tx.init, out_shardings=state_shd.opt_state)(params))
       init_reader.close()
       log(f"[init] params from {init_dir} (step {init_step})")
@@ -272,11 +350,11 @@ def train_and_evaluate(config, workdir: str, log=print) -> dict:
 
   # ---- compile
   t0 = time.perf_counter()
-  train_step = jax.jit(make_train_step(model, tx, schedule, setup.model_cfg),
+  train_step = jax.jit(make_train_step(model, tx, schedule, setup.model_cfg, plan),
                        in_shardings=(state_shd, batch_shd), out_shardings=(state_shd, None),
                        donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(model, setup.model_cfg),
-                      in_shardings=(state_shd.params, batch_shd))
+  eval_step = jax.jit(make_eval_step(model, setup.model_cfg, plan),
+                      in_shardings=(state_shd.params, state_shd.cstate, batch_shd))
   first_local = next(train_iter)
   first = _to_global(first_local, keys, batch_shd)
   train_step = train_step.lower(state, first).compile()
@@ -331,7 +409,8 @@ def train_and_evaluate(config, workdir: str, log=print) -> dict:
       history = []
     if step % int(t.eval_every) == 0 or step == setup.total_steps:
       t_eval = time.perf_counter()
-      eval_metrics = evaluate(eval_step, state.params, setup.input_cfg, batch_shd, keys)
+      eval_metrics = evaluate(eval_step, state.params, state.cstate, setup.input_cfg,
+                              batch_shd, keys)
       writer.write(step, eval_metrics, "eval")
       log(f"[eval] step {step}: loss {eval_metrics['loss']:.4f}, accuracy "
           f"{eval_metrics['accuracy']:.4f} on {int(eval_metrics['examples'])} examples")
@@ -346,6 +425,8 @@ def train_and_evaluate(config, workdir: str, log=print) -> dict:
   writer.close()
   loop_s = time.perf_counter() - loop_start - eval_s  # training, input, logging, saving
 
+  if not plan.is_identity:
+    _compression_report(config, workdir, plan, state, eval_metrics, log)
   summary = dict(step=step, parameters=n_params, wall_s=time.perf_counter() - t_start,
                  compile_s=compile_s, loop_s=loop_s, eval_s=eval_s,
                  steps_run=step - (resume_step or 0), checkpoint_dir=ckpt_path,

@@ -9,14 +9,30 @@ from mmjax.models import get_preset
 ARGS = ("tiny",)
 
 
-def parse_arg(arg, valid=ARGS) -> set:
-  """'tiny' or '' or None -> {'tiny'}; anything unknown is an error listing what is valid."""
-  words = {w for w in (arg or "").split(",") if w}
-  unknown = sorted(words - set(valid))
-  if unknown:
-    raise ValueError(f"unknown config argument(s) {unknown}; valid: {list(valid)} "
-                     "(e.g. --config=experiments/configs/dense.py:tiny).")
-  return words
+def parse_arg(arg, valid=ARGS, values=None) -> dict:
+  """'tiny,sparsity=0.75' -> {'tiny': True, 'sparsity': 0.75}.
+
+  `valid` are bare words, `values` maps key -> type for key=value pairs; anything else is
+  an error listing what is valid."""
+  values = values or {}
+  out = {}
+  for w in (arg or "").split(","):
+    if not w:
+      continue
+    key, eq, val = w.partition("=")
+    if eq and key in values:
+      try:
+        out[key] = values[key](val)
+      except ValueError:
+        raise ValueError(f"config argument {key}={val!r} is not a valid "
+                         f"{values[key].__name__}.") from None
+    elif not eq and key in valid:
+      out[key] = True
+    else:
+      raise ValueError(f"unknown config argument {w!r}; valid: {list(valid)} and "
+                       f"{[k + '=' for k in values]} "
+                       "(e.g. --config=experiments/configs/dense.py:tiny).")
+  return out
 
 
 def base_config(*, tiny: bool, modalities=None) -> ml_collections.ConfigDict:
@@ -40,4 +56,20 @@ def base_config(*, tiny: bool, modalities=None) -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=False)
   c.init = config_dict.placeholder(str)
   c.compress = ml_collections.ConfigDict()
+  return c
+
+
+DENSE_WORKDIR = "workdirs/dense"
+
+
+def finetune_config(args: dict, steps: int = 2000) -> ml_collections.ConfigDict:
+  """A compression run: starts from the dense run's checkpoint (config.init) and fine-tunes
+  at a lower learning rate. Tests pass --config.init=<a tiny dense run>."""
+  tiny = bool(args.get("tiny"))
+  c = base_config(tiny=tiny)
+  c.init = DENSE_WORKDIR
+  c.optimizer.lr = 5e-4
+  c.optimizer.warmup_steps = 5 if tiny else 100
+  if not tiny:
+    c.train.steps = steps
   return c

@@ -52,5 +52,6 @@ class MultimodalModel(nn.Module):
       inter["pooled"] = h
     else:  # per_token: logits at every position of one modality
       h = nn.LayerNorm(name="head_ln")(fused[head.token_modality])
-    logits = nn.Dense(head.num_classes, name="head")(h)
+    # zero-initialised head (as big_vision's ViTs): the first loss is exactly log(classes)
+    logits = nn.Dense(head.num_classes, kernel_init=nn.initializers.zeros, name="head")(h)
     return logits.astype(jnp.float32), inter

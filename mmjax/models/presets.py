@@ -3,6 +3,12 @@
 `tiny` and `small` take mm_arith's inputs as they are: 28x28x1 digits, one second of 8 kHz
 audio, questions of up to 46 bytes (48 tokens with begin/end).
 
+Their audio tokens span the whole mel band (patch_freq = n_mels): a spoken digit is a
+pattern across frequencies, and a token that sees only a band cannot tell which band it
+is at initialisation (position embeddings start small), which kept an earlier `small`
+(8-mel patches, 4x4 image patches) on the chance plateau for 2,000 steps. 7x7 image
+patches and full-band audio tokens also make `small` 2x faster per step.
+
 `base` is the reference model the project was asked to reproduce: 12 layers per tower,
 d_model 768, 12 heads, MLP 3072, text vocabulary 32000, per-token output over 32000.
 """
@@ -31,10 +37,10 @@ def small() -> ModelConfig:
   return ModelConfig(
       towers={"text": TextConfig(num_layers=2, vocab_size=VOCAB_SIZE, max_len=48),
               "image": ImageConfig(num_layers=2, image_size=(28, 28), channels=1,
-                                   patch_size=4),
+                                   patch_size=7),
               "audio": AudioConfig(num_layers=2, sample_rate=8000, num_samples=8000,
                                    n_fft=256, hop_length=128, n_mels=32, patch_time=4,
-                                   patch_freq=8)},
+                                   patch_freq=32)},
       d_model=128, num_heads=4, mlp_dim=512,
       fusion=FusionConfig("cross", num_layers=2), head=HeadConfig("classify", 10))
 

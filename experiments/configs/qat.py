@@ -1,0 +1,18 @@
+"""Quantization-aware fine-tuning of the dense baseline: symmetric fake-quant weights with
+a straight-through estimator, per output channel.
+
+Arguments: `bits=<2..8>` (default 8), `tensor` (per-tensor scales), `tiny`.
+Reproduce (after the dense run):
+  ./launch.sh train --config=experiments/configs/qat.py --workdir=workdirs/qat_int8
+"""
+from experiments.configs.common import finetune_config, parse_arg
+from mmjax.compress.configure import QUANT_PATTERN
+
+
+def get_config(arg=None):
+  args = parse_arg(arg, valid=("tiny", "tensor"), values={"bits": int})
+  c = finetune_config(args, steps=1000)
+  c.compress.quant = dict(bits=args.get("bits", 8),
+                          granularity="tensor" if args.get("tensor") else "channel",
+                          clip_ratio=1.0, pattern=QUANT_PATTERN)
+  return c

@@ -1,0 +1,174 @@
+"""Export a compressed model as what it really is: integer codes, scales, packed masks.
+
+Format (a directory):
+  index.json   per parameter path: shape, bits, whether masked, granularity, and offsets
+               into the buffers below
+  arrays/      one Orbax checkpoint of a handful of flat buffers:
+               `int8`   codes of 8-bit leaves (kept elements only when masked)
+               `packed` codes of 2..7-bit leaves, bit-packed (`bits` bits per value)
+               `fp32`   leaves no quantizer touched (kept elements only when masked)
+               `scales` float32 scales, per output channel or per tensor
+               `masks`  np.packbits of every masked leaf's mask, one bit per element
+
+Concatenating into a few buffers keeps Orbax's per-array metadata (a few hundred bytes an
+array) from eating the savings of a small model. `disk_bytes` measures what landed on
+disk. `load` rebuilds the float view (exactly the fake-quantized, masked weights the model
+was trained with); `load_codes` gives the int8 codes and scales for integer inference.
+The dense fp32 reference is the same writer with no compression (`export(params)`), so the
+two sizes are measured alike.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mmjax.compress import quant
+from mmjax.compress.core import Plan, flatten, unflatten
+
+BUFFERS = ("int8", "packed", "fp32", "scales", "masks")
+
+
+def _pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+  u = (codes.astype(np.int16) + quant.qmax(bits)).astype(np.uint8)  # 0 .. 2*qmax < 2**bits
+  planes = (u[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
+  return np.packbits(planes.reshape(-1))
+
+
+def _unpack_codes(buf: np.ndarray, n: int, bits: int) -> np.ndarray:
+  planes = np.unpackbits(buf, count=n * bits).reshape(n, bits)
+  u = (planes.astype(np.int16) << np.arange(bits, dtype=np.int16)).sum(axis=1)
+  return (u - quant.qmax(bits)).astype(np.int8)
+
+
+def export(params, out_dir: str, plan: Plan | None = None, cstate=None) -> dict:
+  """Write the compressed form of `params` under `plan`; returns the index.
+
+  Overwrites `out_dir` only once the new export is complete (written beside it, renamed)."""
+  plan = plan or Plan()
+  view = jax.device_get(flatten(plan.forward(params, cstate)))
+  info = jax.device_get(plan.describe(params, cstate)) if not plan.is_identity else {}
+  bufs = {k: [] for k in BUFFERS}
+  sizes = {k: 0 for k in BUFFERS}
+  index = {}
+
+  def put(kind, arr):
+    start = sizes[kind]
+    bufs[kind].append(arr)
+    sizes[kind] += arr.size
+    return [start, arr.size]
+
+  for path in sorted(view):
+    w = np.asarray(view[path], np.float32)
+    d = info.get(path, {})
+    entry = {"shape": list(w.shape), "dtype": str(view[path].dtype)}
+    mask = d.get("mask")
+    keep = np.asarray(mask, bool).reshape(-1) if mask is not None else None
+    if keep is not None:
+      entry["mask"] = put("masks", np.packbits(keep))
+    if "bits" in d:
+      bits, gran = int(d["bits"]), d.get("granularity", "channel")
+      codes, scale = jax.device_get(quant.quantize(w, bits, gran, d.get("clip_ratio", 1.0)))
+      codes = np.asarray(codes).reshape(-1)
+      codes = codes[keep] if keep is not None else codes
+      entry.update(bits=bits, granularity=gran,
+                   scales=put("scales", np.asarray(scale, np.float32).reshape(-1)))
+      if bits == 8:
+        entry["int8"] = put("int8", codes)
+      else:
+        entry["packed"] = put("packed", _pack_codes(codes, bits))
+        entry["count"] = int(codes.size)
+    else:
+      vals = w.reshape(-1)
+      entry["fp32"] = put("fp32", vals[keep] if keep is not None else vals)
+    index[path] = entry
+
+  dtypes = dict(int8=np.int8, packed=np.uint8, fp32=np.float32, scales=np.float32,
+                masks=np.uint8)
+  arrays = {k: np.concatenate(v).astype(dtypes[k]) for k, v in bufs.items()
+            if sizes[k]}  # Orbax stores no empty arrays; the index never points at them
+  out_dir = os.path.abspath(out_dir)
+  tmp = out_dir + ".incomplete"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(tmp, "arrays"), arrays)
+  with open(os.path.join(tmp, "index.json"), "w") as f:
+    json.dump({"format": "mmjax-compressed-v1", "plan": plan.transform.name,
+               "leaves": index}, f)
+  shutil.rmtree(out_dir, ignore_errors=True)
+  os.rename(tmp, out_dir)
+  return index
+
+
+def disk_bytes(path: str) -> int:
+  """Bytes of every file under `path`, as stored."""
+  total = 0
+  for root, _, files in os.walk(path):
+    total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+  return total
+
+
+def _read(export_dir):
+  path = os.path.join(export_dir, "index.json")
+  if not os.path.exists(path):
+    raise ValueError(f"{export_dir} is not an mmjax export (no index.json); write one with "
+                     "mmjax.compress.export.export or a run with config.compress.export.")
+  with open(path) as f:
+    index = json.load(f)
+  with ocp.StandardCheckpointer() as ckptr:
+    arrays = ckptr.restore(os.path.join(os.path.abspath(export_dir), "arrays"))
+  return index["leaves"], {k: np.asarray(v) for k, v in arrays.items()}
+
+
+def _take(arrays, kind, span):
+  start, n = span
+  return arrays[kind][start:start + n]
+
+
+def _leaf(entry, arrays):
+  """-> (codes or values, scale or None, mask or None), codes/values in full shape."""
+  shape = tuple(entry["shape"])
+  n = int(np.prod(shape))
+  keep = None
+  if "mask" in entry:
+    keep = np.unpackbits(_take(arrays, "masks", entry["mask"]), count=n).astype(bool)
+  if "int8" in entry:
+    vals = _take(arrays, "int8", entry["int8"])
+  elif "packed" in entry:
+    vals = _unpack_codes(_take(arrays, "packed", entry["packed"]), entry["count"],
+                         entry["bits"])
+  else:
+    vals = _take(arrays, "fp32", entry["fp32"])
+  if keep is not None:
+    full = np.zeros(n, vals.dtype)
+    full[keep] = vals
+    vals = full
+  scale = _take(arrays, "scales", entry["scales"]) if "scales" in entry else None
+  return vals.reshape(shape), scale, (keep.reshape(shape) if keep is not None else None)
+
+
+def load_codes(export_dir: str) -> dict:
+  """{path: {"codes" | "values": array, "scale": array or None, "mask": ...}}."""
+  index, arrays = _read(export_dir)
+  out = {}
+  for path, entry in index.items():
+    vals, scale, mask = _leaf(entry, arrays)
+    key = "codes" if "bits" in entry else "values"
+    out[path] = {key: vals, "scale": scale, "mask": mask, "bits": entry.get("bits", 32)}
+  return out
+
+
+def load(export_dir: str):
+  """The float parameter tree the compressed model computes with (dequantized)."""
+  index, arrays = _read(export_dir)
+  flat = {}
+  for path, entry in index.items():
+    vals, scale, _ = _leaf(entry, arrays)
+    w = vals.astype(np.float32) * scale if scale is not None else vals.astype(np.float32)
+    flat[path] = w.astype(entry["dtype"])
+  return unflatten(flat)

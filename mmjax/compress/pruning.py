@@ -1,0 +1,154 @@
+"""Pruning transforms: unstructured (magnitude or random; per layer or global) and N:M.
+
+State: `{"masks": {path: bool array}, "key": rng}`. The forward pass computes with
+`where(mask, w, 0)` (so pruned weights get zero gradient), and `update` re-applies the
+masks to the master weights after every optimizer step, so pruned weights stay exactly zero
+whatever the optimizer's moments say. Masks are recomputed from the current weights at the
+schedule's update steps only (`lax.cond`: other steps pay just the elementwise mask).
+
+Sparsity schedules (Zhu & Gupta 2017): one-shot at `begin`, or polynomial from `initial`
+to the target between `begin` and `end`, recomputed every `every` steps:
+    s(t) = target + (initial - target) * (1 - (t - begin) / (end - begin)) ** power
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from mmjax.compress.core import Transform
+from mmjax.compress.select import n_m_mask, top_k_masks
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  kind: str = "one_shot"  # or "polynomial"
+  begin: int = 0
+  end: int = 0
+  every: int = 100
+  power: float = 3.0
+  initial: float = 0.0
+
+  def validate(self, where="schedule"):
+    if self.kind not in ("one_shot", "polynomial"):
+      raise ValueError(f"{where}.kind={self.kind!r} is unknown; valid: one_shot, polynomial.")
+    if self.begin < 0:
+      raise ValueError(f"{where}.begin={self.begin} must be >= 0.")
+    if self.kind == "polynomial":
+      if self.end <= self.begin:
+        raise ValueError(f"{where}.end={self.end} must be > begin={self.begin}.")
+      if self.every < 1:
+        raise ValueError(f"{where}.every={self.every} must be >= 1.")
+      if not 0.0 <= self.initial < 1.0:
+        raise ValueError(f"{where}.initial={self.initial} must be in [0, 1).")
+    return self
+
+  def sparsity(self, step, target):
+    step = jnp.asarray(step, jnp.float32)
+    if self.kind == "one_shot":
+      return jnp.where(step >= self.begin, target, 0.0)
+    frac = jnp.clip((step - self.begin) / (self.end - self.begin), 0.0, 1.0)
+    s = target + (self.initial - target) * (1.0 - frac) ** self.power
+    return jnp.where(step >= self.begin, s, 0.0)
+
+  def is_update_step(self, step):
+    if self.kind == "one_shot":
+      return step == self.begin
+    on_grid = (step - self.begin) % self.every == 0
+    return (step >= self.begin) & (step <= self.end) & (on_grid | (step == self.end))
+
+
+def check_sparsity(sparsity, where="sparsity"):
+  if not 0.0 <= float(sparsity) < 1.0:
+    raise ValueError(f"{where}={sparsity} is outside [0, 1): it is the fraction of weights "
+                     "removed (0.9 keeps 10%).")
+  return float(sparsity)
+
+
+def _keep(n, sparsity):
+  return n - jnp.round(sparsity * n).astype(jnp.int32)
+
+
+def _apply(flat, masks):
+  return {p: jnp.where(masks[p], w, jnp.zeros((), w.dtype)) if p in masks else w
+          for p, w in flat.items()}
+
+
+def unstructured(sparsity: float, *, score: str = "magnitude", scope: str = "layer",
+                 schedule: Schedule = Schedule()) -> Transform:
+  """Magnitude (|w|) or random pruning to `sparsity`, each layer to its own target
+  (`scope="layer"`) or one threshold over all the leaves this transform owns ("global")."""
+  target = check_sparsity(sparsity)
+  if score not in ("magnitude", "random"):
+    raise ValueError(f"pruning score={score!r} is unknown; valid: magnitude, random.")
+  if scope not in ("layer", "global"):
+    raise ValueError(f"pruning scope={scope!r} is unknown; valid: layer, global.")
+  schedule.validate()
+
+  def scores(flat, key):
+    if score == "magnitude":
+      return {p: jnp.abs(w) for p, w in flat.items()}
+    # random scores drawn from a fixed key: masks stay nested as sparsity grows
+    return {p: jax.random.uniform(jax.random.fold_in(key, i), w.shape)
+            for i, (p, w) in enumerate(sorted(flat.items()))}
+
+  def masks_at(flat, key, s):
+    sc = scores(flat, key)
+    paths = sorted(sc)
+    if scope == "global":
+      n = sum(sc[p].size for p in paths)
+      return dict(zip(paths, top_k_masks([sc[p] for p in paths], _keep(n, s))))
+    return {p: top_k_masks([sc[p]], _keep(sc[p].size, s))[0] for p in paths}
+
+  def init(flat, rng):
+    return {"masks": masks_at(flat, rng, schedule.sparsity(0, target)), "key": rng}
+
+  def forward(flat, state):
+    return _apply(flat, state["masks"])
+
+  def update(flat, state, step):
+    masks = jax.lax.cond(schedule.is_update_step(step),
+                         lambda: masks_at(flat, state["key"], schedule.sparsity(step, target)),
+                         lambda: state["masks"])
+    return _apply(flat, masks), {"masks": masks, "key": state["key"]}
+
+  def describe(flat, state):
+    return {p: {"mask": m} for p, m in state["masks"].items()}
+
+  return Transform(init, forward, update, describe,
+                   name=f"{score}_{scope}_{target:g}")
+
+
+def n_of_m(n: int = 2, m: int = 4, *, begin: int = 0, shapes: dict | None = None) -> Transform:
+  """N:M semi-structured pruning along the input dimension, applied from step `begin`."""
+  if not (isinstance(n, int) and isinstance(m, int) and 1 <= n < m):
+    raise ValueError(f"N:M pruning needs integers 1 <= N < M, got N={n}, M={m}.")
+  for path, shape in (shapes or {}).items():
+    rows = 1
+    for d in shape[:-1]:
+      rows *= d
+    if len(shape) < 2 or rows % m:
+      raise ValueError(f"N:M pruning with M={m}: {path} has shape {tuple(shape)}, whose "
+                       f"input dimension ({rows}) is not divisible by M (or it is not a "
+                       "kernel); narrow the rule's regex or choose another M.")
+
+  def masks_at(flat):
+    return {p: n_m_mask(w, n, m) for p, w in flat.items()}
+
+  def init(flat, rng):
+    full = {p: jnp.ones(w.shape, bool) for p, w in flat.items()}
+    return {"masks": masks_at(flat) if begin == 0 else full}
+
+  def forward(flat, state):
+    return _apply(flat, state["masks"])
+
+  def update(flat, state, step):
+    masks = jax.lax.cond(jnp.asarray(step) == begin, lambda: masks_at(flat),
+                         lambda: state["masks"])
+    return _apply(flat, masks), {"masks": masks}
+
+  def describe(flat, state):
+    return {p: {"mask": mk, "n_m": (n, m)} for p, mk in state["masks"].items()}
+
+  return Transform(init, forward, update, describe, name=f"{n}:{m}")

@@ -1,0 +1,105 @@
+"""What compression did, leaf by leaf: realized sparsity, bits, dense and compressed bytes.
+
+Counted from the parameters the model computes with (the compressed view), never from the
+targets. Compressed bytes follow the export format (`mmjax.compress.export`): kept values
+at their bit width (fp32 when not quantized), one bit per element for a mask (a packed
+bitmap; for 2:4 that equals 2-bit indices of the kept pair), a float32 scale per quantized
+channel. Leaves no transform touched stay fp32. The bytes on disk of an exported
+checkpoint are measured separately (`export.disk_bytes`) and reported next to these.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+
+from mmjax.compress.core import Plan, flatten
+
+
+def leaf_report(path, view, info) -> dict:
+  view = np.asarray(view)
+  n = int(view.size)
+  nonzero = int(np.count_nonzero(view))
+  bits = int(info.get("bits", 32))
+  mask = info.get("mask")
+  kept = int(np.asarray(mask).sum()) if mask is not None else n
+  compressed = kept * bits / 8 + (math.ceil(n / 8) if mask is not None else 0)
+  if "bits" in info:
+    channels = view.shape[-1] if info.get("granularity") == "channel" and view.ndim >= 2 else 1
+    compressed += 4 * channels
+  return dict(path=path, shape=list(view.shape), size=n, sparsity=1.0 - nonzero / max(n, 1),
+              bits=bits, masked=mask is not None, n_m=list(info["n_m"]) if "n_m" in info else None,
+              dense_bytes=4 * n, compressed_bytes=int(math.ceil(compressed)))
+
+
+def _total(rows):
+  size = sum(r["size"] for r in rows)
+  dense = sum(r["dense_bytes"] for r in rows)
+  comp = sum(r["compressed_bytes"] for r in rows)
+  zeros = sum(r["sparsity"] * r["size"] for r in rows)
+  return dict(size=size, sparsity=zeros / max(size, 1), dense_bytes=dense,
+              compressed_bytes=comp, ratio=dense / max(comp, 1))
+
+
+def _host(tree):
+  if jax.process_count() > 1:  # arrays span processes: gather them (every process calls)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
+def build(params, plan: Plan, cstate, **extra) -> dict:
+  """The report of a compressed model: rows per leaf, totals, per-modality subtotals."""
+  view = _host(flatten(jax.jit(plan.forward)(params, cstate)))
+  info = _host(plan.describe(params, cstate))
+  rows = [leaf_report(p, view[p], info.get(p, {})) for p in sorted(view)]
+  groups = sorted({r["path"].split("/")[0] for r in rows})
+  touched = [r for r in rows if r["masked"] or r["bits"] < 32]
+  return dict(plan=plan.transform.name, leaves=rows, total=_total(rows),
+              compressed_leaves=_total(touched) if touched else None,
+              by_group={g: _total([r for r in rows if r["path"].split("/")[0] == g])
+                        for g in groups}, **extra)
+
+
+def _mb(b):
+  return f"{b / 2**20:8.3f}"
+
+
+def format_table(report: dict, max_rows: int = 40) -> str:
+  lines = [f"compression: {report['plan']}",
+           f"{'path':58s} {'shape':>14s} {'sparsity':>8s} {'bits':>4s} {'dense MB':>8s} "
+           f"{'comp MB':>8s}"]
+  rows = [r for r in report["leaves"] if r["masked"] or r["bits"] < 32]
+  for r in rows[:max_rows]:
+    lines.append(f"{r['path'][-58:]:58s} {str(tuple(r['shape'])):>14s} {r['sparsity']:8.4f} "
+                 f"{r['bits']:4d} {_mb(r['dense_bytes'])} {_mb(r['compressed_bytes'])}")
+  if len(rows) > max_rows:
+    lines.append(f"... {len(rows) - max_rows} more compressed leaves in compression_report.json")
+  lines.append("-" * 98)
+  for g, t in report["by_group"].items():
+    lines.append(f"{g:58s} {t['size']:14,d} {t['sparsity']:8.4f} {'':4s} {_mb(t['dense_bytes'])} "
+                 f"{_mb(t['compressed_bytes'])}  x{t['ratio']:.2f}")
+  t = report["total"]
+  lines.append(f"{'TOTAL':58s} {t['size']:14,d} {t['sparsity']:8.4f} {'':4s} "
+               f"{_mb(t['dense_bytes'])} {_mb(t['compressed_bytes'])}  x{t['ratio']:.2f} "
+               "(dense fp32 / compressed)")
+  if report.get("disk_bytes"):
+    lines.append(f"on disk: dense fp32 export {report['disk_bytes_dense']:,} bytes, "
+                 f"compressed export {report['disk_bytes']:,} bytes "
+                 f"(x{report['disk_ratio']:.2f}) in {report['export_dir']}")
+  if report.get("accuracy") is not None:
+    dense = report.get("dense_accuracy")
+    lines.append(f"accuracy {report['accuracy']:.4f}" +
+                 (f" (dense baseline {dense:.4f}, {report['accuracy'] / dense:.1%} of it)"
+                  if dense else ""))
+  return "\n".join(lines)
+
+
+def write(workdir: str, report: dict) -> str:
+  path = os.path.join(workdir, "compression_report.json")
+  with open(path, "w") as f:
+    json.dump(report, f, indent=1)
+  return path

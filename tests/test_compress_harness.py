@@ -1,0 +1,157 @@
+"""Compression through the harness: each method runs from its config file, starting from a
+dense run, writes its report, keeps its masks in the checkpoint; config errors come early."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import nm, prune, prune_qat, qat
+from mmjax import checkpointing, train
+from mmjax.compress import flatten
+from mmjax.compress.configure import PRUNE_PATTERN
+import re
+
+
+def _quiet(*_):
+  pass
+
+
+@pytest.fixture(scope="module")
+def dense_dir(procedural_dir, tmp_path_factory):
+  from experiments.configs import dense
+  c = dense.get_config("tiny")
+  c.data.data_dir = procedural_dir
+  c.mesh.data = 1
+  workdir = str(tmp_path_factory.mktemp("dense"))
+  train.train_and_evaluate(c, workdir, log=_quiet)
+  return workdir
+
+
+def _cfg(module, arg, data_dir, init):
+  c = module.get_config(arg)
+  c.data.data_dir = data_dir
+  c.mesh.data = 1
+  c.init = init
+  return c
+
+
+def _final_params(workdir):
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  state = ckpt.restore_local(ckpt.latest_step())
+  ckpt.close()
+  return state
+
+
+def test_gradual_pruning_run_reaches_its_sparsity_and_reports_it(procedural_dir, dense_dir,
+                                                                  tmp_path):
+  workdir = str(tmp_path / "prune")
+  logs = []
+  train.train_and_evaluate(_cfg(prune, "tiny,sparsity=0.75", procedural_dir, dense_dir),
+                           workdir, log=logs.append)
+  assert any("[init] params from" in l for l in logs)
+  report = json.load(open(os.path.join(workdir, "compression_report.json")))
+  pruned = [r for r in report["leaves"] if re.fullmatch(PRUNE_PATTERN, r["path"])]
+  assert pruned and all(r["masked"] for r in pruned)
+  for r in pruned:  # realized, per layer, +-1 element (gradual schedule ended at step 22)
+    assert abs(r["sparsity"] * r["size"] - 0.75 * r["size"]) <= 1, r
+  assert report["dense_accuracy"] is not None and report["accuracy"] is not None
+  assert any("TOTAL" in l for l in logs)
+  # the master weights in the checkpoint are exactly zero where the saved masks say so
+  state = _final_params(workdir)
+  params = flatten(state["params"])
+  masks = state["cstate"][0]["masks"]  # rules -> one rule -> the pruning state
+  for path, mask in masks.items():
+    assert (np.asarray(params[path])[~np.asarray(mask)] == 0).all()
+
+
+def test_two_four_and_int8_runs(procedural_dir, dense_dir, tmp_path):
+  for module, arg, name in ((nm, "tiny", "nm"), (prune_qat, "tiny,sparsity=0.5", "pq")):
+    workdir = str(tmp_path / name)
+    train.train_and_evaluate(_cfg(module, arg, procedural_dir, dense_dir), workdir,
+                             log=_quiet)
+    report = json.load(open(os.path.join(workdir, "compression_report.json")))
+    rows = {r["path"]: r for r in report["leaves"]}
+    k = rows["image/block_00/mlp/fc1/kernel"]
+    if name == "nm":
+      assert k["n_m"] == [2, 4] and abs(k["sparsity"] - 0.5) < 1e-9
+    else:
+      assert k["bits"] == 8 and k["sparsity"] >= 0.5 - 1 / k["size"]
+      assert rows["head/kernel"]["bits"] == 8 and not rows["head/kernel"]["masked"]
+      assert rows["image/block_00/ln_mlp/scale"]["bits"] == 8  # int8 everywhere
+      assert report["total"]["ratio"] > 3.0
+
+
+def test_qat_tensor_granularity_reports_one_scale(procedural_dir, dense_dir, tmp_path):
+  workdir = str(tmp_path / "q")
+  c = _cfg(qat, "tiny,bits=4,tensor", procedural_dir, dense_dir)
+  c.train.steps = 5
+  train.train_and_evaluate(c, workdir, log=_quiet)
+  report = json.load(open(os.path.join(workdir, "compression_report.json")))
+  r = {x["path"]: x for x in report["leaves"]}["text/token_embed/embedding"]
+  assert r["bits"] == 4 and r["compressed_bytes"] == int(np.ceil(r["size"] / 2)) + 4
+
+
+@pytest.mark.parametrize("module, arg, override, needle", [
+    (prune, "tiny,sparsity=1.0", None, r"sparsity=1.0 is outside \[0, 1\)"),
+    (prune, "tiny", ("rules", (("vision/.*", 0.5),)), "matches no parameter"),
+    (nm, "tiny,n=4,m=4", None, "1 <= N < M"),
+    (nm, "tiny,n=1,m=5", None, "not divisible by M"),
+    (qat, "tiny,bits=9", None, r"bits=9 must be an integer in 2..8"),
+    (prune, "tiny", ("method", "movement"), "method='movement' is unknown"),
+    (prune, "tiny,sparsity=abc", None, "not a valid float"),
+])
+def test_bad_compression_configs_fail_before_anything_is_written(
+    procedural_dir, dense_dir, tmp_path, module, arg, override, needle):
+  workdir = tmp_path / "w"
+  with pytest.raises(ValueError, match=needle):
+    c = _cfg(module, arg, procedural_dir, dense_dir)
+    if override:
+      c.compress.prune[override[0]] = override[1]
+    train.train_and_evaluate(c, str(workdir), log=_quiet)
+  assert not workdir.exists()
+
+
+def test_export_round_trip_and_sizes(tmp_path):
+  """The export stores real codes: it loads back to the compressed view, and its bytes on
+  disk shrink as the format says (int8 about 4x, 2:4 + int8 and 90% + int8 more)."""
+  from mmjax.compress import Plan, chain, export, pruning, quant, rules
+  r = np.random.default_rng(0)
+  params = {"l0": {"kernel": r.normal(size=(256, 512)).astype(np.float32),
+                   "bias": r.normal(size=(512,)).astype(np.float32)},
+            "l1": {"kernel": r.normal(size=(512, 256)).astype(np.float32)}}
+  paths = list(flatten(params))
+  q8 = rules([(r".*kernel", quant.weights(8))], paths)
+  q4 = rules([(r".*kernel", quant.weights(4, "tensor"))], paths)
+  nm24 = rules([(r".*kernel", pruning.n_of_m(2, 4))], paths)
+  p90 = rules([(r".*kernel", pruning.unstructured(0.9))], paths)
+  dense_bytes = None
+  sizes = {}
+  for name, t in (("dense", None), ("int8", q8), ("int4", q4), ("2:4+int8", chain(nm24, q8)),
+                  ("90%+int8", chain(p90, q8)), ("90%", p90)):
+    plan = Plan(t) if t else None
+    cstate = plan.init(params, jax.random.PRNGKey(0)) if plan else None
+    out = str(tmp_path / name.replace("%", "").replace(":", "_").replace("+", "_"))
+    export.export(params, out, plan, cstate)
+    sizes[name] = export.disk_bytes(out)
+    loaded = flatten(export.load(out))
+    view = flatten(plan.forward(params, cstate)) if plan else flatten(params)
+    for k in view:
+      np.testing.assert_allclose(loaded[k], np.asarray(view[k]), rtol=1e-6, atol=1e-7)
+    if name in ("int8", "2:4+int8"):
+      codes = export.load_codes(out)["l0/kernel"]
+      assert codes["codes"].dtype == np.int8 and codes["scale"].shape == (512,)
+  dense_bytes = sizes["dense"]
+  ratios = {k: dense_bytes / v for k, v in sizes.items()}
+  # Gaussian weights under Orbax's zstd: fp32 shrinks ~7%, int8 codes ~6%, so measured
+  # ratios sit a little under the raw-byte ones (int8 3.87, 2:4+int8 5.93 here); the
+  # targets for trained models are measured by bench/compress_overhead.py.
+  assert ratios["int8"] > 3.8 and ratios["int4"] > 7.0
+  assert ratios["2:4+int8"] > 5.8 and ratios["90%+int8"] > 15.0 and ratios["90%"] > 6.0
+
+
+def test_export_refuses_a_directory_that_is_not_an_export(tmp_path):
+  from mmjax.compress import export
+  with pytest.raises(ValueError, match="not an mmjax export"):
+    export.load(str(tmp_path))

@@ -1,0 +1,174 @@
+"""Pruning transforms: exact realized sparsity, valid N:M groups, schedules, masks that
+survive optimizer steps, global vs per-layer thresholds, random baseline, bad input."""
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mmjax.compress import Plan, chain, rules
+from mmjax.compress import pruning
+from mmjax.compress.select import n_m_mask, top_k_masks
+
+
+def _tree(seed=0):
+  r = np.random.default_rng(seed)
+  return {"a": {"kernel": jnp.asarray(r.normal(size=(16, 24)), jnp.float32),
+                "bias": jnp.asarray(r.normal(size=(24,)), jnp.float32)},
+          "b": {"kernel": jnp.asarray(3.0 * r.normal(size=(24, 8)), jnp.float32)}}
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(n=st.integers(1, 300), k=st.integers(0, 300), ties=st.booleans(),
+                  seed=st.integers(0, 10_000))
+def test_top_k_keeps_exactly_the_k_largest(n, k, ties, seed):
+  k = min(k, n)
+  r = np.random.default_rng(seed)
+  x = r.integers(0, 4, n).astype(np.float32) if ties else r.normal(size=n).astype(np.float32)
+  mask = np.asarray(top_k_masks([jnp.asarray(x)], k)[0])
+  assert mask.sum() == k
+  if 0 < k < n:  # every kept |x| >= every dropped |x| (numpy sort as the reference)
+    assert np.abs(x)[mask].min() >= np.abs(x)[~mask].max()
+    assert np.abs(x)[mask].min() == np.sort(np.abs(x))[::-1][k - 1]
+
+
+def test_top_k_ranks_several_arrays_together():
+  xs = [jnp.asarray(np.arange(10, dtype=np.float32)), jnp.asarray(np.arange(10, 20.0))]
+  m = top_k_masks(xs, 5)
+  assert int(m[0].sum()) == 0 and np.asarray(m[1]).tolist() == [False] * 5 + [True] * 5
+
+
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(nm=st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 8), (2, 8)]),
+                  groups=st.integers(1, 6), out=st.integers(1, 9), seed=st.integers(0, 999))
+def test_n_m_every_group_valid(nm, groups, out, seed):
+  n, m = nm
+  w = np.random.default_rng(seed).normal(size=(groups * m, out)).astype(np.float32)
+  mask = np.asarray(n_m_mask(jnp.asarray(w), n, m))
+  g = mask.reshape(groups, m, out)
+  assert (g.sum(axis=1) == n).all()
+  # the kept entries of each group are its n largest magnitudes
+  a = np.abs(w).reshape(groups, m, out)
+  kept_min = np.where(g, a, np.inf).min(axis=1)
+  dropped_max = np.where(~g, a, -np.inf).max(axis=1)
+  assert (kept_min >= dropped_max).all()
+
+
+def _plan(t, pattern=r".*kernel"):
+  params = _tree()
+  return Plan(rules([(pattern, t)], list(_flat_paths(params)))), params
+
+
+def _flat_paths(params):
+  from mmjax.compress import flatten
+  return flatten(params).keys()
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("score", ["magnitude", "random"])
+def test_realized_sparsity_equals_target(scope, score):
+  plan, params = _plan(pruning.unstructured(0.7, score=score, scope=scope))
+  state = plan.init(params, jax.random.PRNGKey(0))
+  view = plan.forward(params, state)
+  sizes = {k: params[k]["kernel"].size for k in ("a", "b")}
+  zeros = {k: int((np.asarray(view[k]["kernel"]) == 0).sum()) for k in ("a", "b")}
+  if scope == "layer":  # each layer to its own target, +-1 element
+    for k in sizes:
+      assert abs(zeros[k] - 0.7 * sizes[k]) <= 1
+  else:  # one threshold: the large-magnitude layer b keeps more (magnitude only)
+    assert abs(sum(zeros.values()) - 0.7 * sum(sizes.values())) <= 1
+    if score == "magnitude":
+      assert zeros["b"] / sizes["b"] < zeros["a"] / sizes["a"]
+  np.testing.assert_array_equal(view["a"]["bias"], params["a"]["bias"])  # not matched
+
+
+def test_magnitude_keeps_the_largest_weights_per_layer():
+  plan, params = _plan(pruning.unstructured(0.5))
+  view = plan.forward(params, plan.init(params, jax.random.PRNGKey(0)))
+  w, v = np.asarray(params["a"]["kernel"]), np.asarray(view["a"]["kernel"])
+  kept = v != 0
+  assert np.abs(w[kept]).min() >= np.abs(w[~kept]).max()
+
+
+def test_pruned_weights_stay_zero_under_adam():
+  plan, params = _plan(pruning.unstructured(0.8))
+  state = plan.init(params, jax.random.PRNGKey(0))
+  tx = optax.adam(1e-2)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, opt, state, i):
+    def loss(p):
+      v = plan.forward(p, state)
+      return sum(jnp.sum(jnp.sin(x) ** 2) for x in jax.tree.leaves(v))
+    g = jax.grad(loss)(params)
+    u, opt = tx.update(g, opt, params)
+    params = optax.apply_updates(params, u)
+    params, state = plan.update(params, state, i)
+    return params, opt, state
+
+  mask0 = np.asarray(state[0]["masks"]["a/kernel"])
+  for i in range(1, 21):
+    params, opt, state = step(params, opt, state, i)
+  w = np.asarray(params["a"]["kernel"])
+  assert (w[~mask0] == 0).all() and (w[mask0] != 0).all()
+
+
+def test_polynomial_schedule_monotone_and_reaches_target():
+  s = pruning.Schedule("polynomial", begin=10, end=110, every=10).validate()
+  vals = [float(s.sparsity(t, 0.9)) for t in range(0, 131)]
+  assert vals[0] == 0.0 and all(b >= a for a, b in zip(vals, vals[1:]))
+  assert vals[110] == pytest.approx(0.9) and vals[130] == pytest.approx(0.9)
+  updates = [t for t in range(0, 131) if bool(s.is_update_step(t))]
+  assert updates == list(range(10, 111, 10))
+
+
+def test_gradual_pruning_in_a_training_loop_reaches_target_at_end_step():
+  sched = pruning.Schedule("polynomial", begin=0, end=40, every=10)
+  plan, params = _plan(pruning.unstructured(0.9, schedule=sched))
+  state = plan.init(params, jax.random.PRNGKey(0))
+  seen = []
+  update = jax.jit(plan.update)
+  for t in range(1, 51):
+    params = jax.tree.map(lambda x: x + 0.01, params)  # a stand-in optimizer step
+    params, state = update(params, state, t)
+    seen.append(1 - float(np.asarray(state[0]["masks"]["a/kernel"]).mean()))
+  assert all(b >= a - 1e-9 for a, b in zip(seen, seen[1:]))
+  assert abs(seen[39] - 0.9) < 1 / 384 + 1e-9 and seen[-1] == seen[39]
+  assert seen[8] < 0.9 * 0.8  # still ramping before the end
+
+
+def test_random_pruning_differs_from_magnitude():
+  pm, params = _plan(pruning.unstructured(0.5))
+  pr, _ = _plan(pruning.unstructured(0.5, score="random"))
+  mm = np.asarray(pm.init(params, jax.random.PRNGKey(0))[0]["masks"]["a/kernel"])
+  mr = np.asarray(pr.init(params, jax.random.PRNGKey(0))[0]["masks"]["a/kernel"])
+  assert mm.sum() == mr.sum() and (mm != mr).mean() > 0.2
+
+
+def test_n_m_transform_and_chain_with_another():
+  plan, params = _plan(pruning.n_of_m(2, 4, shapes={"a/kernel": (16, 24), "b/kernel": (24, 8)}))
+  v = plan.forward(params, plan.init(params, jax.random.PRNGKey(0)))
+  g = (np.asarray(v["a"]["kernel"]) != 0).reshape(4, 4, 24).sum(axis=1)
+  assert (g == 2).all()
+  both = Plan(chain(plan.transform, rules([(r"b/kernel", pruning.unstructured(0.9))],
+                                          list(_flat_paths(params)))))
+  v2 = both.forward(params, both.init(params, jax.random.PRNGKey(0)))
+  assert (np.asarray(v2["b"]["kernel"]) == 0).mean() >= 0.875
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: pruning.unstructured(1.0), r"sparsity=1.0 is outside \[0, 1\)"),
+    (lambda: pruning.unstructured(-0.1), r"outside \[0, 1\)"),
+    (lambda: pruning.n_of_m(4, 4), "1 <= N < M"),
+    (lambda: pruning.n_of_m(2, 4, shapes={"x/kernel": (6, 8)}), "not divisible by M"),
+    (lambda: pruning.unstructured(0.5, scope="tower"), "scope='tower' is unknown"),
+    (lambda: pruning.Schedule("polynomial", begin=5, end=5).validate(), "must be > begin"),
+    (lambda: rules([(r"c/.*", pruning.unstructured(0.5))], ["a/kernel", "b/kernel"]),
+     "(?s)matches no parameter.*a/kernel"),
+])
+def test_bad_input(bad, match):
+  with pytest.raises(ValueError, match=match):
+    bad()

@@ -1,0 +1,64 @@
+"""Weight fake-quantization: levels, idempotence, the straight-through gradient, against a
+float64 NumPy reference."""
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.compress import quant
+
+
+def _reference(w, bits, per_channel, clip_ratio=1.0):
+  w = np.asarray(w, np.float64)
+  axes = tuple(range(w.ndim - 1)) if per_channel else None
+  c = np.abs(w).max(axis=axes, keepdims=per_channel) * clip_ratio
+  s = np.maximum(c, 1e-30) / (2 ** (bits - 1) - 1)
+  return np.round(np.clip(w, -c, c) / s) * s
+
+
+@hypothesis.settings(max_examples=30, deadline=None)
+@hypothesis.given(bits=st.integers(2, 8), per_channel=st.booleans(),
+                  shape=st.sampled_from([(5, 7), (3, 3, 2, 4), (64, 16)]),
+                  seed=st.integers(0, 9999))
+def test_levels_idempotence_and_reference(bits, per_channel, shape, seed):
+  g = "channel" if per_channel else "tensor"
+  w = jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+  q = np.asarray(quant.fake_quant(w, bits, g))
+  np.testing.assert_allclose(q, _reference(w, bits, per_channel), rtol=1e-5, atol=1e-6)
+  cols = q.reshape(-1, shape[-1]) if per_channel else q.reshape(-1, 1)
+  for j in range(cols.shape[1]):
+    assert len(np.unique(cols[:, j])) <= 2 ** bits - 1
+  codes1, s1 = quant.quantize(w, bits, g)
+  codes2, _ = quant.quantize(jnp.asarray(q), bits, g)
+  np.testing.assert_array_equal(codes1, codes2)  # quantizing the view again: same codes
+  np.testing.assert_allclose(np.asarray(codes1, np.float32) * np.asarray(s1), q, rtol=1e-6,
+                             atol=1e-7)
+  assert np.abs(np.asarray(codes1)).max() <= 2 ** (bits - 1) - 1
+
+
+def test_ste_gradient_identity_inside_clip_zero_outside():
+  w = jnp.asarray(np.linspace(-2.0, 2.0, 41, dtype=np.float32).reshape(41, 1))
+  g = jax.grad(lambda x: jnp.sum(quant.fake_quant(x, 4, "tensor", clip_ratio=0.5) * 3.0))(w)
+  inside = np.abs(np.asarray(w)) <= 1.0
+  np.testing.assert_array_equal(np.asarray(g)[inside], 3.0)
+  np.testing.assert_array_equal(np.asarray(g)[~inside], 0.0)
+
+
+def test_int8_error_is_bounded_by_half_a_step():
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(128, 32)), jnp.float32)
+  q = quant.fake_quant(w, 8, "channel")
+  step = np.abs(np.asarray(w)).max(axis=0) / 127
+  assert (np.abs(np.asarray(q - w)) <= step / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(bits=1), r"bits=1 must be an integer in 2..8"),
+    (dict(bits=9), r"2..8"),
+    (dict(granularity="row"), "granularity='row' is unknown"),
+    (dict(clip_ratio=0.0), r"clip_ratio=0.0 must be in \(0, 1\]"),
+])
+def test_bad_input(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    quant.weights(**kwargs)
