@@ -103,14 +103,16 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return out["state"], dict(out["data"] or {})
 
-  def restore_params(self, step, abstract_params):
-    """Only the params subtree (for `config.init` or a teacher); shapes checked first."""
+  def check_params_fit(self, step, abstract_params, what="params in"):
     meta = self._state_metadata(step)
     saved = meta["params"] if isinstance(meta, dict) else getattr(meta, "params")
-    why = describe_mismatch(saved, abstract_params, f"params in {self.directory} "
-                            f"(step {step})")
+    why = describe_mismatch(saved, abstract_params, f"{what} {self.directory} (step {step})")
     if why:
       raise CheckpointMismatchError(why)
+
+  def restore_params(self, step, abstract_params):
+    """Only the params subtree (for `config.init` or a teacher); shapes checked first."""
+    self.check_params_fit(step, abstract_params)
     params = self.restore_local(step)["params"]
     return jax.tree.map(lambda a, x: jax.device_put(np.asarray(a), x.sharding), params,
                         abstract_params)

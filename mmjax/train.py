@@ -22,6 +22,7 @@ import optax
 
 from mmjax import checkpointing, optim, sharding
 from mmjax.compress import Plan, build_plan, flatten
+from mmjax.compress import distill as distill_lib
 from mmjax.data import pipeline, sources
 from mmjax.metrics_writer import MetricsWriter, Progress
 from mmjax.models import ModelConfig, MultimodalModel
@@ -38,7 +39,8 @@ class TrainState:
   step: jax.Array  # int32 scalar: optimizer steps taken
   params: Any
   opt_state: Any
-  cstate: Any  # compression state (empty for dense runs)
+  cstate: Any  # compression state: {"transforms": the plan's state, and with distillation
+  # "distill": its feature projections and their Adam state}
   rng: jax.Array  # raw uint32[2] key; the train step folds in the step and hands the
   # result to the model as its "dropout" stream (unused by today's layers)
 
@@ -47,12 +49,26 @@ def cstate_key(seed: int):
   return jax.random.fold_in(jax.random.PRNGKey(seed), 2)
 
 
-def make_init_fn(model, tx, sample_batch, seed: int, plan: Plan = Plan()):
-  def init():
+def init_cstate(plan: Plan, params, seed: int, distill=None, distill_aux=None):
+  cstate = {"transforms": plan.init(params, cstate_key(seed))}
+  if distill is not None:
+    cstate["distill"] = distill_aux
+  return cstate
+
+
+def make_init_fn(model, tx, sample_batch, seed: int, plan: Plan = Plan(), distill=None):
+  """`init(teacher_params=None) -> TrainState` (the teacher sizes the feature projections)."""
+  def init(teacher_params=None):
     rng = jax.random.PRNGKey(seed)
     params = model.init(jax.random.fold_in(rng, 1), sample_batch)["params"]
+    aux = None
+    if distill is not None:
+      _, inter = model.apply({"params": params}, sample_batch)
+      s_feats = {f: distill_lib._get(inter, f) for f in distill.features}
+      t_feats = distill.teacher_outputs(teacher_params, sample_batch)[1]
+      aux = distill.init_aux(s_feats, t_feats, jax.random.fold_in(rng, 3))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      cstate=plan.init(params, cstate_key(seed)), rng=rng)
+                      cstate=init_cstate(plan, params, seed, distill, aux), rng=rng)
   return init
 
 
@@ -70,26 +86,46 @@ def loss_sums(logits, batch, cfg: ModelConfig):
   return (ce * weights).sum(), (correct * weights).sum(), weights.sum()
 
 
-def make_train_step(model, tx, schedule, cfg: ModelConfig, plan: Plan = Plan()):
-  """One step: the compressed view -> loss -> optimizer update of the master params ->
-  the compression update (schedules, masks re-applied), all in one jitted function."""
-  def train_step(state: TrainState, batch):
-    rng = jax.random.fold_in(state.rng, state.step)  # fresh per step, same on resume
+def make_train_step(model, tx, schedule, cfg: ModelConfig, plan: Plan = Plan(),
+                    distill=None):
+  """One step: the compressed view -> loss (+ distillation against the teacher's outputs,
+  computed in the same step) -> optimizer update of the master params -> the compression
+  update (schedules, masks re-applied), all in one jitted function.
 
-    def loss_fn(params):
-      view = plan.forward(params, state.cstate)
-      logits, _ = model.apply({"params": view}, batch, rngs={"dropout": rng})
+  `train_step(state, batch, teacher_params=None)`: the teacher is an argument, not state.
+  """
+  def train_step(state: TrainState, batch, teacher_params=None):
+    rng = jax.random.fold_in(state.rng, state.step)  # fresh per step, same on resume
+    teacher = (distill.teacher_outputs(teacher_params, batch) if distill is not None
+               else None)
+    aux = state.cstate.get("distill")
+    proj = aux["proj"] if aux is not None else None
+
+    def loss_fn(params, proj):
+      view = plan.forward(params, state.cstate["transforms"])
+      logits, inter = model.apply({"params": view}, batch, rngs={"dropout": rng})
       loss_sum, correct, count = loss_sums(logits, batch, cfg)
       count = jnp.maximum(count, 1.0)
-      return loss_sum / count, correct / count
+      ce = loss_sum / count
+      extra = {}
+      loss = ce
+      if distill is not None:
+        loss, extra = distill.loss(logits, inter, ce, teacher, {"proj": proj}, batch)
+        extra["ce"] = ce
+      return loss, (correct / count, extra)
 
-    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (acc, extra)), (grads, aux_grads) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(state.params, proj)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    params, cstate = plan.update(params, state.cstate, state.step + 1)
+    transforms = state.cstate["transforms"]
+    params, transforms = plan.update(params, transforms, state.step + 1)
+    cstate = {**state.cstate, "transforms": transforms}
+    if distill is not None:
+      cstate["distill"] = distill.update_aux(aux, aux_grads)
     metrics = dict(loss=loss, accuracy=acc, lr=schedule(state.step),
                    grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
-                   update_norm=optax.global_norm(updates))
+                   update_norm=optax.global_norm(updates), **extra)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          cstate=cstate), metrics
   return train_step
@@ -97,7 +133,7 @@ def make_train_step(model, tx, schedule, cfg: ModelConfig, plan: Plan = Plan()):
 
 def make_eval_step(model, cfg: ModelConfig, plan: Plan = Plan()):
   def eval_step(params, cstate, batch):
-    logits, _ = model.apply({"params": plan.forward(params, cstate)}, batch)
+    logits, _ = model.apply({"params": plan.forward(params, cstate["transforms"])}, batch)
     loss_sum, correct, count = loss_sums(logits, batch, cfg)
     return dict(count=count, loss_sum=loss_sum, correct=correct)
   return eval_step
@@ -159,6 +195,8 @@ class Setup:
   mesh: Any
   total_steps: int
   plan: Plan
+  distill: Any = None  # distill_lib.Distill, when config.compress.distill is set
+  teacher_dir: str | None = None
 
 
 def validate(config) -> Setup:
@@ -178,16 +216,70 @@ def validate(config) -> Setup:
                      "config.mesh.data to a divisor of it.")
   pipeline.host_batch_size(input_cfg.batch_size, jax.process_count())
   pipeline._prep_fn(input_cfg)  # modality / adapter checks
-  return Setup(model_cfg, input_cfg, mesh, int(t.steps), make_plan(config, model_cfg))
+  setup = Setup(model_cfg, input_cfg, mesh, int(t.steps), make_plan(config, model_cfg))
+  d = config.get("compress", {}).get("distill") if config.get("compress") else None
+  if d:
+    setup.distill, setup.teacher_dir = make_distill(config, d)
+  return setup
+
+
+DISTILL_KEYS = {"teacher", "teacher_model", "temperature", "alpha", "features",
+                "feature_weight"}
+
+
+def make_distill(config, d):
+  """config.compress.distill -> (Distill, teacher checkpoint dir), every check done here:
+  the teacher checkpoint exists and fits the teacher's model config."""
+  d = d.to_dict() if hasattr(d, "to_dict") else dict(d)
+  bad = sorted(set(d) - DISTILL_KEYS)
+  if bad:
+    raise ValueError(f"config.compress.distill has unknown field(s) {bad}; valid fields: "
+                     f"{sorted(DISTILL_KEYS)}.")
+  teacher = d.get("teacher") or ""
+  if teacher == "init":  # self-distillation: the checkpoint the student starts from
+    teacher = config.get("init") or ""
+  if not teacher:
+    raise ValueError("config.compress.distill.teacher is not set: give a trained run's "
+                     "workdir, or 'init' to distil from config.init (self-distillation).")
+  run_dir = teacher[:-len("/checkpoints")] if teacher.rstrip("/").endswith("checkpoints") \
+      else teacher
+  if d.get("teacher_model"):
+    model_dict = d["teacher_model"]
+  else:
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+      raise ValueError(f"config.compress.distill.teacher={teacher}: no config.json there to "
+                       "read the teacher's model from; point at a run's workdir or set "
+                       "config.compress.distill.teacher_model.")
+    with open(path) as f:
+      model_dict = json.load(f)["model"]
+  teacher_cfg = ModelConfig.from_dict(model_dict)
+  reader = checkpointing.Checkpointer(checkpointing.checkpoint_dir(teacher), read_only=True)
+  step = reader.latest_step()
+  if step is None:
+    raise ValueError(f"config.compress.distill.teacher={teacher} holds no checkpoint; point "
+                     "it at a trained run's workdir.")
+  teacher_model = MultimodalModel(teacher_cfg)
+  reader.check_params_fit(step, _abstract_params(teacher_cfg),
+                          what="the teacher (config.compress.distill.teacher): params in")
+  reader.close()
+  features = tuple(d.get("features") or ())
+  dist = distill_lib.Distill(teacher_model, float(d.get("temperature", 2.0)),
+                             float(d.get("alpha", 0.5)), features,
+                             float(d.get("feature_weight", 0.0))).validate()
+  return dist, teacher
+
+
+def _abstract_params(model_cfg: ModelConfig):
+  from mmjax.models import random_inputs
+  model = MultimodalModel(model_cfg)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                           random_inputs(model_cfg, 1))["params"])
 
 
 def param_shapes(model_cfg: ModelConfig) -> dict:
   """{path: shape} of the model's parameters, traced (nothing allocated)."""
-  from mmjax.models import random_inputs
-  model = MultimodalModel(model_cfg)
-  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                               random_inputs(model_cfg, 1))["params"])
-  return {p: tuple(a.shape) for p, a in flatten(abstract).items()}
+  return {p: tuple(a.shape) for p, a in flatten(_abstract_params(model_cfg)).items()}
 
 
 def make_plan(config, model_cfg: ModelConfig) -> Plan:
@@ -238,26 +330,27 @@ def _dense_accuracy(config):
   return None
 
 
-def _compression_report(config, workdir, plan, state, eval_metrics, log):
+def _compression_report(config, workdir, plan, state, eval_metrics, log, dense_params_fn):
   """compression_report.json, the printed table, and (config.compress.export, default on)
-  the real compressed export in <workdir>/export with its bytes on disk measured next to
-  a dense fp32 export of the same weights written the same way."""
+  the real compressed export in <workdir>/export, its bytes on disk measured next to a
+  dense fp32 export, written the same way, of the uncompressed weights this run started
+  from (config.init's, else the fresh initialisation): a dense model's bytes, which zstd
+  cannot shrink by finding the zeros that pruning made."""
   from mmjax.compress import export, report
   extra = {}
   if config.compress.get("export", True):
-    params, cstate = report._host(state.params), report._host(state.cstate)
+    params, cstate = report._host(state.params), report._host(state.cstate["transforms"])
     if jax.process_index() == 0:
       out = os.path.join(workdir, "export")
       export.export(params, out, plan, cstate)
       dense_dir = os.path.join(workdir, "export_dense_fp32.tmp")
-      view = jax.device_get(jax.jit(plan.forward)(params, cstate))  # local arrays
-      export.export(jax.tree.map(lambda x: np.asarray(x, np.float32), view), dense_dir)
+      export.export(dense_params_fn(), dense_dir)
       extra = dict(export_dir=out, disk_bytes=export.disk_bytes(out),
                    disk_bytes_dense=export.disk_bytes(dense_dir))
       extra["disk_ratio"] = extra["disk_bytes_dense"] / extra["disk_bytes"]
       import shutil
       shutil.rmtree(dense_dir)
-  rep = report.build(state.params, plan, state.cstate, accuracy=eval_metrics.get("accuracy"),
+  rep = report.build(state.params, plan, state.cstate["transforms"], accuracy=eval_metrics.get("accuracy"),
                      dense_accuracy=_dense_accuracy(config), **extra)
   if jax.process_index() == 0:
     path = report.write(workdir, rep)
@@ -289,9 +382,17 @@ def train_and_evaluate(config, workdir: str, log=print, plan: Plan | None = None
   # ---- state: abstract first (nothing allocated), then the resume rules
   from mmjax.models import random_inputs
   sample = random_inputs(setup.model_cfg, 1, seed=0)
-  init_fn = make_init_fn(model, tx, sample, int(config.seed), plan)
-  abstract = jax.eval_shape(init_fn)
+  distill = setup.distill
+  init_fn = make_init_fn(model, tx, sample, int(config.seed), plan, distill)
   fsdp = bool(config.mesh.get("fsdp", False))
+  teacher_abstract = teacher_shd = None
+  if distill is not None:
+    teacher_abstract = _abstract_params(distill.teacher_model.cfg)
+    teacher_shd = sharding.state_shardings(teacher_abstract, mesh, fsdp)
+    teacher_abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        teacher_abstract, teacher_shd)
+  abstract = jax.eval_shape(init_fn, teacher_abstract)
   state_shd = sharding.state_shardings(abstract, mesh, fsdp)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_shd)
@@ -329,17 +430,26 @@ def train_and_evaluate(config, workdir: str, log=print, plan: Plan | None = None
   ckpt = checkpointing.Checkpointer(ckpt_path, keep=int(config.train.keep_checkpoints),
                                     async_save=bool(config.train.get("async_checkpoints", True)))
   train_iter = pipeline.train_iterator(setup.input_cfg)
+  teacher_params = None
+  if distill is not None:  # frozen, outside the train state: never saved with the student
+    reader = checkpointing.Checkpointer(checkpointing.checkpoint_dir(setup.teacher_dir),
+                                        read_only=True)
+    teacher_params = reader.restore_params(reader.latest_step(), teacher_abstract)
+    reader.close()
+    log(f"[distill] teacher from {setup.teacher_dir} "
+        f"({sum(x.size for x in jax.tree.leaves(teacher_params)):,} parameters)")
   if resume_step is not None:
     state, data_state = ckpt.restore(resume_step, abstract)
     train_iter.set_state(data_state["iterator"])
     log(f"[init] resumed from {ckpt_path} at step {resume_step}")
   else:
-    state = jax.jit(init_fn, out_shardings=state_shd)()
+    state = jax.jit(init_fn, out_shardings=state_shd)(teacher_params)
     if init_dir:
       params = init_reader.restore_params(init_step, abstract.params)
       # the compression state starts from these weights (one-shot masks of a trained model)
-      cstate = jax.jit(plan.init, out_shardings=state_shd.cstate)(
+      transforms = jax.jit(plan.init, out_shardings=state_shd.cstate["transforms"])(
           params, cstate_key(int(config.seed)))
+      cstate = {**state.cstate, "transforms": transforms}
       state = state.replace(params=params, cstate=cstate, opt_state=jax.jit(
           tx.init, out_shardings=state_shd.opt_state)(params))
       init_reader.close()
@@ -350,14 +460,22 @@ def train_and_evaluate(config, workdir: str, log=print, plan: Plan | None = None
 
   # ---- compile
   t0 = time.perf_counter()
-  train_step = jax.jit(make_train_step(model, tx, schedule, setup.model_cfg, plan),
-                       in_shardings=(state_shd, batch_shd), out_shardings=(state_shd, None),
-                       donate_argnums=(0,))
+  step_fn = make_train_step(model, tx, schedule, setup.model_cfg, plan, distill)
+  if distill is None:
+    train_step = jax.jit(step_fn, in_shardings=(state_shd, batch_shd),
+                         out_shardings=(state_shd, None), donate_argnums=(0,))
+  else:
+    train_step = jax.jit(step_fn, in_shardings=(state_shd, batch_shd, teacher_shd),
+                         out_shardings=(state_shd, None), donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(model, setup.model_cfg, plan),
                       in_shardings=(state_shd.params, state_shd.cstate, batch_shd))
   first_local = next(train_iter)
   first = _to_global(first_local, keys, batch_shd)
-  train_step = train_step.lower(state, first).compile()
+  if distill is None:
+    train_step = train_step.lower(state, first).compile()
+  else:
+    compiled = train_step.lower(state, first, teacher_params).compile()
+    train_step = lambda state, batch: compiled(state, batch, teacher_params)
   compile_s = time.perf_counter() - t0
   log(f"[train] {n_params:,} parameters, {mesh.shape[sharding.AXIS]} device(s) "
       f"({jax.default_backend()}, {jax.process_count()} process(es)), global batch "
@@ -426,7 +544,15 @@ def train_and_evaluate(config, workdir: str, log=print, plan: Plan | None = None
   loop_s = time.perf_counter() - loop_start - eval_s  # training, input, logging, saving
 
   if not plan.is_identity:
-    _compression_report(config, workdir, plan, state, eval_metrics, log)
+    def dense_params():
+      if init_dir:
+        reader = checkpointing.Checkpointer(checkpointing.checkpoint_dir(init_dir),
+                                            read_only=True)
+        params = reader.restore_local(reader.latest_step())["params"]
+        reader.close()
+        return jax.device_get(params)
+      return jax.device_get(jax.jit(init_fn)(teacher_params).params)
+    _compression_report(config, workdir, plan, state, eval_metrics, log, dense_params)
   summary = dict(step=step, parameters=n_params, wall_s=time.perf_counter() - t_start,
                  compile_s=compile_s, loop_s=loop_s, eval_s=eval_s,
                  steps_run=step - (resume_step or 0), checkpoint_dir=ckpt_path,

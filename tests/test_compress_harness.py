@@ -61,7 +61,7 @@ def test_gradual_pruning_run_reaches_its_sparsity_and_reports_it(procedural_dir,
   # the master weights in the checkpoint are exactly zero where the saved masks say so
   state = _final_params(workdir)
   params = flatten(state["params"])
-  masks = state["cstate"][0]["masks"]  # rules -> one rule -> the pruning state
+  masks = state["cstate"]["transforms"][0]["masks"]  # one rule -> its pruning state
   for path, mask in masks.items():
     assert (np.asarray(params[path])[~np.asarray(mask)] == 0).all()
 
@@ -155,3 +155,84 @@ def test_export_refuses_a_directory_that_is_not_an_export(tmp_path):
   from mmjax.compress import export
   with pytest.raises(ValueError, match="not an mmjax export"):
     export.load(str(tmp_path))
+
+
+def test_distillation_student_and_self_distilled_combined_pipeline(procedural_dir, dense_dir,
+                                                                   tmp_path):
+  from experiments.configs import combined, distill
+  # a smaller student (d_model 16 vs the teacher's 32): the feature projection is learned
+  c = distill.get_config("tiny")
+  c.data.data_dir, c.mesh.data = procedural_dir, 1
+  c.compress.distill.teacher = dense_dir
+  logs = []
+  workdir = str(tmp_path / "student")
+  train.train_and_evaluate(c, workdir, log=logs.append)
+  assert any("[distill] teacher from" in l for l in logs)
+  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  kl = [r["train/distill_kl"] for r in records if "train/distill_kl" in r]
+  assert len(kl) >= 2 and all(np.isfinite(kl))
+  assert all("train/distill_feature_mse" in r for r in records if "train/loss" in r)
+  state = _final_params(workdir)
+  assert "proj" in state["cstate"]["distill"] and "teacher" not in json.dumps(
+      list(state.keys()))
+  # the combined pipeline: self-distillation + gradual pruning + int8, exported
+  workdir = str(tmp_path / "combined")
+  train.train_and_evaluate(_cfg(combined, "tiny,sparsity=0.8", procedural_dir, dense_dir),
+                           workdir, log=_quiet)
+  report = json.load(open(os.path.join(workdir, "compression_report.json")))
+  assert report["disk_ratio"] > 6.0 and os.path.isdir(report["export_dir"])
+
+
+def test_distillation_loss_is_zero_when_student_equals_teacher():
+  import jax.numpy as jnp
+  from mmjax.compress.distill import Distill, kl_soft
+  from mmjax.models import MultimodalModel, get_preset, random_inputs
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(6, 10)), jnp.float32)
+  w = jnp.ones((6,))
+  assert float(kl_soft(logits, logits, 2.0, w)) == pytest.approx(0.0, abs=1e-6)
+  assert float(kl_soft(logits, logits[::-1], 2.0, w)) > 0.1
+  cfg = get_preset("tiny")
+  model = MultimodalModel(cfg)
+  x = random_inputs(cfg, 4)
+  x["example_mask"] = np.ones(4, bool)
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  params = {**params, "head": {**params["head"], "kernel": jnp.ones_like(
+      params["head"]["kernel"])}}
+  d = Distill(model, temperature=3.0, alpha=1.0, features=("pooled", "image/final"),
+              feature_weight=1.0)
+  teacher = d.teacher_outputs(params, x)
+  out, inter = model.apply({"params": params}, x)
+  aux = d.init_aux({f: teacher[1][f] for f in d.features}, teacher[1], jax.random.PRNGKey(1))
+  total, m = d.loss(out, inter, jnp.float32(0.0), teacher, aux, x)
+  assert aux["proj"] == {} and float(total) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("teacher", "", "distill.teacher is not set"),
+    ("teacher", "/nonexistent/run", "no config.json"),
+    ("alpha", 1.5, r"alpha=1.5 must be in \[0, 1\]"),
+    ("temperature", 0.0, "temperature=0.0 must be > 0"),
+])
+def test_bad_distillation_configs(procedural_dir, dense_dir, tmp_path, field, value, needle):
+  from experiments.configs import distill
+  c = distill.get_config("tiny")
+  c.data.data_dir, c.mesh.data = procedural_dir, 1
+  c.compress.distill.teacher = dense_dir
+  c.compress.distill[field] = value
+  with pytest.raises(ValueError, match=needle):
+    train.train_and_evaluate(c, str(tmp_path / "w"), log=_quiet)
+  assert not (tmp_path / "w").exists()
+
+
+def test_teacher_that_does_not_fit_its_config(procedural_dir, dense_dir, tmp_path):
+  from experiments.configs import distill
+  from mmjax.checkpointing import CheckpointMismatchError
+  c = distill.get_config("tiny")
+  c.data.data_dir, c.mesh.data = procedural_dir, 1
+  c.compress.distill.teacher = dense_dir
+  model = json.load(open(os.path.join(dense_dir, "config.json")))["model"]
+  model["d_model"] = 64
+  c.compress.distill.teacher_model = model
+  with pytest.raises(CheckpointMismatchError, match="the teacher"):
+    train.train_and_evaluate(c, str(tmp_path / "w"), log=_quiet)
+  assert not (tmp_path / "w").exists()

@@ -47,7 +47,7 @@ def _expected_params(cfg: ModelConfig) -> int:
   d, m = cfg.d_model, cfg.mlp_dim
   ln = 2 * d
   attn = 4 * _dense(d, d)
-  mlp = _dense(d, m) + _dense(m, d)
+  mlp = _dense(d, m) * (2 if cfg.mlp_gated else 1) + _dense(m, d)  # GEGLU adds a gate
   enc = 2 * ln + attn + mlp
   cross = 3 * ln + attn + mlp
   total = 0

@@ -91,7 +91,8 @@ def _quant_transform(q: dict, shapes: dict):
 def build_plan(compress_cfg, param_shapes: dict) -> Plan:
   """`param_shapes`: {path: shape} of the model's parameters (from jax.eval_shape)."""
   c = _as_dict(compress_cfg)
-  _check_keys(c, {"prune", "quant", "export"}, "config.compress")
+  # distill is read by the trainer (it needs the teacher's checkpoint), not a param transform
+  _check_keys(c, {"prune", "quant", "export", "distill"}, "config.compress")
   parts = []
   if c.get("prune"):
     parts.append(_prune_transform(_as_dict(c["prune"]), param_shapes))

@@ -1,7 +1,7 @@
 """Export a compressed model as what it really is: integer codes, scales, packed masks.
 
 Format (a directory):
-  index.json   per parameter path: shape, bits, whether masked, granularity, and offsets
+  index.json.gz  per parameter path: shape, bits, whether masked, granularity, and offsets
                into the buffers below
   arrays/      one Orbax checkpoint of a handful of flat buffers:
                `int8`   codes of 8-bit leaves (kept elements only when masked)
@@ -19,6 +19,7 @@ two sizes are measured alike.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ from mmjax.compress import quant
 from mmjax.compress.core import Plan, flatten, unflatten
 
 BUFFERS = ("int8", "packed", "fp32", "scales", "masks")
+INDEX = "index.json.gz"
 
 
 def _pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -97,9 +99,9 @@ def export(params, out_dir: str, plan: Plan | None = None, cstate=None) -> dict:
   os.makedirs(tmp)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(tmp, "arrays"), arrays)
-  with open(os.path.join(tmp, "index.json"), "w") as f:
+  with gzip.open(os.path.join(tmp, INDEX), "wt") as f:  # paths repeat: gzip takes 85%
     json.dump({"format": "mmjax-compressed-v1", "plan": plan.transform.name,
-               "leaves": index}, f)
+               "leaves": index}, f, separators=(",", ":"))
   shutil.rmtree(out_dir, ignore_errors=True)
   os.rename(tmp, out_dir)
   return index
@@ -114,11 +116,11 @@ def disk_bytes(path: str) -> int:
 
 
 def _read(export_dir):
-  path = os.path.join(export_dir, "index.json")
+  path = os.path.join(export_dir, INDEX)
   if not os.path.exists(path):
-    raise ValueError(f"{export_dir} is not an mmjax export (no index.json); write one with "
+    raise ValueError(f"{export_dir} is not an mmjax export (no {INDEX}); write one with "
                      "mmjax.compress.export.export or a run with config.compress.export.")
-  with open(path) as f:
+  with gzip.open(path, "rt") as f:
     index = json.load(f)
   with ocp.StandardCheckpointer() as ckptr:
     arrays = ckptr.restore(os.path.join(os.path.abspath(export_dir), "arrays"))

@@ -22,6 +22,7 @@ from mmjax.models.layers import CrossBlock, EncoderBlock, compute_dtype
 def _block_kwargs(cfg):
   return dict(num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim,
               implementation=cfg.attention_impl, gelu_approximate=cfg.gelu_approximate,
+              mlp_gated=cfg.mlp_gated,
               dtype=compute_dtype(cfg))
 
 

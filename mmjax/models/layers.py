@@ -45,14 +45,19 @@ class MultiHeadAttention(nn.Module):
 
 
 class Mlp(nn.Module):
+  """fc2(gelu(fc1(x))), or with `gated` fc2(gelu(fc1(x)) * gate(x)) (GEGLU). Hidden unit j
+  is column j of fc1 (and gate) and row j of fc2."""
   hidden_dim: int
   gelu_approximate: bool = True
+  gated: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     h = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x)
     h = nn.gelu(h, approximate=self.gelu_approximate)
+    if self.gated:
+      h = h * nn.Dense(self.hidden_dim, dtype=self.dtype, name="gate")(x)
     return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
 
 
@@ -62,6 +67,7 @@ class EncoderBlock(nn.Module):
   mlp_dim: int
   implementation: Optional[str] = None
   gelu_approximate: bool = True
+  mlp_gated: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -70,7 +76,8 @@ class EncoderBlock(nn.Module):
     x = x + MultiHeadAttention(self.num_heads, self.implementation, self.dtype,
                                name="attn")(h, context_mask=mask)
     h = nn.LayerNorm(name="ln_mlp")(x)
-    return x + Mlp(self.mlp_dim, self.gelu_approximate, self.dtype, name="mlp")(h)
+    return x + Mlp(self.mlp_dim, self.gelu_approximate, self.mlp_gated, self.dtype,
+                    name="mlp")(h)
 
 
 class CrossBlock(nn.Module):
@@ -79,6 +86,7 @@ class CrossBlock(nn.Module):
   mlp_dim: int
   implementation: Optional[str] = None
   gelu_approximate: bool = True
+  mlp_gated: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -88,7 +96,8 @@ class CrossBlock(nn.Module):
     x = x + MultiHeadAttention(self.num_heads, self.implementation, self.dtype,
                                name="cross_attn")(h, c, context_mask=context_mask)
     h = nn.LayerNorm(name="ln_mlp")(x)
-    return x + Mlp(self.mlp_dim, self.gelu_approximate, self.dtype, name="mlp")(h)
+    return x + Mlp(self.mlp_dim, self.gelu_approximate, self.mlp_gated, self.dtype,
+                    name="mlp")(h)
 
 
 def compute_dtype(cfg):
@@ -103,6 +112,6 @@ def encoder_stack(x, mask, cfg, num_layers: int, intermediates: dict):
   for i in range(num_layers):
     name = f"block_{i:02d}"
     x = EncoderBlock(cfg.num_heads, cfg.mlp_dim, cfg.attention_impl, cfg.gelu_approximate,
-                     compute_dtype(cfg), name=name)(x, mask)
+                     cfg.mlp_gated, compute_dtype(cfg), name=name)(x, mask)
     intermediates[name] = x
   return x

@@ -29,7 +29,7 @@ def tiny() -> ModelConfig:
               "audio": AudioConfig(num_layers=1, sample_rate=8000, num_samples=8000,
                                    n_fft=256, hop_length=128, n_mels=16, patch_time=4,
                                    patch_freq=16)},
-      d_model=32, num_heads=2, mlp_dim=64,
+      d_model=32, num_heads=2, mlp_dim=64, mlp_gated=True,
       fusion=FusionConfig("cross", num_layers=1), head=HeadConfig("classify", 10))
 
 
@@ -41,7 +41,7 @@ def small() -> ModelConfig:
               "audio": AudioConfig(num_layers=2, sample_rate=8000, num_samples=8000,
                                    n_fft=256, hop_length=128, n_mels=32, patch_time=4,
                                    patch_freq=32)},
-      d_model=128, num_heads=4, mlp_dim=512,
+      d_model=128, num_heads=4, mlp_dim=352, mlp_gated=True,
       fusion=FusionConfig("cross", num_layers=2), head=HeadConfig("classify", 10))
 
 

@@ -1,0 +1,31 @@
+"""Knowledge distillation: a student about half the dense baseline's size learns from the
+trained dense model's soft logits (T=2, alpha=0.5) and pooled features; `scratch` trains
+the same student on hard labels alone, the comparison that says what distillation buys.
+
+The student is `small` with one block per tower and one fusion layer (1.28M vs 2.50M
+parameters). The teacher's model config is read from its run's config.json.
+
+Reproduce (after the dense run):
+  ./launch.sh train --config=experiments/configs/distill.py --workdir=workdirs/distill
+  ./launch.sh train --config=experiments/configs/distill.py:scratch --workdir=workdirs/student
+"""
+from experiments.configs.common import DENSE_WORKDIR, base_config, parse_arg
+
+
+def student_model(c, tiny: bool):
+  for tower in c.model.towers.values():
+    tower["num_layers"] = 1
+  c.model.fusion["num_layers"] = 1
+  if tiny:
+    c.model.d_model, c.model.num_heads, c.model.mlp_dim = 16, 2, 32
+
+
+def get_config(arg=None):
+  args = parse_arg(arg, valid=("tiny", "scratch"))
+  tiny = bool(args.get("tiny"))
+  c = base_config(tiny=tiny)
+  student_model(c, tiny)
+  if not args.get("scratch"):
+    c.compress.distill = dict(teacher=DENSE_WORKDIR, temperature=2.0, alpha=0.5,
+                              features=("pooled",), feature_weight=1.0)
+  return c
