@@ -286,7 +286,7 @@ def make_plan(config, model_cfg: ModelConfig) -> Plan:
   compress = config.get("compress")
   if not compress or not compress.to_dict():
     return Plan()
-  return build_plan(compress, param_shapes(model_cfg))
+  return build_plan(compress, param_shapes(model_cfg), model_cfg.num_heads)
 
 
 def ensure_data(input_cfg, config, log=print):
@@ -330,7 +330,8 @@ def _dense_accuracy(config):
   return None
 
 
-def _compression_report(config, workdir, plan, state, eval_metrics, log, dense_params_fn):
+def _compression_report(config, workdir, plan, state, eval_metrics, log, dense_params_fn,
+                        model_cfg):
   """compression_report.json, the printed table, and (config.compress.export, default on)
   the real compressed export in <workdir>/export, its bytes on disk measured next to a
   dense fp32 export, written the same way, of the uncompressed weights this run started
@@ -350,6 +351,17 @@ def _compression_report(config, workdir, plan, state, eval_metrics, log, dense_p
       extra["disk_ratio"] = extra["disk_bytes_dense"] / extra["disk_bytes"]
       import shutil
       shutil.rmtree(dense_dir)
+  info = plan.describe(state.params, state.cstate["transforms"])
+  if any("structured" in d for d in info.values()):
+    from mmjax.compress import structured
+    view = report._host(jax.jit(plan.forward)(state.params, state.cstate["transforms"]))
+    small, small_cfg = structured.shrink(view, report._host(info), model_cfg)
+    if jax.process_index() == 0:
+      n = structured.save_shrunk(os.path.join(workdir, "shrunk"), small, small_cfg)
+      extra.update(shrunk_dir=os.path.join(workdir, "shrunk"), shrunk_parameters=n,
+                   shrunk_model=dict(num_heads=small_cfg.num_heads,
+                                     head_dim=small_cfg.head_dim, mlp_dim=small_cfg.mlp_dim))
+      log(f"[compress] physically shrunk model ({n:,} parameters) in {extra['shrunk_dir']}")
   rep = report.build(state.params, plan, state.cstate["transforms"], accuracy=eval_metrics.get("accuracy"),
                      dense_accuracy=_dense_accuracy(config), **extra)
   if jax.process_index() == 0:
@@ -552,7 +564,8 @@ def train_and_evaluate(config, workdir: str, log=print, plan: Plan | None = None
         reader.close()
         return jax.device_get(params)
       return jax.device_get(jax.jit(init_fn)(teacher_params).params)
-    _compression_report(config, workdir, plan, state, eval_metrics, log, dense_params)
+    _compression_report(config, workdir, plan, state, eval_metrics, log, dense_params,
+                        setup.model_cfg)
   summary = dict(step=step, parameters=n_params, wall_s=time.perf_counter() - t_start,
                  compile_s=compile_s, loop_s=loop_s, eval_s=eval_s,
                  steps_run=step - (resume_step or 0), checkpoint_dir=ckpt_path,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import nm, prune, prune_qat, qat
+from experiments.configs import structured as structured_cfg
 from mmjax import checkpointing, train
 from mmjax.compress import flatten
 from mmjax.compress.configure import PRUNE_PATTERN
@@ -83,6 +84,23 @@ def test_two_four_and_int8_runs(procedural_dir, dense_dir, tmp_path):
       assert report["total"]["ratio"] > 3.0
 
 
+def test_structured_run_writes_a_physically_smaller_model(procedural_dir, dense_dir, tmp_path):
+  from experiments.configs import structured as structured_cfg
+  from mmjax.compress import structured
+  from mmjax.models import MultimodalModel, random_inputs
+  workdir = str(tmp_path / "heads")
+  c = _cfg(structured_cfg, "tiny,sparsity=0.5", procedural_dir, dense_dir)
+  c.train.steps = 12
+  train.train_and_evaluate(c, workdir, log=_quiet)
+  report = json.load(open(os.path.join(workdir, "compression_report.json")))
+  assert report["shrunk_model"]["num_heads"] == 1  # tiny has 2 heads
+  small, cfg = structured.load_shrunk(report["shrunk_dir"])
+  assert report["shrunk_parameters"] < report["total"]["size"]
+  x = random_inputs(cfg, 2)
+  logits, _ = MultimodalModel(cfg).apply({"params": small}, x)
+  assert logits.shape == (2, 10)
+
+
 def test_qat_tensor_granularity_reports_one_scale(procedural_dir, dense_dir, tmp_path):
   workdir = str(tmp_path / "q")
   c = _cfg(qat, "tiny,bits=4,tensor", procedural_dir, dense_dir)
@@ -101,6 +119,7 @@ def test_qat_tensor_granularity_reports_one_scale(procedural_dir, dense_dir, tmp
     (qat, "tiny,bits=9", None, r"bits=9 must be an integer in 2..8"),
     (prune, "tiny", ("method", "movement"), "method='movement' is unknown"),
     (prune, "tiny,sparsity=abc", None, "not a valid float"),
+    (structured_cfg, "tiny,sparsity=0.9", None, "would remove every head"),
 ])
 def test_bad_compression_configs_fail_before_anything_is_written(
     procedural_dir, dense_dir, tmp_path, module, arg, override, needle):

@@ -1,7 +1,7 @@
 """`config.compress` -> a `Plan`, with every error raised at config time.
 
     config.compress.prune = dict(
-        method="magnitude",            # magnitude | random | n_m
+        method="magnitude",            # magnitude | random | n_m | heads | mlp_units
         scope="layer",                 # layer | global (one threshold per rule)
         sparsity=0.9,                  # fraction removed, in [0, 1)
         rules=[],                      # [(regex, sparsity), ...]; empty: [(pattern, sparsity)]
@@ -17,7 +17,7 @@ match whole parameter paths such as `image/block_00/mlp/fc1/kernel`.
 """
 from __future__ import annotations
 
-from mmjax.compress import pruning, quant
+from mmjax.compress import pruning, quant, structured
 from mmjax.compress.core import IDENTITY, Plan, chain, rules
 
 # every Dense kernel of every transformer block (towers and fusion); not embeddings/head
@@ -42,10 +42,23 @@ def _check_keys(d, valid, where):
     raise ValueError(f"{where} has unknown field(s) {bad}; valid fields: {sorted(valid)}.")
 
 
-def _prune_transform(p: dict, shapes: dict):
+def _prune_transform(p: dict, shapes: dict, num_heads: int):
   _check_keys(p, PRUNE_KEYS, "config.compress.prune")
   method = p.get("method", "magnitude")
   paths = list(shapes)
+  if method in ("heads", "mlp_units"):
+    unit = "head" if method == "heads" else "mlp"
+    pattern = p.get("pattern") or (structured.HEAD_PATTERN if unit == "head"
+                                   else structured.MLP_PATTERN)
+    from mmjax.compress.core import match_paths
+    hits = match_paths(pattern, sorted(paths), "config.compress.prune.pattern")
+    structured.check_structured(p.get("sparsity", 0.5), unit, {h: shapes[h] for h in hits},
+                                num_heads)
+    sched = _as_dict(p.get("schedule"))
+    _check_keys(sched, SCHEDULE_KEYS, "config.compress.prune.schedule")
+    schedule = pruning.Schedule(**sched).validate("config.compress.prune.schedule")
+    return rules([(pattern, structured.units(p.get("sparsity", 0.5), unit,
+                                             num_heads=num_heads, schedule=schedule))], paths)
   if method == "n_m":
     n, m = int(p.get("n", 2)), int(p.get("m", 4))
     pattern = p.get("pattern", PRUNE_PATTERN)
@@ -59,7 +72,7 @@ def _prune_transform(p: dict, shapes: dict):
     return rules([(pattern, t)], paths)
   if method not in ("magnitude", "random"):
     raise ValueError(f"config.compress.prune.method={method!r} is unknown; valid: "
-                     "magnitude, random, n_m.")
+                     "magnitude, random, n_m, heads, mlp_units.")
   sched = _as_dict(p.get("schedule"))
   _check_keys(sched, SCHEDULE_KEYS, "config.compress.prune.schedule")
   try:
@@ -88,14 +101,15 @@ def _quant_transform(q: dict, shapes: dict):
   return rules([(q.get("pattern", QUANT_PATTERN), t)], list(shapes))
 
 
-def build_plan(compress_cfg, param_shapes: dict) -> Plan:
-  """`param_shapes`: {path: shape} of the model's parameters (from jax.eval_shape)."""
+def build_plan(compress_cfg, param_shapes: dict, num_heads: int = 1) -> Plan:
+  """`param_shapes`: {path: shape} of the model's parameters (from jax.eval_shape);
+  `num_heads`: the model's, for head pruning."""
   c = _as_dict(compress_cfg)
   # distill is read by the trainer (it needs the teacher's checkpoint), not a param transform
   _check_keys(c, {"prune", "quant", "export", "distill"}, "config.compress")
   parts = []
   if c.get("prune"):
-    parts.append(_prune_transform(_as_dict(c["prune"]), param_shapes))
+    parts.append(_prune_transform(_as_dict(c["prune"]), param_shapes, num_heads))
   if c.get("quant"):
     parts.append(_quant_transform(_as_dict(c["quant"]), param_shapes))
   if not parts:

@@ -100,6 +100,9 @@ class ModelConfig:
   # label ((a +- b) mod 10: no signal in any one modality) needs to leave the chance
   # plateau; with plain GELU MLPs `small` sat at chance for 2,000+ steps.
   mlp_gated: bool = False
+  # width of one attention head; None: d_model // num_heads. Set by structured pruning's
+  # export, which keeps head_dim and lowers num_heads.
+  head_dim: Optional[int] = None
 
   @property
   def modalities(self):
@@ -117,8 +120,12 @@ class ModelConfig:
       _check(tower.num_layers >= 0, f"towers[{name!r}].num_layers", tower.num_layers, ">= 0")
       _validate_tower(name, tower)
     _check(self.d_model > 0, "d_model", self.d_model, "> 0")
-    _check(self.num_heads > 0 and self.d_model % self.num_heads == 0, "num_heads",
-           self.num_heads, f"a positive divisor of d_model={self.d_model}")
+    if self.head_dim is None:
+      _check(self.num_heads > 0 and self.d_model % self.num_heads == 0, "num_heads",
+             self.num_heads, f"a positive divisor of d_model={self.d_model}")
+    else:
+      _check(self.num_heads > 0, "num_heads", self.num_heads, "> 0")
+      _check(self.head_dim > 0, "head_dim", self.head_dim, "> 0 (or None)")
     _check(self.mlp_dim > 0, "mlp_dim", self.mlp_dim, "> 0")
     _check(self.fusion.kind in FUSION_KINDS, "fusion.kind", self.fusion.kind,
            f"one of {FUSION_KINDS}")

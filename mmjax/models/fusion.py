@@ -22,7 +22,7 @@ from mmjax.models.layers import CrossBlock, EncoderBlock, compute_dtype
 def _block_kwargs(cfg):
   return dict(num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim,
               implementation=cfg.attention_impl, gelu_approximate=cfg.gelu_approximate,
-              mlp_gated=cfg.mlp_gated,
+              mlp_gated=cfg.mlp_gated, head_dim=cfg.head_dim,
               dtype=compute_dtype(cfg))
 
 

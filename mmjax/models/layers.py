@@ -22,26 +22,31 @@ def key_padding_mask(mask):
 
 
 class MultiHeadAttention(nn.Module):
-  """Queries from `x`, keys/values from `context` (default: `x` itself)."""
+  """Queries from `x`, keys/values from `context` (default: `x` itself).
+
+  Heads are `head_dim` wide (default d / num_heads); a structurally pruned model keeps
+  its head_dim and has fewer heads, so q/k/v are [d, num_heads * head_dim]."""
   num_heads: int
   implementation: Optional[str] = None
   dtype: jnp.dtype = jnp.float32
+  head_dim: Optional[int] = None
 
   @nn.compact
   def __call__(self, x, context=None, *, context_mask=None):
     context = x if context is None else context
     d = x.shape[-1]
-    if d % self.num_heads:
+    if self.head_dim is None and d % self.num_heads:
       raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}.")
-    hd = d // self.num_heads
-    dense = lambda name: nn.Dense(d, dtype=self.dtype, name=name)
+    hd = self.head_dim or d // self.num_heads
+    inner = self.num_heads * hd
+    dense = lambda name: nn.Dense(inner, dtype=self.dtype, name=name)
     split = lambda y: y.reshape(y.shape[:2] + (self.num_heads, hd))
     q = split(dense("query")(x))
     k = split(dense("key")(context))
     v = split(dense("value")(context))
     out = dot_product_attention(q, k, v, mask=key_padding_mask(context_mask),
                                 implementation=self.implementation)
-    return dense("out")(out.reshape(out.shape[:2] + (d,)))
+    return nn.Dense(d, dtype=self.dtype, name="out")(out.reshape(out.shape[:2] + (inner,)))
 
 
 class Mlp(nn.Module):
@@ -69,12 +74,13 @@ class EncoderBlock(nn.Module):
   gelu_approximate: bool = True
   mlp_gated: bool = False
   dtype: jnp.dtype = jnp.float32
+  head_dim: Optional[int] = None
 
   @nn.compact
   def __call__(self, x, mask=None):
     h = nn.LayerNorm(name="ln_attn")(x)
     x = x + MultiHeadAttention(self.num_heads, self.implementation, self.dtype,
-                               name="attn")(h, context_mask=mask)
+                               self.head_dim, name="attn")(h, context_mask=mask)
     h = nn.LayerNorm(name="ln_mlp")(x)
     return x + Mlp(self.mlp_dim, self.gelu_approximate, self.mlp_gated, self.dtype,
                     name="mlp")(h)
@@ -88,13 +94,14 @@ class CrossBlock(nn.Module):
   gelu_approximate: bool = True
   mlp_gated: bool = False
   dtype: jnp.dtype = jnp.float32
+  head_dim: Optional[int] = None
 
   @nn.compact
   def __call__(self, x, context, context_mask=None):
     h = nn.LayerNorm(name="ln_query")(x)
     c = nn.LayerNorm(name="ln_context")(context)
     x = x + MultiHeadAttention(self.num_heads, self.implementation, self.dtype,
-                               name="cross_attn")(h, c, context_mask=context_mask)
+                               self.head_dim, name="cross_attn")(h, c, context_mask=context_mask)
     h = nn.LayerNorm(name="ln_mlp")(x)
     return x + Mlp(self.mlp_dim, self.gelu_approximate, self.mlp_gated, self.dtype,
                     name="mlp")(h)
@@ -112,6 +119,6 @@ def encoder_stack(x, mask, cfg, num_layers: int, intermediates: dict):
   for i in range(num_layers):
     name = f"block_{i:02d}"
     x = EncoderBlock(cfg.num_heads, cfg.mlp_dim, cfg.attention_impl, cfg.gelu_approximate,
-                     cfg.mlp_gated, compute_dtype(cfg), name=name)(x, mask)
+                     cfg.mlp_gated, compute_dtype(cfg), cfg.head_dim, name=name)(x, mask)
     intermediates[name] = x
   return x
