@@ -56,8 +56,20 @@ def init_cstate(plan: Plan, params, seed: int, distill=None, distill_aux=None):
   return cstate
 
 
-def make_init_fn(model, tx, sample_batch, seed: int, plan: Plan = Plan(), distill=None):
-  """`init(teacher_params=None) -> TrainState` (the teacher sizes the feature projections)."""
+def apply_model(model, variables, batch, cstate, act, **kwargs):
+  """model.apply, with each Dense input quantized (or run in int8) when `act` is set."""
+  if not act:
+    return model.apply(variables, batch, **kwargs)
+  from mmjax.compress import activations as act_lib
+  with flax.linen.intercept_methods(
+      act_lib.interceptor(cstate["activations"], act["bits"], act["mode"])):
+    return model.apply(variables, batch, **kwargs)
+
+
+def make_init_fn(model, tx, sample_batch, seed: int, plan: Plan = Plan(), distill=None,
+                 act=None):
+  """`init(teacher_params=None) -> TrainState` (the teacher sizes the feature projections).
+  Activation scales start at 1 and are calibrated once the weights are final."""
   def init(teacher_params=None):
     rng = jax.random.PRNGKey(seed)
     params = model.init(jax.random.fold_in(rng, 1), sample_batch)["params"]
@@ -67,8 +79,13 @@ def make_init_fn(model, tx, sample_batch, seed: int, plan: Plan = Plan(), distil
       s_feats = {f: distill_lib._get(inter, f) for f in distill.features}
       t_feats = distill.teacher_outputs(teacher_params, sample_batch)[1]
       aux = distill.init_aux(s_feats, t_feats, jax.random.fold_in(rng, 3))
+    cstate = init_cstate(plan, params, seed, distill, aux)
+    if act:
+      from mmjax.compress import activations as act_lib
+      cstate["activations"] = {k: jnp.float32(1.0) for k in
+                               act_lib.calibrate_trace(model, params, sample_batch)}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      cstate=init_cstate(plan, params, seed, distill, aux), rng=rng)
+                      cstate=cstate, rng=rng)
   return init
 
 
@@ -87,7 +104,7 @@ def loss_sums(logits, batch, cfg: ModelConfig):
 
 
 def make_train_step(model, tx, schedule, cfg: ModelConfig, plan: Plan = Plan(),
-                    distill=None):
+                    distill=None, act=None):
   """One step: the compressed view -> loss (+ distillation against the teacher's outputs,
   computed in the same step) -> optimizer update of the master params -> the compression
   update (schedules, masks re-applied), all in one jitted function.
@@ -103,7 +120,8 @@ def make_train_step(model, tx, schedule, cfg: ModelConfig, plan: Plan = Plan(),
 
     def loss_fn(params, proj):
       view = plan.forward(params, state.cstate["transforms"])
-      logits, inter = model.apply({"params": view}, batch, rngs={"dropout": rng})
+      logits, inter = apply_model(model, {"params": view}, batch, state.cstate, act,
+                                  rngs={"dropout": rng})
       loss_sum, correct, count = loss_sums(logits, batch, cfg)
       count = jnp.maximum(count, 1.0)
       ce = loss_sum / count
@@ -131,9 +149,10 @@ def make_train_step(model, tx, schedule, cfg: ModelConfig, plan: Plan = Plan(),
   return train_step
 
 
-def make_eval_step(model, cfg: ModelConfig, plan: Plan = Plan()):
+def make_eval_step(model, cfg: ModelConfig, plan: Plan = Plan(), act=None):
   def eval_step(params, cstate, batch):
-    logits, _ = model.apply({"params": plan.forward(params, cstate["transforms"])}, batch)
+    logits, _ = apply_model(model, {"params": plan.forward(params, cstate["transforms"])},
+                            batch, cstate, act)
     loss_sum, correct, count = loss_sums(logits, batch, cfg)
     return dict(count=count, loss_sum=loss_sum, correct=correct)
   return eval_step
@@ -197,6 +216,7 @@ class Setup:
   plan: Plan
   distill: Any = None  # distill_lib.Distill, when config.compress.distill is set
   teacher_dir: str | None = None
+  activations: dict | None = None  # activation quantization settings
 
 
 def validate(config) -> Setup:
@@ -205,9 +225,13 @@ def validate(config) -> Setup:
   input_cfg = input_config(config)
   t = config.train
   for field in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-    if int(t[field]) <= 0:
-      raise ValueError(f"config.train.{field}={t[field]} must be a positive integer.")
-  optim.validate(config.optimizer, int(t.steps))
+    if int(t[field]) <= 0 and not (field == "steps" and int(t[field]) == 0
+                                   and config.get("init")):
+      raise ValueError(f"config.train.{field}={t[field]} must be a positive integer "
+                       "(steps=0 is allowed with config.init: evaluate, compress and export "
+                       "a trained checkpoint without training, e.g. post-training "
+                       "quantization).")
+  optim.validate(config.optimizer, max(int(t.steps), 1))
   mesh = sharding.make_mesh(int(config.mesh.get("data", -1)))
   n_dev = mesh.shape[sharding.AXIS]
   if input_cfg.batch_size % n_dev:
@@ -220,11 +244,55 @@ def validate(config) -> Setup:
   d = config.get("compress", {}).get("distill") if config.get("compress") else None
   if d:
     setup.distill, setup.teacher_dir = make_distill(config, d)
+  a = config.get("compress", {}).get("activations") if config.get("compress") else None
+  if a:
+    setup.activations = check_activations(a)
   return setup
+
+
+ACTIVATION_KEYS = {"bits", "mode", "calibration_batches", "percentile"}
+
+
+def check_activations(a) -> dict:
+  a = a.to_dict() if hasattr(a, "to_dict") else dict(a)
+  bad = sorted(set(a) - ACTIVATION_KEYS)
+  if bad:
+    raise ValueError(f"config.compress.activations has unknown field(s) {bad}; valid "
+                     f"fields: {sorted(ACTIVATION_KEYS)}.")
+  from mmjax.compress import quant
+  out = dict(bits=quant.check_bits(a.get("bits", 8), "config.compress.activations.bits"),
+             mode=a.get("mode", "fake"), calibration_batches=int(a.get("calibration_batches", 8)),
+             percentile=a.get("percentile"))
+  if out["mode"] not in ("fake", "int8"):
+    raise ValueError(f"config.compress.activations.mode={out['mode']!r} is unknown; valid: "
+                     "fake (fake-quant inputs), int8 (real int8 x int8 -> int32 matmuls).")
+  if out["mode"] == "int8" and out["bits"] != 8:
+    raise ValueError("config.compress.activations.mode='int8' needs bits=8.")
+  if out["calibration_batches"] < 1:
+    raise ValueError("config.compress.activations.calibration_batches must be >= 1.")
+  p = out["percentile"]
+  if p is not None and not 50.0 <= float(p) <= 100.0:
+    raise ValueError(f"config.compress.activations.percentile={p} must be in [50, 100].")
+  return out
 
 
 DISTILL_KEYS = {"teacher", "teacher_model", "temperature", "alpha", "features",
                 "feature_weight"}
+
+
+def _calibrate(state, model, plan, act, setup, keys, batch_shd, state_shd, log):
+  """Activation ranges from a few training batches (read by a separate iterator, so the
+  training order is untouched), through the compressed weights."""
+  from mmjax.compress import activations as act_lib
+  it = pipeline.train_iterator(setup.input_cfg)
+  batches = [_to_global(next(it), keys, batch_shd) for _ in range(act["calibration_batches"])]
+  view = jax.jit(plan.forward)(state.params, state.cstate["transforms"])
+  amax = act_lib.calibrate(model, view, batches, act["percentile"])
+  scales = act_lib.scales_from_amax(amax, act["bits"])
+  scales = jax.device_put(scales, state_shd.cstate["activations"])
+  log(f"[compress] calibrated {len(scales)} Dense input ranges on "
+      f"{len(batches)} batches ({act['mode']}, {act['bits']} bits)")
+  return state.replace(cstate={**state.cstate, "activations": scales})
 
 
 def make_distill(config, d):
@@ -331,7 +399,7 @@ def _dense_accuracy(config):
 
 
 def _compression_report(config, workdir, plan, state, eval_metrics, log, dense_params_fn,
-                        model_cfg):
+                        model_cfg, act=None):
   """compression_report.json, the printed table, and (config.compress.export, default on)
   the real compressed export in <workdir>/export, its bytes on disk measured next to a
   dense fp32 export, written the same way, of the uncompressed weights this run started
@@ -339,6 +407,8 @@ def _compression_report(config, workdir, plan, state, eval_metrics, log, dense_p
   cannot shrink by finding the zeros that pruning made."""
   from mmjax.compress import export, report
   extra = {}
+  if act:
+    extra["activations"] = dict(act, layers=len(state.cstate["activations"]))
   if config.compress.get("export", True):
     params, cstate = report._host(state.params), report._host(state.cstate["transforms"])
     if jax.process_index() == 0:
@@ -346,7 +416,7 @@ def _compression_report(config, workdir, plan, state, eval_metrics, log, dense_p
       export.export(params, out, plan, cstate)
       dense_dir = os.path.join(workdir, "export_dense_fp32.tmp")
       export.export(dense_params_fn(), dense_dir)
-      extra = dict(export_dir=out, disk_bytes=export.disk_bytes(out),
+      extra.update(export_dir=out, disk_bytes=export.disk_bytes(out),
                    disk_bytes_dense=export.disk_bytes(dense_dir))
       extra["disk_ratio"] = extra["disk_bytes_dense"] / extra["disk_bytes"]
       import shutil
@@ -395,7 +465,8 @@ def train_and_evaluate(config, workdir: str, log=print, plan: Plan | None = None
   from mmjax.models import random_inputs
   sample = random_inputs(setup.model_cfg, 1, seed=0)
   distill = setup.distill
-  init_fn = make_init_fn(model, tx, sample, int(config.seed), plan, distill)
+  act = setup.activations
+  init_fn = make_init_fn(model, tx, sample, int(config.seed), plan, distill, act)
   fsdp = bool(config.mesh.get("fsdp", False))
   teacher_abstract = teacher_shd = None
   if distill is not None:
@@ -468,22 +539,26 @@ def train_and_evaluate(config, workdir: str, log=print, plan: Plan | None = None
       log(f"[init] params from {init_dir} (step {init_step})")
     else:
       log("[init] fresh initialisation")
+    if act:
+      state = _calibrate(state, model, plan, act, setup, keys, batch_shd, state_shd, log)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
 
   # ---- compile
   t0 = time.perf_counter()
-  step_fn = make_train_step(model, tx, schedule, setup.model_cfg, plan, distill)
+  step_fn = make_train_step(model, tx, schedule, setup.model_cfg, plan, distill, act)
   if distill is None:
     train_step = jax.jit(step_fn, in_shardings=(state_shd, batch_shd),
                          out_shardings=(state_shd, None), donate_argnums=(0,))
   else:
     train_step = jax.jit(step_fn, in_shardings=(state_shd, batch_shd, teacher_shd),
                          out_shardings=(state_shd, None), donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(model, setup.model_cfg, plan),
+  eval_step = jax.jit(make_eval_step(model, setup.model_cfg, plan, act),
                       in_shardings=(state_shd.params, state_shd.cstate, batch_shd))
   first_local = next(train_iter)
   first = _to_global(first_local, keys, batch_shd)
-  if distill is None:
+  if setup.total_steps == 0:  # evaluate/compress/export only (e.g. PTQ): nothing to train
+    pass
+  elif distill is None:
     train_step = train_step.lower(state, first).compile()
   else:
     compiled = train_step.lower(state, first, teacher_params).compile()
@@ -551,6 +626,15 @@ def train_and_evaluate(config, workdir: str, log=print, plan: Plan | None = None
         check_finite(jax.device_get(pending[1]), pending[0])
       ckpt.save(step, state, data_state)
       last_ckpt = step
+  if setup.total_steps == 0 and step == 0:
+    t_eval = time.perf_counter()
+    eval_metrics = evaluate(eval_step, state.params, state.cstate, setup.input_cfg, batch_shd,
+                            keys)
+    writer.write(0, eval_metrics, "eval")
+    log(f"[eval] step 0 (no training): loss {eval_metrics['loss']:.4f}, accuracy "
+        f"{eval_metrics['accuracy']:.4f} on {int(eval_metrics['examples'])} examples")
+    eval_s += time.perf_counter() - t_eval
+    ckpt.save(0, state, {"iterator": train_iter.get_state()})
   ckpt.close()
   writer.close()
   loop_s = time.perf_counter() - loop_start - eval_s  # training, input, logging, saving
@@ -565,7 +649,7 @@ def train_and_evaluate(config, workdir: str, log=print, plan: Plan | None = None
         return jax.device_get(params)
       return jax.device_get(jax.jit(init_fn)(teacher_params).params)
     _compression_report(config, workdir, plan, state, eval_metrics, log, dense_params,
-                        setup.model_cfg)
+                        setup.model_cfg, act)
   summary = dict(step=step, parameters=n_params, wall_s=time.perf_counter() - t_start,
                  compile_s=compile_s, loop_s=loop_s, eval_s=eval_s,
                  steps_run=step - (resume_step or 0), checkpoint_dir=ckpt_path,

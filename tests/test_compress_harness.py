@@ -255,3 +255,26 @@ def test_teacher_that_does_not_fit_its_config(procedural_dir, dense_dir, tmp_pat
   with pytest.raises(CheckpointMismatchError, match="the teacher"):
     train.train_and_evaluate(c, str(tmp_path / "w"), log=_quiet)
   assert not (tmp_path / "w").exists()
+
+
+def test_ptq_without_training_and_int8_qat(procedural_dir, dense_dir, tmp_path):
+  from experiments.configs import ptq
+  dense_acc = json.load(open(os.path.join(dense_dir, "summary.json")))["eval_accuracy"]
+  accs = {}
+  for arg in ("tiny", "tiny,int8"):
+    workdir = str(tmp_path / arg.replace(",", "_"))
+    logs = []
+    summary = train.train_and_evaluate(_cfg(ptq, arg, procedural_dir, dense_dir), workdir,
+                                       log=logs.append)
+    assert summary["step"] == 0 and any("calibrated" in l for l in logs)
+    report = json.load(open(os.path.join(workdir, "compression_report.json")))
+    assert report["activations"]["layers"] > 10 and report["disk_ratio"] > 3.0
+    accs[arg] = summary["eval_accuracy"]
+  # the integer path computes what fake-quant computes: the same predictions (up to ties)
+  assert abs(accs["tiny"] - accs["tiny,int8"]) <= 0.002
+  assert abs(accs["tiny"] - dense_acc) <= 0.05
+  workdir = str(tmp_path / "qat_int8")
+  c = _cfg(qat, "tiny,int8", procedural_dir, dense_dir)
+  c.train.steps = 6
+  summary = train.train_and_evaluate(c, workdir, log=_quiet)
+  assert np.isfinite(summary["eval_loss"])

@@ -105,8 +105,9 @@ def build_plan(compress_cfg, param_shapes: dict, num_heads: int = 1) -> Plan:
   """`param_shapes`: {path: shape} of the model's parameters (from jax.eval_shape);
   `num_heads`: the model's, for head pruning."""
   c = _as_dict(compress_cfg)
-  # distill is read by the trainer (it needs the teacher's checkpoint), not a param transform
-  _check_keys(c, {"prune", "quant", "export", "distill"}, "config.compress")
+  # distill and activations are read by the trainer (a teacher checkpoint, calibration
+  # batches): they act on the forward pass, not on the parameter tree
+  _check_keys(c, {"prune", "quant", "export", "distill", "activations"}, "config.compress")
   parts = []
   if c.get("prune"):
     parts.append(_prune_transform(_as_dict(c["prune"]), param_shapes, num_heads))

@@ -52,6 +52,8 @@ class MultimodalModel(nn.Module):
       inter["pooled"] = h
     else:  # per_token: logits at every position of one modality
       h = nn.LayerNorm(name="head_ln")(fused[head.token_modality])
-    # zero-initialised head (as big_vision's ViTs): the first loss is exactly log(classes)
-    logits = nn.Dense(head.num_classes, kernel_init=nn.initializers.zeros, name="head")(h)
+    # A random (not zero) head: mm_arith's label correlates with no single feature at
+    # initialisation, so a zero head receives only noise and passes the towers no gradient;
+    # runs with a zero head stayed on the chance plateau far longer.
+    logits = nn.Dense(head.num_classes, name="head")(h)
     return logits.astype(jnp.float32), inter

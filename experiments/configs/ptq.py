@@ -1,0 +1,21 @@
+"""Post-training quantization of the dense baseline, without training (train.steps=0):
+int8 per-channel weights, and every Dense layer's input quantized to int8 with ranges
+calibrated on 8 training batches. `int8` evaluates through the real integer path
+(int8 x int8 -> int32 matmuls) instead of fake-quant; `percentile=<p>` clips ranges at the
+p-th percentile of |x| instead of the max.
+
+Reproduce (after the dense run):
+  ./launch.sh train --config=experiments/configs/ptq.py --workdir=workdirs/ptq_int8
+"""
+from experiments.configs.common import finetune_config, parse_arg
+from mmjax.compress.configure import QUANT_PATTERN
+
+
+def get_config(arg=None):
+  args = parse_arg(arg, valid=("tiny", "int8"), values={"percentile": float})
+  c = finetune_config(args)
+  c.train.steps = 0
+  c.compress.quant = dict(bits=8, granularity="channel", clip_ratio=1.0, pattern=QUANT_PATTERN)
+  c.compress.activations = dict(bits=8, mode="int8" if args.get("int8") else "fake",
+                                calibration_batches=8, percentile=args.get("percentile"))
+  return c
