@@ -91,10 +91,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(procedural_dir, tmp_p
 
 # ----------------------------------------------------------------------------- exact resume
 
-def _cli(workdir, data_dir, *extra):
+# gradual pruning (masks recomputed every 10 steps until 120) + int8 QAT, from scratch: the
+# compression state must resume as exactly as the weights
+COMPRESSED = ("--config=experiments/configs/prune_qat.py:tiny", "--config.init=",
+              "--config.compress.prune.schedule.end=120",
+              "--config.compress.prune.schedule.every=10")
+
+
+def _cli(workdir, data_dir, *extra, config="--config=experiments/configs/dense.py:tiny"):
   env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "PYTHONUNBUFFERED": "1"}
   return subprocess.Popen(
-      [sys.executable, "-m", "experiments.main", "--config=experiments/configs/dense.py:tiny",
+      [sys.executable, "-m", "experiments.main", *((config,) if isinstance(config, str)
+                                                    else config),
        f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
        "--config.train.steps=150", "--config.train.checkpoint_every=10",
        "--config.train.eval_every=1000", "--config.train.log_every=10",
@@ -102,10 +110,12 @@ def _cli(workdir, data_dir, *extra):
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_sigkill_and_resume_is_bit_identical(procedural_dir, tmp_path):
-  straight = _cli(str(tmp_path / "straight"), procedural_dir)
+@pytest.mark.parametrize("config", ["--config=experiments/configs/dense.py:tiny", COMPRESSED],
+                         ids=["dense", "pruned_int8"])
+def test_sigkill_and_resume_is_bit_identical(procedural_dir, tmp_path, config):
+  straight = _cli(str(tmp_path / "straight"), procedural_dir, config=config)
   killed_dir = tmp_path / "killed"
-  victim = _cli(str(killed_dir), procedural_dir)
+  victim = _cli(str(killed_dir), procedural_dir, config=config)
   deadline = time.time() + 240
   while time.time() < deadline:
     ck = killed_dir / "checkpoints"
@@ -121,15 +131,19 @@ def test_sigkill_and_resume_is_bit_identical(procedural_dir, tmp_path):
   assert straight.returncode == 0, out
   steps = sorted(int(p.name) for p in (killed_dir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps and steps[-1] < 150, f"killed run left checkpoints {steps}"
-  resumed = _cli(str(killed_dir), procedural_dir)
+  resumed = _cli(str(killed_dir), procedural_dir, config=config)
   out = resumed.communicate(timeout=300)[0]
   assert resumed.returncode == 0, out
   assert f"resumed from {killed_dir / 'checkpoints'} at step {steps[-1]}" in out
   sa, a = _load_final(str(tmp_path / "straight"))
   sb, b = _load_final(str(killed_dir))
   assert sa == sb == 150
+  assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit-identical
+  if config is COMPRESSED:  # the masks really were part of what resumed
+    masks = a["cstate"]["transforms"][0][0]["masks"]
+    assert 0.85 < 1 - np.mean([np.asarray(m).mean() for m in masks.values()]) < 0.95
   ea = json.load(open(tmp_path / "straight" / "summary.json"))
   eb = json.load(open(killed_dir / "summary.json"))
   assert ea["eval_accuracy"] == eb["eval_accuracy"] and ea["eval_loss"] == eb["eval_loss"]
