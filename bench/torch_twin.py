@@ -28,12 +28,16 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  def __init__(self, d, hidden):
+  def __init__(self, d, hidden, gated=False):
     super().__init__()
     self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+    self.gate = nn.Linear(d, hidden) if gated else None
 
   def forward(self, x):
-    return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+    h = F.gelu(self.fc1(x), approximate="tanh")
+    if self.gate is not None:
+      h = h * self.gate(x)
+    return self.fc2(h)
 
 
 def _ln(d):
@@ -45,7 +49,7 @@ class EncoderBlock(nn.Module):
     super().__init__()
     d = cfg.d_model
     self.ln_attn, self.attn = _ln(d), Attention(d, cfg.num_heads)
-    self.ln_mlp, self.mlp = _ln(d), Mlp(d, cfg.mlp_dim)
+    self.ln_mlp, self.mlp = _ln(d), Mlp(d, cfg.mlp_dim, cfg.mlp_gated)
 
   def forward(self, x, mask):
     h = self.ln_attn(x)
@@ -59,7 +63,7 @@ class CrossBlock(nn.Module):
     d = cfg.d_model
     self.ln_query, self.ln_context = _ln(d), _ln(d)
     self.cross_attn = Attention(d, cfg.num_heads)
-    self.ln_mlp, self.mlp = _ln(d), Mlp(d, cfg.mlp_dim)
+    self.ln_mlp, self.mlp = _ln(d), Mlp(d, cfg.mlp_dim, cfg.mlp_gated)
 
   def forward(self, x, ctx, ctx_mask):
     x = x + self.cross_attn(self.ln_query(x), self.ln_context(ctx), ctx_mask)
@@ -176,6 +180,8 @@ def load_flax_params(tmodel: TorchMultimodal, params: dict):
     attn(mod.attn if "attn" in d else mod.cross_attn, d.get("attn", d.get("cross_attn")))
     dense(mod.mlp.fc1, d["mlp"]["fc1"])
     dense(mod.mlp.fc2, d["mlp"]["fc2"])
+    if "gate" in d["mlp"]:
+      dense(mod.mlp.gate, d["mlp"]["gate"])
 
   for m, tower in tmodel.towers.items():
     d = p[m]
