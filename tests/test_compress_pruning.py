@@ -172,3 +172,31 @@ def test_n_m_transform_and_chain_with_another():
 def test_bad_input(bad, match):
   with pytest.raises(ValueError, match=match):
     bad()
+
+
+@hypothesis.settings(max_examples=15, deadline=None)
+@hypothesis.given(shapes=st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9)), min_size=1,
+                                  max_size=5),
+                  sparsity=st.floats(0.0, 0.95), bits=st.integers(2, 8),
+                  seed=st.integers(0, 999))
+def test_random_trees_prune_then_quantize(shapes, sparsity, bits, seed):
+  """Over random trees: per-layer sparsity exact to the element after chaining a quantizer,
+  the quantized view keeps pruned weights at zero, and levels stay within 2**bits - 1."""
+  from mmjax.compress import quant
+  r = np.random.default_rng(seed)
+  params = {f"layer{i}": {"kernel": jnp.asarray(r.normal(size=s), jnp.float32)}
+            for i, s in enumerate(shapes)}
+  paths = list(_flat_paths(params))
+  plan = Plan(chain(rules([(r".*kernel", pruning.unstructured(sparsity))], paths),
+                    rules([(r".*kernel", quant.weights(bits))], paths)))
+  state = plan.init(params, jax.random.PRNGKey(seed))
+  view = plan.forward(params, state)
+  masks = state[0][0]["masks"]
+  for name, s in zip(params, shapes):
+    mask = np.asarray(masks[f"{name}/kernel"])
+    n = s[0] * s[1]
+    assert abs((~mask).sum() - sparsity * n) <= 0.5 + 1e-9  # round(s * n) pruned
+    v = np.asarray(view[name]["kernel"])
+    assert (v[~mask] == 0).all()
+    for j in range(v.shape[1]):
+      assert len(np.unique(v[:, j])) <= 2 ** bits - 1
