@@ -136,6 +136,26 @@ def main():
   teacher_fwd_flops = _flops(jax.jit(lambda p, b: model.apply({"params": p}, b)[0]).lower(
       params0, batch).compile())
 
+  # inference: the fp32 forward against the int8 path (int8 weights and inputs,
+  # int8 x int8 -> int32), on calibrated ranges
+  import flax.linen as nn
+
+  from mmjax.compress import activations, quant, rules
+  from mmjax.compress.core import Plan as _Plan, flatten as _flatten
+  q_plan = _Plan(rules([(QUANT_PATTERN, quant.weights(8))], list(_flatten(params0))))
+  q_view = jax.jit(q_plan.forward)(params0, q_plan.init(params0, jax.random.key(0)))
+  scales = activations.scales_from_amax(activations.calibrate(model, params0, [batch]))
+
+  def fwd_int8(p, b):
+    with nn.intercept_methods(activations.interceptor(scales, 8, "int8")):
+      return model.apply({"params": p}, b)[0]
+
+  fwd32 = jax.jit(lambda p, b: model.apply({"params": p}, b)[0])
+  fwd8 = jax.jit(fwd_int8)
+  steps["forward fp32"] = lambda s, b: (s, fwd32(params0, b))
+  steps["forward int8"] = lambda s, b: (s, fwd8(q_view, b))
+  states["forward fp32"] = states["forward int8"] = None
+
   # the teacher's forward alone, timed like a step: a time-based prediction next to FLOPs
   teacher_fwd = jax.jit(lambda p, b: model.apply({"params": p}, b)[0])
   steps["teacher forward"] = lambda s, b: (s, teacher_fwd(params0, b))
@@ -156,7 +176,8 @@ def main():
   med = {n: statistics.median(v) for n, v in times.items()}
   rows = []
   for n in names:
-    base = med["student"] if n.startswith(("student", "teacher")) else med["dense"]
+    base = (med["student"] if n.startswith(("student", "teacher")) else
+            med["forward fp32"] if n.startswith("forward") else med["dense"])
     rows.append(dict(method=n, median_ms=1e3 * med[n], ratio=med[n] / base))
   prediction = 1.0 + teacher_fwd_flops / student_flops
   time_prediction = 1.0 + med["teacher forward"] / med["student"]
@@ -181,7 +202,8 @@ def main():
         f"median of {args.reps} interleaved rounds")
   print(f"{'method':22s} {'median ms':>10s} {'ratio':>7s}")
   for r in rows:
-    note = " (vs student)" if r["method"] in ("student + distill", "teacher forward") else ""
+    note = (" (vs student step)" if r["method"] in ("student + distill", "teacher forward")
+            else " (vs fp32 forward)" if r["method"].startswith("forward") else "")
     print(f"{r['method']:22s} {r['median_ms']:10.1f} {r['ratio']:7.3f}{note}")
   print(f"distillation prediction 1 + teacher fwd / student step FLOPs = {prediction:.3f} "
         f"({teacher_fwd_flops / 1e9:.2f} / {student_flops / 1e9:.2f} GFLOP); measured / "
