@@ -3,7 +3,8 @@
   python bench/compress_overhead.py [--init workdirs/dense] [--reps 15] \
       [--out bench/out/compress_overhead.json]
 
-Builds the real harness train step (`mmjax.train.make_train_step`) of the `small` model for
+Builds the real harness train step (`mmjax.train.make_train_step`, jitted with the state
+donated, as the harness does) of the `small` model for
 each method and times them interleaved in one process (method order rotated every
 round), median over `--reps` rounds, each divided by the dense step's median:
 
@@ -107,9 +108,11 @@ def main():
     plan = _plan(cc, cfg)
     init = train.make_init_fn(model, tx, batch, 0, plan, None, act)
     state = jax.jit(init)()
-    state = state.replace(params=params0, cstate={**state.cstate, "transforms": jax.jit(
-        plan.init)(params0, train.cstate_key(0))})
-    fn = jax.jit(train.make_train_step(model, tx, schedule, cfg, plan, None, act))
+    own = jax.tree.map(jax.numpy.array, params0)  # a copy: the step donates its state
+    state = state.replace(params=own, cstate={**state.cstate, "transforms": jax.jit(
+        plan.init)(own, train.cstate_key(0))})
+    fn = jax.jit(train.make_train_step(model, tx, schedule, cfg, plan, None, act),
+                 donate_argnums=(0,))  # as the harness does
     steps[name] = fn.lower(state, batch).compile()
     states[name] = state
 
@@ -124,7 +127,8 @@ def main():
   for name, d in (("student", None), ("student + distill", dist)):
     init = train.make_init_fn(student, tx, batch, 0, _plan({}, s_cfg), d)
     state = jax.jit(init)(params0 if d else None)
-    fn = jax.jit(train.make_train_step(student, tx, schedule, s_cfg, _plan({}, s_cfg), d))
+    fn = jax.jit(train.make_train_step(student, tx, schedule, s_cfg, _plan({}, s_cfg), d),
+                 donate_argnums=(0,))
     if d is None:
       steps[name] = fn.lower(state, batch).compile()
     else:

@@ -29,8 +29,8 @@ def parse_arg(arg, valid=ARGS, values=None) -> dict:
     elif not eq and key in valid:
       out[key] = True
     else:
-      raise ValueError(f"unknown config argument {w!r}; valid: {list(valid)} and "
-                       f"{[k + '=' for k in values]} "
+      pairs = f" and {[k + '=<value>' for k in values]}" if values else ""
+      raise ValueError(f"unknown config argument {w!r}; valid: {list(valid)}{pairs} "
                        "(e.g. --config=experiments/configs/dense.py:tiny).")
   return out
 
