@@ -1,6 +1,6 @@
 """Dense multimodal baseline on mm_arith/procedural with the `small` model.
 
-Reproduce:
+Reproduce (2026-11-30, 2-core CPU: 99.05% test accuracy after 6,000 steps, ~26-36 min):
   ./launch.sh train --config=experiments/configs/dense.py --workdir=workdirs/dense
 Test-sized (tiny model, 30 steps):
   ./launch.sh train --config=experiments/configs/dense.py:tiny --workdir=/tmp/dense_tiny
