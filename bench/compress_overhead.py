@@ -49,7 +49,7 @@ def _batch(cfg, batch_size):
 
 def _plan(cfg_compress, model_cfg):
   from mmjax.compress import build_plan
-  from mmjax.train import param_shapes
+  from mmjax.compress.configure import param_shapes
   return build_plan(cfg_compress, param_shapes(model_cfg), model_cfg.num_heads)
 
 

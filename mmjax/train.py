@@ -21,8 +21,9 @@ import numpy as np
 import optax
 
 from mmjax import checkpointing, optim, sharding
-from mmjax.compress import Plan, build_plan, flatten
-from mmjax.compress import distill as distill_lib
+from mmjax.compress import Plan, build_plan, configure
+from mmjax.compress.configure import abstract_params, param_shapes  # noqa: F401 (re-exported)
+from mmjax.compress.distill import feature as distill_feature
 from mmjax.data import pipeline, sources
 from mmjax.metrics_writer import MetricsWriter, Progress
 from mmjax.models import ModelConfig, MultimodalModel
@@ -39,8 +40,9 @@ class TrainState:
   step: jax.Array  # int32 scalar: optimizer steps taken
   params: Any
   opt_state: Any
-  cstate: Any  # compression state: {"transforms": the plan's state, and with distillation
-  # "distill": its feature projections and their Adam state}
+  cstate: Any  # compression state: {"transforms": the plan's state; with distillation
+  # "distill": its feature projections and their Adam state; with activation quantization
+  # "activations": {Dense path: input scale}}
   rng: jax.Array  # raw uint32[2] key; the train step folds in the step and hands the
   # result to the model as its "dropout" stream (unused by today's layers)
 
@@ -76,7 +78,7 @@ def make_init_fn(model, tx, sample_batch, seed: int, plan: Plan = Plan(), distil
     aux = None
     if distill is not None:
       _, inter = model.apply({"params": params}, sample_batch)
-      s_feats = {f: distill_lib._get(inter, f) for f in distill.features}
+      s_feats = {f: distill_feature(inter, f) for f in distill.features}
       t_feats = distill.teacher_outputs(teacher_params, sample_batch)[1]
       aux = distill.init_aux(s_feats, t_feats, jax.random.fold_in(rng, 3))
     cstate = init_cstate(plan, params, seed, distill, aux)
@@ -214,7 +216,7 @@ class Setup:
   mesh: Any
   total_steps: int
   plan: Plan
-  distill: Any = None  # distill_lib.Distill, when config.compress.distill is set
+  distill: Any = None  # compress.distill.Distill, when config.compress.distill is set
   teacher_dir: str | None = None
   activations: dict | None = None  # activation quantization settings
 
@@ -243,41 +245,11 @@ def validate(config) -> Setup:
   setup = Setup(model_cfg, input_cfg, mesh, int(t.steps), make_plan(config, model_cfg))
   d = config.get("compress", {}).get("distill") if config.get("compress") else None
   if d:
-    setup.distill, setup.teacher_dir = make_distill(config, d)
+    setup.distill, setup.teacher_dir = configure.distill_settings(config, d)
   a = config.get("compress", {}).get("activations") if config.get("compress") else None
   if a:
-    setup.activations = check_activations(a)
+    setup.activations = configure.activation_settings(a)
   return setup
-
-
-ACTIVATION_KEYS = {"bits", "mode", "calibration_batches", "percentile"}
-
-
-def check_activations(a) -> dict:
-  a = a.to_dict() if hasattr(a, "to_dict") else dict(a)
-  bad = sorted(set(a) - ACTIVATION_KEYS)
-  if bad:
-    raise ValueError(f"config.compress.activations has unknown field(s) {bad}; valid "
-                     f"fields: {sorted(ACTIVATION_KEYS)}.")
-  from mmjax.compress import quant
-  out = dict(bits=quant.check_bits(a.get("bits", 8), "config.compress.activations.bits"),
-             mode=a.get("mode", "fake"), calibration_batches=int(a.get("calibration_batches", 8)),
-             percentile=a.get("percentile"))
-  if out["mode"] not in ("fake", "int8"):
-    raise ValueError(f"config.compress.activations.mode={out['mode']!r} is unknown; valid: "
-                     "fake (fake-quant inputs), int8 (real int8 x int8 -> int32 matmuls).")
-  if out["mode"] == "int8" and out["bits"] != 8:
-    raise ValueError("config.compress.activations.mode='int8' needs bits=8.")
-  if out["calibration_batches"] < 1:
-    raise ValueError("config.compress.activations.calibration_batches must be >= 1.")
-  p = out["percentile"]
-  if p is not None and not 50.0 <= float(p) <= 100.0:
-    raise ValueError(f"config.compress.activations.percentile={p} must be in [50, 100].")
-  return out
-
-
-DISTILL_KEYS = {"teacher", "teacher_model", "temperature", "alpha", "features",
-                "feature_weight"}
 
 
 def _calibrate(state, model, plan, act, setup, keys, batch_shd, state_shd, log):
@@ -293,61 +265,6 @@ def _calibrate(state, model, plan, act, setup, keys, batch_shd, state_shd, log):
   log(f"[compress] calibrated {len(scales)} Dense input ranges on "
       f"{len(batches)} batches ({act['mode']}, {act['bits']} bits)")
   return state.replace(cstate={**state.cstate, "activations": scales})
-
-
-def make_distill(config, d):
-  """config.compress.distill -> (Distill, teacher checkpoint dir), every check done here:
-  the teacher checkpoint exists and fits the teacher's model config."""
-  d = d.to_dict() if hasattr(d, "to_dict") else dict(d)
-  bad = sorted(set(d) - DISTILL_KEYS)
-  if bad:
-    raise ValueError(f"config.compress.distill has unknown field(s) {bad}; valid fields: "
-                     f"{sorted(DISTILL_KEYS)}.")
-  teacher = d.get("teacher") or ""
-  if teacher == "init":  # self-distillation: the checkpoint the student starts from
-    teacher = config.get("init") or ""
-  if not teacher:
-    raise ValueError("config.compress.distill.teacher is not set: give a trained run's "
-                     "workdir, or 'init' to distil from config.init (self-distillation).")
-  run_dir = teacher[:-len("/checkpoints")] if teacher.rstrip("/").endswith("checkpoints") \
-      else teacher
-  if d.get("teacher_model"):
-    model_dict = d["teacher_model"]
-  else:
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path):
-      raise ValueError(f"config.compress.distill.teacher={teacher}: no config.json there to "
-                       "read the teacher's model from; point at a run's workdir or set "
-                       "config.compress.distill.teacher_model.")
-    with open(path) as f:
-      model_dict = json.load(f)["model"]
-  teacher_cfg = ModelConfig.from_dict(model_dict)
-  reader = checkpointing.Checkpointer(checkpointing.checkpoint_dir(teacher), read_only=True)
-  step = reader.latest_step()
-  if step is None:
-    raise ValueError(f"config.compress.distill.teacher={teacher} holds no checkpoint; point "
-                     "it at a trained run's workdir.")
-  teacher_model = MultimodalModel(teacher_cfg)
-  reader.check_params_fit(step, _abstract_params(teacher_cfg),
-                          what="the teacher (config.compress.distill.teacher): params in")
-  reader.close()
-  features = tuple(d.get("features") or ())
-  dist = distill_lib.Distill(teacher_model, float(d.get("temperature", 2.0)),
-                             float(d.get("alpha", 0.5)), features,
-                             float(d.get("feature_weight", 0.0))).validate()
-  return dist, teacher
-
-
-def _abstract_params(model_cfg: ModelConfig):
-  from mmjax.models import random_inputs
-  model = MultimodalModel(model_cfg)
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                           random_inputs(model_cfg, 1))["params"])
-
-
-def param_shapes(model_cfg: ModelConfig) -> dict:
-  """{path: shape} of the model's parameters, traced (nothing allocated)."""
-  return {p: tuple(a.shape) for p, a in flatten(_abstract_params(model_cfg)).items()}
 
 
 def make_plan(config, model_cfg: ModelConfig) -> Plan:
@@ -410,7 +327,7 @@ def _compression_report(config, workdir, plan, state, eval_metrics, log, dense_p
   if act:
     extra["activations"] = dict(act, layers=len(state.cstate["activations"]))
   if config.compress.get("export", True):
-    params, cstate = report._host(state.params), report._host(state.cstate["transforms"])
+    params, cstate = report.host_tree(state.params), report.host_tree(state.cstate["transforms"])
     if jax.process_index() == 0:
       out = os.path.join(workdir, "export")
       export.export(params, out, plan, cstate)
@@ -424,8 +341,8 @@ def _compression_report(config, workdir, plan, state, eval_metrics, log, dense_p
   info = plan.describe(state.params, state.cstate["transforms"])
   if any("structured" in d for d in info.values()):
     from mmjax.compress import structured
-    view = report._host(jax.jit(plan.forward)(state.params, state.cstate["transforms"]))
-    small, small_cfg = structured.shrink(view, report._host(info), model_cfg)
+    view = report.host_tree(jax.jit(plan.forward)(state.params, state.cstate["transforms"]))
+    small, small_cfg = structured.shrink(view, report.host_tree(info), model_cfg)
     if jax.process_index() == 0:
       n = structured.save_shrunk(os.path.join(workdir, "shrunk"), small, small_cfg)
       extra.update(shrunk_dir=os.path.join(workdir, "shrunk"), shrunk_parameters=n,
@@ -470,7 +387,7 @@ def train_and_evaluate(config, workdir: str, log=print, plan: Plan | None = None
   fsdp = bool(config.mesh.get("fsdp", False))
   teacher_abstract = teacher_shd = None
   if distill is not None:
-    teacher_abstract = _abstract_params(distill.teacher_model.cfg)
+    teacher_abstract = abstract_params(distill.teacher_model.cfg)
     teacher_shd = sharding.state_shardings(teacher_abstract, mesh, fsdp)
     teacher_abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -27,7 +27,8 @@ import optax
 FEATURE_LR = 1e-3
 
 
-def _get(inter, name):
+def feature(inter, name):
+  """A named feature from a model's intermediates, token features pooled to [b, d]."""
   x = inter
   for part in name.split("/"):
     if not isinstance(x, dict) or part not in x:
@@ -71,7 +72,7 @@ class Distill:
 
   def teacher_outputs(self, teacher_params, batch):
     logits, inter = self.teacher_model.apply({"params": teacher_params}, batch)
-    feats = {f: _get(inter, f) for f in self.features}
+    feats = {f: feature(inter, f) for f in self.features}
     return jax.lax.stop_gradient((logits, feats))
 
   def init_aux(self, student_feats: dict, teacher_feats: dict, rng):
@@ -95,7 +96,7 @@ class Distill:
     if self.features and self.feature_weight > 0:
       errs = []
       for f in self.features:
-        s = _get(inter, f)
+        s = feature(inter, f)
         p = aux["proj"].get(f.replace("/", "."))
         if p is not None:
           s = s @ p["kernel"] + p["bias"]

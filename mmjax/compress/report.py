@@ -44,7 +44,8 @@ def _total(rows):
               compressed_bytes=comp, ratio=dense / max(comp, 1))
 
 
-def _host(tree):
+def host_tree(tree):
+  """Arrays on this host (gathered across processes when they span several)."""
   if jax.process_count() > 1:  # arrays span processes: gather them (every process calls)
     from jax.experimental import multihost_utils
     return multihost_utils.process_allgather(tree, tiled=True)
@@ -53,8 +54,8 @@ def _host(tree):
 
 def build(params, plan: Plan, cstate, **extra) -> dict:
   """The report of a compressed model: rows per leaf, totals, per-modality subtotals."""
-  view = _host(flatten(jax.jit(plan.forward)(params, cstate)))
-  info = _host(plan.describe(params, cstate))
+  view = host_tree(flatten(jax.jit(plan.forward)(params, cstate)))
+  info = host_tree(plan.describe(params, cstate))
   rows = [leaf_report(p, view[p], info.get(p, {})) for p in sorted(view)]
   groups = sorted({r["path"].split("/")[0] for r in rows})
   touched = [r for r in rows if r["masked"] or r["bits"] < 32]
