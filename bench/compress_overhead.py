@@ -14,13 +14,18 @@ round), median over `--reps` rounds, each divided by the dense step's median:
   int8 QAT           per-channel weight fake-quant, straight-through
   prune+int8         both
   int8 matmuls       weights and every Dense input in int8, int8 x int8 -> int32 forward,
-                     straight-through backward
+                     float straight-through backward
+  int8 matmuls+grads the same with the backward matmuls (dX, dW) in int8 too
   distill            the half-size student's step with the dense teacher's forward inside,
                      against the student's own step and the prediction
                      1 + teacher forward FLOPs / student step FLOPs (XLA cost analysis)
+  self-distill       the small model taught by itself (the combined pipeline's setting),
+                     against the dense step and 1 + forward FLOPs / step FLOPs
+  and the achieved GFLOP/s of each piece, which is where a FLOP prediction goes wrong
 
-Then exports (the same writer as every run) the dense fp32 weights and the int8,
-2:4 + int8 and 90% + int8 versions and reports bytes on disk and their ratios. With
+Then exports (the same writer as every run) the dense fp32 weights (raw, 4 bytes a
+parameter, and zstd'd as Orbax writes by default) and the int8, 2:4 + int8 and 90% + int8
+versions, and reports bytes on disk and their ratios to both references. With
 `--init`, the weights are that trained run's; otherwise a fresh initialisation (said so).
 """
 from __future__ import annotations
@@ -59,12 +64,74 @@ def _flops(compiled):
   return float(cost.get("flops", 0.0))
 
 
+def _distillation(med, teacher_fwd_flops, student_flops, dense_flops):
+  """Measured distillation overheads against their FLOP and time predictions, and the rate
+  (GFLOP/s) each piece runs at: where a FLOP-count prediction goes wrong."""
+  prediction = 1.0 + teacher_fwd_flops / student_flops
+  time_prediction = 1.0 + med["teacher forward"] / med["student"]
+  distill_ratio = med["student + distill"] / med["student"]
+  self_prediction = 1.0 + teacher_fwd_flops / dense_flops
+  self_time_prediction = 1.0 + med["teacher forward"] / med["dense"]
+  self_ratio = med["self-distill"] / med["dense"]
+  rates = {"teacher forward": teacher_fwd_flops / med["teacher forward"] / 1e9,
+           "student step": student_flops / med["student"] / 1e9,
+           "dense step": dense_flops / med["dense"] / 1e9}
+  print(f"distillation prediction 1 + teacher fwd / student step FLOPs = {prediction:.3f} "
+        f"({teacher_fwd_flops / 1e9:.2f} / {student_flops / 1e9:.2f} GFLOP); measured / "
+        f"predicted = {distill_ratio / prediction:.3f}; by time, 1 + teacher forward / student "
+        f"step = {time_prediction:.3f}, measured / that = {distill_ratio / time_prediction:.3f}")
+  print(f"self-distillation (small taught by small): prediction 1 + teacher fwd / step FLOPs "
+        f"= {self_prediction:.3f}; measured {self_ratio:.3f}, measured / predicted = "
+        f"{self_ratio / self_prediction:.3f}; by time {self_time_prediction:.3f}, measured / "
+        f"that = {self_ratio / self_time_prediction:.3f}")
+  print("where the time goes (XLA-counted GFLOP / median s): " +
+        ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in rates.items()))
+  return dict(distill_prediction=prediction, distill_ratio=distill_ratio,
+              distill_time_prediction=time_prediction,
+              self_distill_prediction=self_prediction, self_distill_ratio=self_ratio,
+              self_distill_time_prediction=self_time_prediction, gflop_per_s=rates,
+              dense_step_gflop=dense_flops / 1e9, teacher_fwd_gflop=teacher_fwd_flops / 1e9,
+              student_step_gflop=student_flops / 1e9)
+
+
+def _disk(params0, cfg, prune, int8, source):
+  """Bytes on disk of exports (the writer every run uses) against raw and zstd'd fp32."""
+  from mmjax import train
+  from mmjax.compress import export
+  from mmjax.compress.configure import PRUNE_PATTERN
+  disk = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    export.export(params0, os.path.join(tmp, "raw"), zstd=False)
+    disk["dense fp32 raw"] = export.disk_bytes(os.path.join(tmp, "raw"))
+    export.export(params0, os.path.join(tmp, "dense"))
+    disk["dense fp32 zstd"] = export.disk_bytes(os.path.join(tmp, "dense"))
+    for name, cc in (("int8", dict(quant=int8)),
+                     ("2:4 + int8", dict(prune=dict(method="n_m", n=2, m=4,
+                                                    pattern=PRUNE_PATTERN), quant=int8)),
+                     ("90% + int8", dict(prune=prune(dict(kind="one_shot", begin=0)),
+                                         quant=int8))):
+      plan = _plan(cc, cfg)
+      pruned, st = jax.jit(plan.start)(params0, train.cstate_key(0))
+      export.export(pruned, os.path.join(tmp, name), plan, st)
+      disk[name] = export.disk_bytes(os.path.join(tmp, name))
+  print(f"bytes on disk ({source}):")
+  for k, v in disk.items():
+    print(f"  {k:15s} {v:>12,d}  raw fp32 / this = {disk['dense fp32 raw'] / v:6.2f}   "
+          f"zstd fp32 / this = {disk['dense fp32 zstd'] / v:6.2f}")
+  return dict(disk_bytes=disk,
+              disk_ratio={k: disk["dense fp32 raw"] / v for k, v in disk.items()},
+              disk_ratio_zstd={k: disk["dense fp32 zstd"] / v for k, v in disk.items()})
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--init", default=None, help="a trained dense run's workdir")
   ap.add_argument("--batch_size", type=int, default=64)
   ap.add_argument("--reps", type=int, default=15)
   ap.add_argument("--out", default="bench/out/compress_overhead.json")
+  ap.add_argument("--only", default=None,
+                  help="comma-separated method names: time just these against dense (an A/B "
+                       "with fewer neighbours), skip distillation, inference and disk")
   args = ap.parse_args()
 
   import optax
@@ -88,20 +155,28 @@ def main():
     reader.close()
     source = f"trained weights from {args.init}"
 
-  never = dict(kind="polynomial", begin=10**8, end=10**8 + 1, every=1)
+  once = dict(kind="one_shot", begin=0)  # 90% masks at step 0, only applied afterwards
   always = dict(kind="polynomial", begin=0, end=10**8, every=1)
   prune = lambda sched: dict(method="magnitude", sparsity=0.9, pattern=PRUNE_PATTERN,
                              schedule=sched)
   int8 = dict(bits=8, pattern=QUANT_PATTERN)
   methods = {
       "dense": ({}, None),
-      "masks (apply)": (dict(prune=prune(never)), None),
+      "masks (apply)": (dict(prune=prune(once)), None),
       "masks (recompute)": (dict(prune=prune(always)), None),
       "2:4": (dict(prune=dict(method="n_m", n=2, m=4, pattern=PRUNE_PATTERN)), None),
       "int8 QAT": (dict(quant=int8), None),
-      "prune+int8": (dict(prune=prune(never), quant=int8), None),
-      "int8 matmuls": (dict(quant=int8), dict(bits=8, mode="int8")),
+      "prune+int8": (dict(prune=prune(once), quant=int8), None),
+      "int8 matmuls": (dict(quant=int8), dict(bits=8, mode="int8", int8_grads=False)),
+      "int8 matmuls+grads": (dict(quant=int8), dict(bits=8, mode="int8", int8_grads=True)),
   }
+  full = args.only is None
+  if not full:
+    wanted = [m.strip() for m in args.only.split(",")]
+    unknown = sorted(set(wanted) - set(methods))
+    if unknown:
+      ap.error(f"--only: unknown method(s) {unknown}; valid: {sorted(methods)}")
+    methods = {k: v for k, v in methods.items() if k == "dense" or k in wanted}
 
   steps, states = {}, {}
   for name, (cc, act) in methods.items():
@@ -109,61 +184,71 @@ def main():
     init = train.make_init_fn(model, tx, batch, 0, plan, None, act)
     state = jax.jit(init)()
     own = jax.tree.map(jax.numpy.array, params0)  # a copy: the step donates its state
-    state = state.replace(params=own, cstate={**state.cstate, "transforms": jax.jit(
-        plan.init)(own, train.cstate_key(0))})
+    own, transforms = jax.jit(plan.start)(own, train.cstate_key(0))
+    state = state.replace(params=own, cstate={**state.cstate, "transforms": transforms})
     fn = jax.jit(train.make_train_step(model, tx, schedule, cfg, plan, None, act),
                  donate_argnums=(0,))  # as the harness does
     steps[name] = fn.lower(state, batch).compile()
     states[name] = state
 
-  # distillation: the half-size student (1 block per tower, 1 fusion layer) with and without
-  # the teacher's forward in its step
-  import dataclasses
-  s_cfg = dataclasses.replace(
-      cfg, towers={m: dataclasses.replace(t, num_layers=1) for m, t in cfg.towers.items()},
-      fusion=dataclasses.replace(cfg.fusion, num_layers=1))
-  student = MultimodalModel(s_cfg)
-  dist = Distill(model, 2.0, 0.5, ("pooled",), 1.0)
-  for name, d in (("student", None), ("student + distill", dist)):
-    init = train.make_init_fn(student, tx, batch, 0, _plan({}, s_cfg), d)
-    state = jax.jit(init)(params0 if d else None)
-    fn = jax.jit(train.make_train_step(student, tx, schedule, s_cfg, _plan({}, s_cfg), d),
-                 donate_argnums=(0,))
-    if d is None:
-      steps[name] = fn.lower(state, batch).compile()
-    else:
-      compiled = fn.lower(state, batch, params0).compile()
-      steps[name] = lambda s, b, c=compiled: c(s, b, params0)
-    states[name] = state
-  student_flops = _flops(jax.jit(train.make_train_step(
-      student, tx, schedule, s_cfg, _plan({}, s_cfg))).lower(states["student"], batch).compile())
-  teacher_fwd_flops = _flops(jax.jit(lambda p, b: model.apply({"params": p}, b)[0]).lower(
-      params0, batch).compile())
+  if full:
+    # distillation: the half-size student (1 block per tower, 1 fusion layer) with and without
+    # the teacher's forward in its step
+    import dataclasses
+    s_cfg = dataclasses.replace(
+        cfg, towers={m: dataclasses.replace(t, num_layers=1) for m, t in cfg.towers.items()},
+        fusion=dataclasses.replace(cfg.fusion, num_layers=1))
+    student = MultimodalModel(s_cfg)
+    dist = Distill(model, 2.0, 0.5, ("pooled",), 1.0)
+    for name, d in (("student", None), ("student + distill", dist)):
+      init = train.make_init_fn(student, tx, batch, 0, _plan({}, s_cfg), d)
+      state = jax.jit(init)(params0 if d else None)
+      fn = jax.jit(train.make_train_step(student, tx, schedule, s_cfg, _plan({}, s_cfg), d),
+                   donate_argnums=(0,))
+      if d is None:
+        steps[name] = fn.lower(state, batch).compile()
+      else:
+        compiled = fn.lower(state, batch, params0).compile()
+        steps[name] = lambda s, b, c=compiled: c(s, b, params0)
+      states[name] = state
+    # self-distillation (the combined pipeline's): the small model taught by itself
+    d_self = Distill(model, 2.0, 0.5, ("pooled",), 1.0)
+    init = train.make_init_fn(model, tx, batch, 0, _plan({}, cfg), d_self)
+    states["self-distill"] = jax.jit(init)(params0)
+    compiled = jax.jit(train.make_train_step(model, tx, schedule, cfg, _plan({}, cfg), d_self),
+                       donate_argnums=(0,)).lower(states["self-distill"], batch, params0).compile()
+    steps["self-distill"] = lambda s, b, c=compiled: c(s, b, params0)
+    dense_flops = _flops(jax.jit(train.make_train_step(model, tx, schedule, cfg, _plan({}, cfg)))
+                         .lower(states["dense"], batch).compile())
+    student_flops = _flops(jax.jit(train.make_train_step(
+        student, tx, schedule, s_cfg, _plan({}, s_cfg))).lower(states["student"], batch).compile())
+    teacher_fwd_flops = _flops(jax.jit(lambda p, b: model.apply({"params": p}, b)[0]).lower(
+        params0, batch).compile())
 
-  # inference: the fp32 forward against the int8 path (int8 weights and inputs,
-  # int8 x int8 -> int32), on calibrated ranges
-  import flax.linen as nn
+    # inference: the fp32 forward against the int8 path (int8 weights and inputs,
+    # int8 x int8 -> int32), on calibrated ranges
+    import flax.linen as nn
 
-  from mmjax.compress import activations, quant, rules
-  from mmjax.compress.core import Plan as _Plan, flatten as _flatten
-  q_plan = _Plan(rules([(QUANT_PATTERN, quant.weights(8))], list(_flatten(params0))))
-  q_view = jax.jit(q_plan.forward)(params0, q_plan.init(params0, jax.random.key(0)))
-  scales = activations.scales_from_amax(activations.calibrate(model, params0, [batch]))
+    from mmjax.compress import activations, quant, rules
+    from mmjax.compress.core import Plan as _Plan, flatten as _flatten
+    q_plan = _Plan(rules([(QUANT_PATTERN, quant.weights(8))], list(_flatten(params0))))
+    q_view = jax.jit(q_plan.forward)(params0, q_plan.init(params0, jax.random.key(0)))
+    scales = activations.scales_from_amax(activations.calibrate(model, params0, [batch]))
 
-  def fwd_int8(p, b):
-    with nn.intercept_methods(activations.interceptor(scales, 8, "int8")):
-      return model.apply({"params": p}, b)[0]
+    def fwd_int8(p, b):
+      with nn.intercept_methods(activations.interceptor(scales, 8, "int8")):
+        return model.apply({"params": p}, b)[0]
 
-  fwd32 = jax.jit(lambda p, b: model.apply({"params": p}, b)[0])
-  fwd8 = jax.jit(fwd_int8)
-  steps["forward fp32"] = lambda s, b: (s, fwd32(params0, b))
-  steps["forward int8"] = lambda s, b: (s, fwd8(q_view, b))
-  states["forward fp32"] = states["forward int8"] = None
+    fwd32 = jax.jit(lambda p, b: model.apply({"params": p}, b)[0])
+    fwd8 = jax.jit(fwd_int8)
+    steps["forward fp32"] = lambda s, b: (s, fwd32(params0, b))
+    steps["forward int8"] = lambda s, b: (s, fwd8(q_view, b))
+    states["forward fp32"] = states["forward int8"] = None
 
-  # the teacher's forward alone, timed like a step: a time-based prediction next to FLOPs
-  teacher_fwd = jax.jit(lambda p, b: model.apply({"params": p}, b)[0])
-  steps["teacher forward"] = lambda s, b: (s, teacher_fwd(params0, b))
-  states["teacher forward"] = None
+    # the teacher's forward alone, timed like a step: a time-based prediction next to FLOPs
+    teacher_fwd = jax.jit(lambda p, b: model.apply({"params": p}, b)[0])
+    steps["teacher forward"] = lambda s, b: (s, teacher_fwd(params0, b))
+    states["teacher forward"] = None
   names = list(steps)
   times = {n: [] for n in names}
   for n in names:  # warm up
@@ -183,45 +268,18 @@ def main():
     base = (med["student"] if n.startswith(("student", "teacher")) else
             med["forward fp32"] if n.startswith("forward") else med["dense"])
     rows.append(dict(method=n, median_ms=1e3 * med[n], ratio=med[n] / base))
-  prediction = 1.0 + teacher_fwd_flops / student_flops
-  time_prediction = 1.0 + med["teacher forward"] / med["student"]
-  distill_ratio = med["student + distill"] / med["student"]
-
-  # bytes on disk
-  disk = {}
-  with tempfile.TemporaryDirectory() as tmp:
-    export.export(params0, os.path.join(tmp, "dense"))
-    disk["dense fp32"] = export.disk_bytes(os.path.join(tmp, "dense"))
-    for name, cc in (("int8", dict(quant=int8)),
-                     ("2:4 + int8", dict(prune=dict(method="n_m", n=2, m=4,
-                                                    pattern=PRUNE_PATTERN), quant=int8)),
-                     ("90% + int8", dict(prune=prune(dict(kind="one_shot", begin=0)),
-                                         quant=int8))):
-      plan = _plan(cc, cfg)
-      st = jax.jit(plan.init)(params0, train.cstate_key(0))
-      export.export(params0, os.path.join(tmp, name), plan, st)
-      disk[name] = export.disk_bytes(os.path.join(tmp, name))
-
+  result = dict(backend=jax.default_backend(), batch_size=args.batch_size, reps=args.reps,
+                steps=rows, weights=source)
   print(f"small model, batch {args.batch_size}, {jax.default_backend()}, "
         f"median of {args.reps} interleaved rounds")
-  print(f"{'method':22s} {'median ms':>10s} {'ratio':>7s}")
+  print(f"{'method':26s} {'median ms':>10s} {'ratio':>7s}")
   for r in rows:
     note = (" (vs student step)" if r["method"] in ("student + distill", "teacher forward")
             else " (vs fp32 forward)" if r["method"].startswith("forward") else "")
-    print(f"{r['method']:22s} {r['median_ms']:10.1f} {r['ratio']:7.3f}{note}")
-  print(f"distillation prediction 1 + teacher fwd / student step FLOPs = {prediction:.3f} "
-        f"({teacher_fwd_flops / 1e9:.2f} / {student_flops / 1e9:.2f} GFLOP); measured / "
-        f"predicted = {distill_ratio / prediction:.3f}; by time, 1 + teacher forward / student "
-        f"step = {time_prediction:.3f}, measured / that = {distill_ratio / time_prediction:.3f}")
-  print(f"bytes on disk ({source}):")
-  for k, v in disk.items():
-    print(f"  {k:12s} {v:>12,d}  dense/this = {disk['dense fp32'] / v:6.2f}")
-  result = dict(backend=jax.default_backend(), batch_size=args.batch_size, reps=args.reps,
-                steps=rows, distill_prediction=prediction, distill_ratio=distill_ratio,
-                distill_time_prediction=time_prediction,
-                teacher_fwd_gflop=teacher_fwd_flops / 1e9, student_step_gflop=student_flops / 1e9,
-                disk_bytes=disk, disk_ratio={k: disk["dense fp32"] / v for k, v in disk.items()},
-                weights=source)
+    print(f"{r['method']:26s} {r['median_ms']:10.1f} {r['ratio']:7.3f}{note}")
+  if full:
+    result.update(_distillation(med, teacher_fwd_flops, student_flops, dense_flops))
+    result.update(_disk(params0, cfg, prune, int8, source))
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)

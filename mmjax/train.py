@@ -51,11 +51,14 @@ def cstate_key(seed: int):
   return jax.random.fold_in(jax.random.PRNGKey(seed), 2)
 
 
-def init_cstate(plan: Plan, params, seed: int, distill=None, distill_aux=None):
-  cstate = {"transforms": plan.init(params, cstate_key(seed))}
+def start_compression(plan: Plan, params, seed: int, distill=None, distill_aux=None):
+  """-> (params, cstate): the plan's state, and the weights as it constrains them at step 0
+  (pruning masks applied)."""
+  params, transforms = plan.start(params, cstate_key(seed))
+  cstate = {"transforms": transforms}
   if distill is not None:
     cstate["distill"] = distill_aux
-  return cstate
+  return params, cstate
 
 
 def apply_model(model, variables, batch, cstate, act, **kwargs):
@@ -64,7 +67,8 @@ def apply_model(model, variables, batch, cstate, act, **kwargs):
     return model.apply(variables, batch, **kwargs)
   from mmjax.compress import activations as act_lib
   with flax.linen.intercept_methods(
-      act_lib.interceptor(cstate["activations"], act["bits"], act["mode"])):
+      act_lib.interceptor(cstate["activations"], act["bits"], act["mode"],
+                          act.get("int8_grads", True))):
     return model.apply(variables, batch, **kwargs)
 
 
@@ -81,7 +85,7 @@ def make_init_fn(model, tx, sample_batch, seed: int, plan: Plan = Plan(), distil
       s_feats = {f: distill_feature(inter, f) for f in distill.features}
       t_feats = distill.teacher_outputs(teacher_params, sample_batch)[1]
       aux = distill.init_aux(s_feats, t_feats, jax.random.fold_in(rng, 3))
-    cstate = init_cstate(plan, params, seed, distill, aux)
+    params, cstate = start_compression(plan, params, seed, distill, aux)
     if act:
       from mmjax.compress import activations as act_lib
       cstate["activations"] = {k: jnp.float32(1.0) for k in
@@ -321,7 +325,8 @@ def _compression_report(config, workdir, plan, state, eval_metrics, log, dense_p
   the real compressed export in <workdir>/export, its bytes on disk measured next to a
   dense fp32 export, written the same way, of the uncompressed weights this run started
   from (config.init's, else the fresh initialisation): a dense model's bytes, which zstd
-  cannot shrink by finding the zeros that pruning made."""
+  cannot shrink by finding the zeros that pruning made. Two references: raw fp32 (4 bytes a
+  parameter; `disk_ratio`) and zstd'd fp32 as Orbax checkpoints are (`disk_ratio_zstd`)."""
   from mmjax.compress import export, report
   extra = {}
   if act:
@@ -331,13 +336,15 @@ def _compression_report(config, workdir, plan, state, eval_metrics, log, dense_p
     if jax.process_index() == 0:
       out = os.path.join(workdir, "export")
       export.export(params, out, plan, cstate)
-      dense_dir = os.path.join(workdir, "export_dense_fp32.tmp")
-      export.export(dense_params_fn(), dense_dir)
-      extra.update(export_dir=out, disk_bytes=export.disk_bytes(out),
-                   disk_bytes_dense=export.disk_bytes(dense_dir))
-      extra["disk_ratio"] = extra["disk_bytes_dense"] / extra["disk_bytes"]
+      extra.update(export_dir=out, disk_bytes=export.disk_bytes(out))
+      dense = dense_params_fn()
       import shutil
-      shutil.rmtree(dense_dir)
+      for suffix, zstd in (("", False), ("_zstd", True)):
+        dense_dir = os.path.join(workdir, f"export_dense_fp32{suffix}.tmp")
+        export.export(dense, dense_dir, zstd=zstd)
+        extra[f"disk_bytes_dense{suffix}"] = export.disk_bytes(dense_dir)
+        extra[f"disk_ratio{suffix}"] = extra[f"disk_bytes_dense{suffix}"] / extra["disk_bytes"]
+        shutil.rmtree(dense_dir)
   info = plan.describe(state.params, state.cstate["transforms"])
   if any("structured" in d for d in info.values()):
     from mmjax.compress import structured
@@ -447,8 +454,8 @@ def train_and_evaluate(config, workdir: str, log=print, plan: Plan | None = None
     if init_dir:
       params = init_reader.restore_params(init_step, abstract.params)
       # the compression state starts from these weights (one-shot masks of a trained model)
-      transforms = jax.jit(plan.init, out_shardings=state_shd.cstate["transforms"])(
-          params, cstate_key(int(config.seed)))
+      params, transforms = jax.jit(plan.start, out_shardings=(
+          state_shd.params, state_shd.cstate["transforms"]))(params, cstate_key(int(config.seed)))
       cstate = {**state.cstate, "transforms": transforms}
       state = state.replace(params=params, cstate=cstate, opt_state=jax.jit(
           tx.init, out_shardings=state_shd.opt_state)(params))

@@ -57,7 +57,8 @@ def test_int8_matmul_gradient_is_straight_through():
   x = jnp.asarray(r.normal(size=(5, 16)), jnp.float32)
   w = jnp.asarray(r.normal(size=(16, 8)), jnp.float32)
   s = jnp.float32(1.0 / 127)  # clip at |x| <= 1
-  gx, gw = jax.grad(lambda x, w: activations.int8_matmul(x, w, s).sum(), argnums=(0, 1))(x, w)
+  gx, gw = jax.grad(lambda x, w: activations.int8_matmul(x, w, s, False).sum(),
+                    argnums=(0, 1))(x, w)
   inside = np.abs(np.asarray(x)) <= 1.0
   wq, ws = quant.quantize(w, 8)
   w_deq = np.asarray(wq, np.float32) * np.asarray(ws)
@@ -65,3 +66,30 @@ def test_int8_matmul_gradient_is_straight_through():
                              atol=1e-5)
   x_deq = np.clip(np.round(np.asarray(x) / float(s)), -127, 127) * float(s)
   np.testing.assert_allclose(np.asarray(gw), x_deq.T @ np.ones((5, 8)), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_backward_matmuls_approximate_the_float_ones():
+  """int8_grads: dX and dW come from int8 x int8 -> int32 products of the per-tensor
+  quantized output gradient; they stay within int8 rounding of the float STE gradients
+  (and are not those exactly: the integer path really ran)."""
+  r = np.random.default_rng(1)
+  x = jnp.asarray(r.normal(size=(3, 40, 64)), jnp.float32)
+  w = jnp.asarray(r.normal(size=(64, 48)) / 8, jnp.float32)
+  t = jnp.asarray(r.normal(size=(3, 40, 48)), jnp.float32)
+  s = jnp.float32(3.0 / 127)  # some inputs clipped
+
+  def grads(int8_grads):
+    loss = lambda x, w: jnp.sum(jnp.sin(activations.int8_matmul(x, w, s, int8_grads)) * t)
+    return jax.grad(loss, argnums=(0, 1))(x, w)
+
+  (fx, fw), (ix, iw) = grads(False), grads(True)
+  for f, i in ((fx, ix), (fw, iw)):
+    f, i = np.asarray(f, np.float64), np.asarray(i, np.float64)
+    rel = np.linalg.norm(i - f) / np.linalg.norm(f)
+    assert 0 < rel < 0.02, rel
+  assert (np.asarray(ix)[np.abs(np.asarray(x)) > 3.0] == 0).all()  # clipped: no gradient
+  hlo = jax.jit(jax.grad(lambda x, w: activations.int8_matmul(x, w, s).sum(), argnums=(0, 1))
+                ).lower(x, w).as_text()
+  int_dots = [l for l in hlo.splitlines()
+              if "dot_general" in l and "xi8>" in l and l.rstrip().endswith("xi32>")]
+  assert len(int_dots) == 2  # dX and dW are integer products

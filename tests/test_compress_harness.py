@@ -147,27 +147,31 @@ def test_export_round_trip_and_sizes(tmp_path):
   p90 = rules([(r".*kernel", pruning.unstructured(0.9))], paths)
   dense_bytes = None
   sizes = {}
+  raw = str(tmp_path / "dense_raw")
+  export.export(params, raw, zstd=False)
+  assert abs(export.disk_bytes(raw) - 4 * sum(a.size for a in flatten(params).values())) < 4096
   for name, t in (("dense", None), ("int8", q8), ("int4", q4), ("2:4+int8", chain(nm24, q8)),
                   ("90%+int8", chain(p90, q8)), ("90%", p90)):
     plan = Plan(t) if t else None
-    cstate = plan.init(params, jax.random.PRNGKey(0)) if plan else None
+    started, cstate = plan.start(params, jax.random.PRNGKey(0)) if plan else (params, None)
     out = str(tmp_path / name.replace("%", "").replace(":", "_").replace("+", "_"))
-    export.export(params, out, plan, cstate)
+    export.export(started, out, plan, cstate)
     sizes[name] = export.disk_bytes(out)
     loaded = flatten(export.load(out))
-    view = flatten(plan.forward(params, cstate)) if plan else flatten(params)
+    view = flatten(plan.forward(started, cstate)) if plan else flatten(params)
     for k in view:
       np.testing.assert_allclose(loaded[k], np.asarray(view[k]), rtol=1e-6, atol=1e-7)
     if name in ("int8", "2:4+int8"):
       codes = export.load_codes(out)["l0/kernel"]
       assert codes["codes"].dtype == np.int8 and codes["scale"].shape == (512,)
-  dense_bytes = sizes["dense"]
-  ratios = {k: dense_bytes / v for k, v in sizes.items()}
-  # Gaussian weights under Orbax's zstd: fp32 shrinks ~7%, int8 codes ~6%, so measured
-  # ratios sit a little under the raw-byte ones (int8 3.87, 2:4+int8 5.93 here); the
-  # targets for trained models are measured by bench/compress_overhead.py.
-  assert ratios["int8"] > 3.8 and ratios["int4"] > 7.0
-  assert ratios["2:4+int8"] > 5.8 and ratios["90%+int8"] > 15.0 and ratios["90%"] > 6.0
+  ratios = {k: export.disk_bytes(raw) / v for k, v in sizes.items()}
+  zstd_ratios = {k: sizes["dense"] / v for k, v in sizes.items()}
+  # against raw fp32 (4 bytes a parameter) the targets hold: int8 >= 3.9, 2:4 +
+  # int8 >= 6, 90% + int8 >= 15. Against zstd'd fp32 (Gaussian weights shrink ~7%, their int8
+  # codes ~6%) each sits a little lower; trained models: bench/compress_overhead.py.
+  assert ratios["int8"] > 3.9 and ratios["int4"] > 7.5
+  assert ratios["2:4+int8"] > 6.0 and ratios["90%+int8"] > 15.0 and ratios["90%"] > 6.0
+  assert zstd_ratios["int8"] > 3.8 and zstd_ratios["2:4+int8"] > 5.8
 
 
 def test_export_refuses_a_directory_that_is_not_an_export(tmp_path):

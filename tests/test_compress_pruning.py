@@ -61,6 +61,11 @@ def _plan(t, pattern=r".*kernel"):
   return Plan(rules([(pattern, t)], list(_flat_paths(params)))), params
 
 
+def _view(plan, params, seed=0):
+  """The weights a run computes with after `Plan.start` (masks applied at step 0)."""
+  return plan.forward(*plan.start(params, jax.random.PRNGKey(seed)))
+
+
 def _flat_paths(params):
   from mmjax.compress import flatten
   return flatten(params).keys()
@@ -70,8 +75,7 @@ def _flat_paths(params):
 @pytest.mark.parametrize("score", ["magnitude", "random"])
 def test_realized_sparsity_equals_target(scope, score):
   plan, params = _plan(pruning.unstructured(0.7, score=score, scope=scope))
-  state = plan.init(params, jax.random.PRNGKey(0))
-  view = plan.forward(params, state)
+  view = _view(plan, params)
   sizes = {k: params[k]["kernel"].size for k in ("a", "b")}
   zeros = {k: int((np.asarray(view[k]["kernel"]) == 0).sum()) for k in ("a", "b")}
   if scope == "layer":  # each layer to its own target, +-1 element
@@ -86,7 +90,7 @@ def test_realized_sparsity_equals_target(scope, score):
 
 def test_magnitude_keeps_the_largest_weights_per_layer():
   plan, params = _plan(pruning.unstructured(0.5))
-  view = plan.forward(params, plan.init(params, jax.random.PRNGKey(0)))
+  view = _view(plan, params)
   w, v = np.asarray(params["a"]["kernel"]), np.asarray(view["a"]["kernel"])
   kept = v != 0
   assert np.abs(w[kept]).min() >= np.abs(w[~kept]).max()
@@ -94,7 +98,7 @@ def test_magnitude_keeps_the_largest_weights_per_layer():
 
 def test_pruned_weights_stay_zero_under_adam():
   plan, params = _plan(pruning.unstructured(0.8))
-  state = plan.init(params, jax.random.PRNGKey(0))
+  params, state = plan.start(params, jax.random.PRNGKey(0))
   tx = optax.adam(1e-2)
   opt = tx.init(params)
 
@@ -150,12 +154,12 @@ def test_random_pruning_differs_from_magnitude():
 
 def test_n_m_transform_and_chain_with_another():
   plan, params = _plan(pruning.n_of_m(2, 4, shapes={"a/kernel": (16, 24), "b/kernel": (24, 8)}))
-  v = plan.forward(params, plan.init(params, jax.random.PRNGKey(0)))
+  v = _view(plan, params)
   g = (np.asarray(v["a"]["kernel"]) != 0).reshape(4, 4, 24).sum(axis=1)
   assert (g == 2).all()
   both = Plan(chain(plan.transform, rules([(r"b/kernel", pruning.unstructured(0.9))],
                                           list(_flat_paths(params)))))
-  v2 = both.forward(params, both.init(params, jax.random.PRNGKey(0)))
+  v2 = _view(both, params)
   assert (np.asarray(v2["b"]["kernel"]) == 0).mean() >= 0.875
 
 
@@ -189,8 +193,8 @@ def test_random_trees_prune_then_quantize(shapes, sparsity, bits, seed):
   paths = list(_flat_paths(params))
   plan = Plan(chain(rules([(r".*kernel", pruning.unstructured(sparsity))], paths),
                     rules([(r".*kernel", quant.weights(bits))], paths)))
-  state = plan.init(params, jax.random.PRNGKey(seed))
-  view = plan.forward(params, state)
+  started, state = plan.start(params, jax.random.PRNGKey(seed))
+  view = plan.forward(started, state)
   masks = state[0][0]["masks"]
   for name, s in zip(params, shapes):
     mask = np.asarray(masks[f"{name}/kernel"])

@@ -28,8 +28,8 @@ def test_shrunk_model_matches_the_masked_one(unit, sparsity, fusion):
   paths = list(flatten(params))
   pattern = structured.HEAD_PATTERN if unit == "head" else structured.MLP_PATTERN
   plan = Plan(rules([(pattern, structured.units(sparsity, unit, num_heads=4))], paths))
-  state = plan.init(params, jax.random.PRNGKey(0))
-  view = plan.forward(params, state)
+  started, state = plan.start(params, jax.random.PRNGKey(0))
+  view = plan.forward(started, state)
   masked_logits, _ = model.apply({"params": view}, x)
   small, small_cfg = structured.shrink(view, plan.describe(params, state), cfg)
   if unit == "head":

@@ -2,8 +2,9 @@
 a straight-through estimator, per output channel.
 
 Arguments: `bits=<2..8>` (default 8), `tensor` (per-tensor scales), `int8` (also quantize
-every Dense input, calibrated, and run the forward pass as real int8 x int8 -> int32
-matmuls with straight-through gradients), `tiny`.
+every Dense input, calibrated, and run every Dense layer's forward and backward matmuls as
+real int8 x int8 -> int32 products with straight-through gradients), `float_grads` (with
+`int8`: float backward matmuls), `tiny`.
 Reproduce (after the dense run):
   ./launch.sh train --config=experiments/configs/qat.py --workdir=workdirs/qat_int8
 """
@@ -12,11 +13,12 @@ from mmjax.compress.configure import QUANT_PATTERN
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, valid=("tiny", "tensor", "int8"), values={"bits": int})
+  args = parse_arg(arg, valid=("tiny", "tensor", "int8", "float_grads"), values={"bits": int})
   c = finetune_config(args, steps=1000)
   c.compress.quant = dict(bits=args.get("bits", 8),
                           granularity="tensor" if args.get("tensor") else "channel",
                           clip_ratio=1.0, pattern=QUANT_PATTERN)
   if args.get("int8"):
-    c.compress.activations = dict(bits=8, mode="int8", calibration_batches=8, percentile=None)
+    c.compress.activations = dict(bits=8, mode="int8", calibration_batches=8, percentile=None,
+                                  int8_grads=not args.get("float_grads"))
   return c

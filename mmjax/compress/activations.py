@@ -11,14 +11,17 @@ Flax's `nn.intercept_methods` sees each `nn.Dense.__call__`; three interceptors 
                         computes the layer as real integer arithmetic: int8 inputs x int8
                         per-channel weight codes -> int32 `dot_general`, rescaled by
                         s_x * s_w, plus the float bias. Its outputs equal the fake-quant
-                        path's to float rounding (tested); the backward pass (int8 QAT) uses
-                        the straight-through estimator on the dequantized operands.
+                        path's to float rounding (tested). Its backward pass (int8 QAT) is
+                        straight-through; by default its two matmuls are int8 as well
+                        (output gradient and kernel quantized per tensor), else float.
 
 Scales are a dict {module path: float32 scalar}, an ordinary pytree kept in the
 compression state. Weight codes use the same per-channel rule as `quant.quantize`, so a
 plan that fake-quantizes kernels to int8 and this int8 path see identical weights.
 """
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -79,10 +82,21 @@ def fake_quant_input(x, scale, bits):
   return xc + jax.lax.stop_gradient(jnp.round(xc / scale) * scale - xc)
 
 
-@jax.custom_vjp
-def int8_matmul(x, kernel, x_scale):
-  """x [..., k] float, kernel [k, n] float -> float: int8(x) @ int8(kernel) in int32."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def int8_matmul(x, kernel, x_scale, int8_grads: bool = True):
+  """x [..., k] float, kernel [k, n] float -> float: int8(x) @ int8(kernel) in int32.
+
+  Gradients are straight-through (those of the dequantized product, zero where x was
+  clipped). With `int8_grads` the two backward products run in int8 too (the output
+  gradient quantized per tensor, the kernel per tensor for dX), so all three matmuls of
+  the layer are integer; otherwise they are float matmuls of the dequantized operands."""
   return _int8_forward(x, kernel, x_scale)[0]
+
+
+def _quantize_per_tensor(a):
+  qm = quant.qmax(8)
+  scale = jnp.maximum(jnp.max(jnp.abs(a)), 1e-30) / qm
+  return jnp.clip(jnp.round(a / scale), -qm, qm).astype(jnp.int8), scale
 
 
 def _int8_forward(x, kernel, x_scale):
@@ -95,28 +109,59 @@ def _int8_forward(x, kernel, x_scale):
   return y, (xq, wq, w_scale)
 
 
-def _int8_fwd(x, kernel, x_scale):
+def _int8_fwd(x, kernel, x_scale, int8_grads):
   y, (xq, wq, w_scale) = _int8_forward(x, kernel, x_scale)
   inside = jnp.abs(x) <= x_scale * quant.qmax(8)
   return y, (xq, wq, w_scale, x_scale, inside)
 
 
-def _int8_bwd(res, g):
-  # straight-through: gradients of the dequantized product, zero where x was clipped
+# dW contracts over every token; above this many, int32 could overflow (127 * 127 a token)
+_MAX_INT8_CONTRACTION = (2 ** 31 - 1) // (127 * 127)
+
+
+def _transposed(a):
+  """a.T [c, r]; on CPU materialized by a gather. XLA folds a plain transpose into the
+  matmul's dimension numbers, and XLA:CPU runs int8 matmuls fast (YNNPACK) only for
+  row-major [M, K] x [K, N] operands: a transposed int8 operand falls back to an int32
+  matmul 6x slower than float (measured: dW 10.2 ms int8 vs 1.6 ms fp32 at T=5056, k=128,
+  n=352; through the gather 2.6 ms, and the whole int8 step 0.90x dense instead of 1.38x).
+  Other backends get the plain transpose (the gather would also defeat batch sharding)."""
+  if jax.default_backend() != "cpu":
+    return a.T
+  r, c = a.shape
+  idx = (jnp.arange(r, dtype=jnp.int32)[None, :] * c
+         + jnp.arange(c, dtype=jnp.int32)[:, None]).reshape(-1)
+  return jnp.take(a.reshape(-1), idx, unique_indices=True).reshape(c, r)
+
+
+def _int8_bwd(int8_grads, res, g):
   xq, wq, w_scale, x_scale, inside = res
-  x_deq = xq.astype(jnp.float32) * x_scale
-  w_deq = wq.astype(jnp.float32) * w_scale
-  gx = jnp.einsum("...n,kn->...k", g, w_deq) * inside
-  gw = jnp.einsum("...k,...n->kn", x_deq, g)
+  k, n = wq.shape
+  x2, g2 = xq.reshape(-1, k), g.reshape(-1, n)
+  if int8_grads and x2.shape[0] <= _MAX_INT8_CONTRACTION:
+    gq, g_scale = _quantize_per_tensor(g2)
+    # W's per-channel scales run along dX's contracted axis: requantize W per tensor
+    wtq, wt_scale = _quantize_per_tensor(wq.astype(jnp.float32) * w_scale)
+    gx = jax.lax.dot_general(gq, _transposed(wtq), (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.int32)
+    gx = gx.astype(jnp.float32) * (g_scale * wt_scale)
+    gw = jax.lax.dot_general(_transposed(x2), gq, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.int32)
+    gw = gw.astype(jnp.float32) * (x_scale * g_scale)
+  else:
+    gx = g2 @ (wq.astype(jnp.float32) * w_scale).T
+    gw = (x2.astype(jnp.float32) * x_scale).T @ g2
+  gx = gx.reshape(xq.shape) * inside
   return gx, gw, jnp.zeros_like(x_scale)
 
 
 int8_matmul.defvjp(_int8_fwd, _int8_bwd)
 
 
-def interceptor(scales: dict, bits: int = 8, mode: str = "fake"):
+def interceptor(scales: dict, bits: int = 8, mode: str = "fake", int8_grads: bool = True):
   """An interceptor for `nn.intercept_methods` quantizing the inputs of the Dense layers
-  named in `scales` (`mode="fake"`), or running them as int8 matmuls (`mode="int8"`)."""
+  named in `scales` (`mode="fake"`), or running them as int8 matmuls (`mode="int8"`; with
+  `int8_grads` their backward matmuls too)."""
   if mode not in ("fake", "int8"):
     raise ValueError(f"activation quantization mode={mode!r} is unknown; valid: fake, int8.")
   if mode == "int8" and bits != 8:
@@ -132,7 +177,7 @@ def interceptor(scales: dict, bits: int = 8, mode: str = "fake"):
     if mode == "fake":
       return next_fun(fake_quant_input(x, s, bits), *args[1:], **kwargs)
     p = context.module.variables["params"]
-    y = int8_matmul(x.astype(jnp.float32), p["kernel"].astype(jnp.float32), s)
+    y = int8_matmul(x.astype(jnp.float32), p["kernel"].astype(jnp.float32), s, int8_grads)
     if "bias" in p:
       y = y + p["bias"]
     return y.astype(context.module.dtype or x.dtype)

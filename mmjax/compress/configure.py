@@ -177,7 +177,7 @@ def distill_settings(config, d):
   return dist, teacher
 
 
-ACTIVATION_KEYS = {"bits", "mode", "calibration_batches", "percentile"}
+ACTIVATION_KEYS = {"bits", "mode", "int8_grads", "calibration_batches", "percentile"}
 
 
 def activation_settings(a) -> dict:
@@ -188,7 +188,7 @@ def activation_settings(a) -> dict:
                      f"fields: {sorted(ACTIVATION_KEYS)}.")
   out = dict(bits=quant.check_bits(a.get("bits", 8), "config.compress.activations.bits"),
              mode=a.get("mode", "fake"), calibration_batches=int(a.get("calibration_batches", 8)),
-             percentile=a.get("percentile"))
+             percentile=a.get("percentile"), int8_grads=bool(a.get("int8_grads", True)))
   if out["mode"] not in ("fake", "int8"):
     raise ValueError(f"config.compress.activations.mode={out['mode']!r} is unknown; valid: "
                      "fake (fake-quant inputs), int8 (real int8 x int8 -> int32 matmuls).")

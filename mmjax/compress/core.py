@@ -10,9 +10,17 @@ A `Transform` sees parameters as a *flat dict* `{path: array}` (paths like
   update(flat, state, step) -> (flat, state)
                                             after each optimizer step; `step` is the number
                                             of steps taken. Schedules advance here, masks
-                                            are recomputed and re-applied
+                                            are recomputed and re-applied. It also runs
+                                            once at step 0, right after init (`Plan.start`)
   describe(flat, state) -> {path: {...}}    optional: what the transform did to each leaf
                                             (`bits`, `mask`, `n_m`) for reports and export
+
+Constraints on the master weights (pruning masks) live in `update` alone: the weights are
+masked at step 0 and after every optimizer step, so they are already exact zeros wherever
+the mask says so, and `forward` need not mask them again. That puts the whole cost of a
+mask into the optimizer's elementwise update (where XLA fuses it), once per step, instead
+of a masking pass in the forward, another over the gradient and a third after the update.
+`forward` is for views that differ from the master weights (fake-quant).
 
 Transforms only ever see the leaves they were given, so `rules([(regex, t), ...])` can
 hand each one its own part of the tree, and `chain(t1, t2)` composes views left to right
@@ -161,6 +169,13 @@ class Plan:
 
   def init(self, params, rng):
     return self.transform.init(flatten(params), rng)
+
+  def start(self, params, rng):
+    """-> (params, state): `init`, then `update` at step 0 (masks applied to the weights).
+    What a run does before its first step; use it, not `init`, to get the compressed view."""
+    state = self.transform.init(flatten(params), rng)
+    flat, state = self.transform.update(flatten(params), state, 0)
+    return unflatten(flat), state
 
   def forward(self, params, state):
     return unflatten(self.transform.forward(flatten(params), state))

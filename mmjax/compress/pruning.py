@@ -1,10 +1,12 @@
 """Pruning transforms: unstructured (magnitude or random; per layer or global) and N:M.
 
-State: `{"masks": {path: bool array}, "key": rng}`. The forward pass computes with
-`where(mask, w, 0)` (so pruned weights get zero gradient), and `update` re-applies the
-masks to the master weights after every optimizer step, so pruned weights stay exactly zero
-whatever the optimizer's moments say. Masks are recomputed from the current weights at the
-schedule's update steps only (`lax.cond`: other steps pay just the elementwise mask).
+State: `{"masks": {path: bool array}, "key": rng}`. `update` applies the masks to the
+master weights at step 0 and after every optimizer step, so pruned weights are exactly zero
+whatever the optimizer's moments say, and the forward pass computes with the weights as
+they are (no second masking pass; see `core`). Pruned weights do get a gradient, which the
+next `update` discards. Masks are recomputed from the current weights at the schedule's
+update steps only (`lax.cond`: other steps pay just the elementwise mask, fused into the
+optimizer's update).
 
 Sparsity schedules (Zhu & Gupta 2017): one-shot at `begin`, or polynomial from `initial`
 to the target between `begin` and `end`, recomputed every `every` steps:
@@ -104,9 +106,6 @@ def unstructured(sparsity: float, *, score: str = "magnitude", scope: str = "lay
   def init(flat, rng):
     return {"masks": masks_at(flat, rng, schedule.sparsity(0, target)), "key": rng}
 
-  def forward(flat, state):
-    return _apply(flat, state["masks"])
-
   def update(flat, state, step):
     masks = jax.lax.cond(schedule.is_update_step(step),
                          lambda: masks_at(flat, state["key"], schedule.sparsity(step, target)),
@@ -116,7 +115,7 @@ def unstructured(sparsity: float, *, score: str = "magnitude", scope: str = "lay
   def describe(flat, state):
     return {p: {"mask": m} for p, m in state["masks"].items()}
 
-  return Transform(init, forward, update, describe,
+  return Transform(init, update=update, describe=describe,
                    name=f"{score}_{scope}_{target:g}")
 
 
@@ -140,9 +139,6 @@ def n_of_m(n: int = 2, m: int = 4, *, begin: int = 0, shapes: dict | None = None
     full = {p: jnp.ones(w.shape, bool) for p, w in flat.items()}
     return {"masks": masks_at(flat) if begin == 0 else full}
 
-  def forward(flat, state):
-    return _apply(flat, state["masks"])
-
   def update(flat, state, step):
     masks = jax.lax.cond(jnp.asarray(step) == begin, lambda: masks_at(flat),
                          lambda: state["masks"])
@@ -151,4 +147,4 @@ def n_of_m(n: int = 2, m: int = 4, *, begin: int = 0, shapes: dict | None = None
   def describe(flat, state):
     return {p: {"mask": mk, "n_m": (n, m)} for p, mk in state["masks"].items()}
 
-  return Transform(init, forward, update, describe, name=f"{n}:{m}")
+  return Transform(init, update=update, describe=describe, name=f"{n}:{m}")

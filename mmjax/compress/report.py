@@ -88,9 +88,10 @@ def format_table(report: dict, max_rows: int = 40) -> str:
                f"{_mb(t['dense_bytes'])} {_mb(t['compressed_bytes'])}  x{t['ratio']:.2f} "
                "(dense fp32 / compressed)")
   if report.get("disk_bytes"):
-    lines.append(f"on disk: dense fp32 export {report['disk_bytes_dense']:,} bytes, "
-                 f"compressed export {report['disk_bytes']:,} bytes "
-                 f"(x{report['disk_ratio']:.2f}) in {report['export_dir']}")
+    lines.append(f"on disk: compressed export {report['disk_bytes']:,} bytes in "
+                 f"{report['export_dir']}; dense fp32 export {report['disk_bytes_dense']:,} "
+                 f"bytes raw (x{report['disk_ratio']:.2f} smaller), "
+                 f"{report['disk_bytes_dense_zstd']:,} zstd'd (x{report['disk_ratio_zstd']:.2f})")
   if report.get("accuracy") is not None:
     dense = report.get("dense_accuracy")
     lines.append(f"accuracy {report['accuracy']:.4f}" +

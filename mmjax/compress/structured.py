@@ -7,7 +7,8 @@ that the pruned model is again a model of this codebase: `shrink` slices the kep
 out of every leaf and returns a smaller parameter tree and `ModelConfig` (fewer heads of
 the same width, a narrower MLP) whose outputs equal the masked model's.
 
-State: `{"units": {module path: bool [n]}, "key": rng}`; schedules as in `pruning`.
+State: `{"units": {module path: bool [n]}, "key": rng}`; schedules, and masks applied to
+the weights in `update` only, as in `pruning`.
 """
 from __future__ import annotations
 
@@ -116,9 +117,6 @@ def units(sparsity: float, unit: str = "head", *, num_heads: int,
   def init(flat, rng):
     return {"units": unit_masks(flat, schedule.sparsity(0, target)), "key": rng}
 
-  def forward(flat, state):
-    return apply(flat, state["units"])
-
   def update(flat, state, step):
     um = jax.lax.cond(schedule.is_update_step(step),
                       lambda: unit_masks(flat, schedule.sparsity(step, target)),
@@ -129,7 +127,7 @@ def units(sparsity: float, unit: str = "head", *, num_heads: int,
     return {p: {"mask": m, "structured": unit}
             for p, m in leaf_masks(flat, state["units"]).items()}
 
-  return Transform(init, forward, update, describe, name=f"{unit}s_{target:g}")
+  return Transform(init, update=update, describe=describe, name=f"{unit}s_{target:g}")
 
 
 def shrink(view_params, describe: dict, model_cfg):
