@@ -1,0 +1,27 @@
+"""Experiment configs build and pass the harness's validation (no training here: each
+method's end-to-end run is in test_compress_harness / test_train)."""
+import pytest
+
+from experiments.configs import modalities
+from mmjax import train
+
+
+@pytest.mark.parametrize("use", ["text", "image", "audio", "image+audio", "text+image",
+                                 "text+audio"])
+def test_modality_subsets_build_a_model_of_just_those_towers(use):
+  config = modalities.get_config(f"use={use},tiny")
+  config.data.data_dir = "/nonexistent"  # validation does not read data
+  setup = train.validate(config)
+  assert sorted(setup.model_cfg.modalities) == sorted(use.split("+"))
+  assert sorted(setup.input_cfg.modalities) == sorted(use.split("+"))
+
+
+@pytest.mark.parametrize("arg, needle", [
+    ("tiny", "needs use="),
+    ("use=image+video", "not a proper subset"),
+    ("use=text+image+audio", "not a proper subset"),
+    ("use=image+image", "not a proper subset"),
+])
+def test_bad_modality_subsets(arg, needle):
+  with pytest.raises(ValueError, match=needle):
+    modalities.get_config(arg)
