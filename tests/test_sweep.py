@@ -1,0 +1,66 @@
+"""The sweep: run selection, resume by skipping complete runs, aggregation over seeds,
+the results table, the Pareto plot and README publishing, on the tiny configs."""
+import json
+import os
+
+import pytest
+
+from experiments import sweep
+
+
+def test_select_by_name_and_glob_adds_the_dense_run_compression_needs():
+  assert sweep.select("prune9*") == ["dense", "prune90", "prune95", "prune90_oneshot"]
+  assert sweep.select("only_*") == ["only_text", "only_image", "only_audio"]
+  assert sweep.select("scratch_student") == ["scratch_student"]
+  assert sweep.select("*") == list(sweep.SUITE)
+  with pytest.raises(ValueError, match="'prune42' matches no run"):
+    sweep.select("prune42")
+
+
+def test_pareto_front_keeps_only_undominated_points():
+  pts = [(100, 0.90), (50, 0.95), (10, 0.80), (10, 0.70), (200, 0.99), (60, 0.94)]
+  assert sweep.pareto_front(pts) == [2, 1, 4]
+
+
+def test_sweep_runs_resumes_and_reports(procedural_dir, tmp_path):
+  sweep_dir = str(tmp_path / "sweep")
+  names = sweep.select("ptq_int8,only_image")
+  assert names == ["dense", "only_image", "ptq_int8"]
+  logs = []
+
+  def one_device(config):
+    config.mesh.data = 1
+
+  sweep.run_all(names, 2, sweep_dir, True, procedural_dir, log=logs.append, adjust=one_device)
+  for name in names:
+    for seed in (0, 1):
+      assert sweep.is_complete(sweep.run_dir(sweep_dir, name, seed))
+  # the compression run started from the dense run of its own seed
+  cfg = json.load(open(os.path.join(sweep.run_dir(sweep_dir, "ptq_int8", 1), "config.json")))
+  assert cfg["init"] == sweep.run_dir(sweep_dir, "dense", 1) and cfg["seed"] == 1
+  # rerunning skips every complete run (an interrupted sweep resumes this way)
+  again = []
+  sweep.run_all(names, 2, sweep_dir, True, procedural_dir, log=again.append,
+                adjust=one_device)
+  assert len(again) == 6 and all("complete, skipped" in m for m in again)
+
+  out = sweep.report(names, 2, sweep_dir, log=lambda *_: None)
+  rows = {r["name"]: r for r in out["methods"]}
+  dense, ptq = rows["dense"], rows["ptq_int8"]
+  accs = [r["accuracy"] for r in out["runs"] if r["name"] == "dense"]
+  assert dense["seeds"] == 2 and dense["accuracy"] == pytest.approx(sum(accs) / 2)
+  assert dense["accuracy_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+  assert ptq["ratio"] > 3.5 and ptq["bits"] == "8" and dense["ratio"] == pytest.approx(1.0)
+  assert rows["only_image"]["baseline"] and rows["only_image"]["disk_bytes"] < dense["disk_bytes"]
+  md = open(os.path.join(sweep_dir, "results.md")).read()
+  assert "| ptq_int8 | `ptq.py` |" in md and "(n=2)" in md
+  with open(os.path.join(sweep_dir, "pareto.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+  readme = tmp_path / "README.md"
+  readme.write_text(f"intro\n{sweep.MARK_BEGIN}\nold table\n{sweep.MARK_END}\noutro\n")
+  sweep.publish(sweep_dir, readme=str(readme), results_dir=str(tmp_path / "results"),
+                log=lambda *_: None)
+  text = readme.read_text()
+  assert "old table" not in text and "| ptq_int8 |" in text and text.endswith("outro\n")
+  assert "![accuracy against bytes on disk](results/pareto.png)" in text
