@@ -31,8 +31,6 @@ import fnmatch
 import importlib
 import json
 import os
-import shutil
-import statistics
 import sys
 import time
 
@@ -61,9 +59,6 @@ SUITE = {
 }
 BASELINES = {"only_text", "only_image", "only_audio", "text+image", "text+audio",
              "image+audio"}
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-README = os.path.normpath(os.path.join(RESULTS_DIR, os.pardir, os.pardir, "README.md"))
-MARK_BEGIN, MARK_END = "<!-- sweep-results:begin -->", "<!-- sweep-results:end -->"
 
 _RUNS = flags.DEFINE_string("runs", "*", "comma-separated suite names or globs "
                             f"(names: {', '.join(SUITE)})")
@@ -138,157 +133,20 @@ def run_all(names, seeds, sweep_dir, tiny, data_dir, log=print, adjust=None):
     train.train_and_evaluate(config, workdir, log=lambda m, p=f"  [{name}/{seed}] ": log(p + m))
 
 
-# ----------------------------------------------------------------------------- results
-
-def _read_json(path):
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def _median_steps_per_s(workdir):
-  rates = []
-  path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        r = json.loads(line)
-        if "train/steps_per_s" in r:
-          rates.append(r["train/steps_per_s"])
-  return statistics.median(rates[1:] or rates) if rates else None  # the first includes compile
-
-
-def _raw_export_bytes(workdir):
-  """Bytes of the run's final weights written raw (fp32) by the export writer."""
-  from mmjax import checkpointing
-  from mmjax.compress import export
-  out = os.path.join(workdir, "export_fp32_raw")
-  if not os.path.exists(out):
-    reader = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), read_only=True)
-    params = reader.restore_local(reader.latest_step())["params"]
-    reader.close()
-    export.export(params, out, zstd=False)
-  return export.disk_bytes(out)
-
-
-def run_record(name, seed, workdir) -> dict:
-  summary = _read_json(os.path.join(workdir, "summary.json"))
-  report = _read_json(os.path.join(workdir, "compression_report.json"))
-  rec = dict(name=name, seed=seed, config=SUITE[name], workdir=workdir,
-             accuracy=summary.get("eval_accuracy"), parameters=summary.get("parameters"),
-             wall_s=summary.get("wall_s"), steps=summary.get("step"),
-             steps_per_s=_median_steps_per_s(workdir))
-  if report and report.get("disk_bytes"):
-    total = report["total"]
-    bits = sorted({leaf["bits"] for leaf in report["leaves"]})
-    rec.update(disk_bytes=report["disk_bytes"], sparsity=total["sparsity"],
-               bits="/".join(map(str, bits)), dense_raw_bytes=report.get("disk_bytes_dense"))
-  else:
-    rec.update(disk_bytes=_raw_export_bytes(workdir), sparsity=0.0, bits="32")
-  return rec
-
-
-def _mean_std(xs):
-  xs = [x for x in xs if x is not None]
-  if not xs:
-    return None, None
-  return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def aggregate(records: list) -> list:
-  by = {}
-  for r in records:
-    by.setdefault(r["name"], []).append(r)
-  dense = by.get("dense", [])
-  dense_bytes = _mean_std([r["disk_bytes"] for r in dense])[0]
-  dense_rate = _mean_std([r["steps_per_s"] for r in dense])[0]
-  rows = []
-  for name in SUITE:
-    if name not in by:
-      continue
-    rs = by[name]
-    acc, acc_std = _mean_std([r["accuracy"] for r in rs])
-    disk = _mean_std([r["disk_bytes"] for r in rs])[0]
-    rate = _mean_std([r["steps_per_s"] for r in rs])[0]
-    rows.append(dict(
-        name=name, config=SUITE[name], seeds=len(rs), accuracy=acc, accuracy_std=acc_std,
-        sparsity=_mean_std([r["sparsity"] for r in rs])[0], bits=rs[0]["bits"],
-        disk_bytes=disk, ratio=(dense_bytes / disk) if dense_bytes and disk else None,
-        step_time_ratio=(dense_rate / rate) if dense_rate and rate else None,
-        wall_s=sum(r["wall_s"] or 0 for r in rs), baseline=name in BASELINES))
-  return rows
-
-
-def _fmt(x, f):
-  return "–" if x is None else format(x, f)
-
-
-def table_md(rows, meta: str) -> str:
-  lines = [meta, "",
-           "| method | config | test accuracy (mean ± std) | sparsity | bits | bytes on disk "
-           "| vs dense fp32 | step time vs dense |",
-           "|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(
-        f"| {r['name']} | `{r['config']}` | {100 * r['accuracy']:.2f} ± "
-        f"{100 * r['accuracy_std']:.2f}% (n={r['seeds']}) | {_fmt(r['sparsity'], '.3f')} | "
-        f"{r['bits']} | {_fmt(r['disk_bytes'], ',.0f')} | {_fmt(r['ratio'], '.2f')}× | "
-        f"{_fmt(r['step_time_ratio'], '.2f')}× |")
-  return "\n".join(lines) + "\n"
-
-
-def pareto_front(points):
-  """Indices of points no other point beats on both axes (fewer bytes, higher accuracy)."""
-  front = []
-  for i, (b, a) in enumerate(points):
-    if not any((b2 <= b and a2 >= a) and (b2 < b or a2 > a) for b2, a2 in points):
-      front.append(i)
-  return sorted(front, key=lambda i: points[i][0])
-
-
-def plot(rows, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7.5, 4.8))
-  main = [r for r in rows if not r["baseline"] and r["disk_bytes"]]
-  for r in rows:
-    if not r["disk_bytes"]:
-      continue
-    style = dict(color="0.6", marker="x") if r["baseline"] else dict(marker="o")
-    ax.errorbar(r["disk_bytes"], 100 * r["accuracy"], yerr=100 * r["accuracy_std"],
-                capsize=3, linestyle="none", **style)
-    ax.annotate(r["name"], (r["disk_bytes"], 100 * r["accuracy"]), fontsize=7,
-                xytext=(4, 3), textcoords="offset points")
-  pts = [(r["disk_bytes"], r["accuracy"]) for r in main]
-  front = pareto_front(pts)
-  if front:
-    ax.step([pts[i][0] for i in front], [100 * pts[i][1] for i in front], where="post",
-            color="C3", alpha=0.6, label="Pareto front")
-    ax.legend(loc="lower right")
-  ax.set_xscale("log")
-  ax.set_xlabel("bytes on disk (log scale)")
-  ax.set_ylabel("test accuracy (%)")
-  ax.set_title("mm_arith/procedural: accuracy against size (mean ± std over seeds)")
-  ax.grid(True, which="both", alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 def report(names, seeds, sweep_dir, log=print) -> dict:
+  """results.json, results.md and pareto.png in `sweep_dir` from the complete runs."""
+  from experiments import results
   records = []
   for name in names:
     for seed in range(seeds):
       workdir = run_dir(sweep_dir, name, seed)
       if is_complete(workdir):
-        records.append(run_record(name, seed, workdir))
+        records.append(results.run_record(name, seed, workdir, SUITE[name]))
       else:
         log(f"[sweep] {name} seed {seed}: not complete, left out of the results")
   if not records:
     raise ValueError(f"no complete run under {sweep_dir}: run the sweep first.")
-  rows = aggregate(records)
+  rows = results.aggregate(records, BASELINES)
   total = sum(r["wall_s"] or 0 for r in records)
   meta = (f"{len(records)} runs ({', '.join(sorted({str(r['seed']) for r in records}))} "
           f"seeds), {total / 3600:.2f} h of training wall time in total, sweep dir "
@@ -298,31 +156,11 @@ def report(names, seeds, sweep_dir, log=print) -> dict:
   with open(os.path.join(sweep_dir, "results.json"), "w") as f:
     json.dump(out, f, indent=1)
   with open(os.path.join(sweep_dir, "results.md"), "w") as f:
-    f.write(table_md(rows, meta))
-  plot(rows, os.path.join(sweep_dir, "pareto.png"))
-  log(table_md(rows, meta))
+    f.write(results.table_md(rows, meta))
+  results.plot(rows, os.path.join(sweep_dir, "pareto.png"))
+  log(results.table_md(rows, meta))
   log(f"[sweep] wrote results.md, results.json, pareto.png in {sweep_dir}")
   return out
-
-
-def publish(sweep_dir, readme=README, results_dir=RESULTS_DIR, log=print):
-  """Copy the results into the repository and rewrite README's section between markers."""
-  os.makedirs(results_dir, exist_ok=True)
-  for f in ("results.md", "results.json", "pareto.png"):
-    shutil.copy(os.path.join(sweep_dir, f), os.path.join(results_dir, f))
-  with open(readme) as f:
-    text = f.read()
-  if MARK_BEGIN not in text or MARK_END not in text:
-    raise ValueError(f"{readme} has no {MARK_BEGIN} ... {MARK_END} section to rewrite.")
-  with open(os.path.join(results_dir, "results.md")) as f:
-    table = f.read()
-  rel = os.path.relpath(os.path.join(results_dir, "pareto.png"), os.path.dirname(readme))
-  head, rest = text.split(MARK_BEGIN, 1)
-  _, tail = rest.split(MARK_END, 1)
-  body = f"{MARK_BEGIN}\n{table}\n![accuracy against bytes on disk]({rel})\n{MARK_END}"
-  with open(readme, "w") as f:
-    f.write(head + body + tail)
-  log(f"[sweep] README results section rewritten from {results_dir}")
 
 
 def main(argv):
@@ -338,7 +176,8 @@ def main(argv):
       run_all(names, _SEEDS.value, _DIR.value, _TINY.value, _DATA.value)
     report(names, _SEEDS.value, _DIR.value)
     if _PUBLISH.value:
-      publish(_DIR.value)
+      from experiments import results
+      results.publish(_DIR.value)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

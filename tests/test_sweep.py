@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from experiments import sweep
+from experiments import results, sweep
 
 
 def test_select_by_name_and_glob_adds_the_dense_run_compression_needs():
@@ -19,7 +19,7 @@ def test_select_by_name_and_glob_adds_the_dense_run_compression_needs():
 
 def test_pareto_front_keeps_only_undominated_points():
   pts = [(100, 0.90), (50, 0.95), (10, 0.80), (10, 0.70), (200, 0.99), (60, 0.94)]
-  assert sweep.pareto_front(pts) == [2, 1, 4]
+  assert results.pareto_front(pts) == [2, 1, 4]
 
 
 def test_sweep_runs_resumes_and_reports(procedural_dir, tmp_path):
@@ -58,8 +58,8 @@ def test_sweep_runs_resumes_and_reports(procedural_dir, tmp_path):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
   readme = tmp_path / "README.md"
-  readme.write_text(f"intro\n{sweep.MARK_BEGIN}\nold table\n{sweep.MARK_END}\noutro\n")
-  sweep.publish(sweep_dir, readme=str(readme), results_dir=str(tmp_path / "results"),
+  readme.write_text(f"intro\n{results.MARK_BEGIN}\nold table\n{results.MARK_END}\noutro\n")
+  results.publish(sweep_dir, readme=str(readme), results_dir=str(tmp_path / "results"),
                 log=lambda *_: None)
   text = readme.read_text()
   assert "old table" not in text and "| ptq_int8 |" in text and text.endswith("outro\n")
