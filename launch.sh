@@ -17,8 +17,11 @@ commands:
   setup          create $VENV (if missing) and install mmjax[test] pinned by
                  constraints.txt; skipped when setup.py and constraints.txt are unchanged
   test [ARGS]    setup, then run the whole test suite (extra ARGS are passed to pytest)
-  quickstart     setup, then the main job: build the 'small' multimodal model and
-                 train it for a few steps, printing parameters, loss and step time
+  quickstart [FLAGS]
+                 setup, then the main job: prepare the offline dataset if missing,
+                 train the dense 'small' model, compress it (distillation + pruning +
+                 int8), print the report and a dense-vs-compressed table, write
+                 pareto.png (--workdir=workdirs/quickstart; --tiny: a 2-minute smoke run)
   train FLAGS    setup, then python -m experiments.main FLAGS, e.g.
                  --config=experiments/configs/dense.py:tiny --workdir=/tmp/run
   gpu FLAGS      train on NVIDIA GPUs with recommended XLA flags (--dry-run: print only)

@@ -1,4 +1,6 @@
 """The `base` preset (the reference model, ~350M parameters) trains one step on CPU."""
+import functools
+
 import jax
 import numpy as np
 import optax
@@ -19,20 +21,18 @@ def test_base_one_training_step_on_cpu():
     assert logits.shape == (1, 16, 32000)
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
 
-  @jax.jit
-
-  @jax.jit
-  def step(p, o):  # no donation: the test compares before and after
+  @functools.partial(jax.jit, donate_argnums=(0, 1))  # one copy of 350M params at a time
+  def step(p, o):
     loss, g = jax.value_and_grad(loss_fn)(p)
     u, o = tx.update(g, o, p)
     return optax.apply_updates(p, u), o, loss
 
-  before = float(jax.jit(loss_fn)(params))
+  # one compiled program: the second step's loss is the loss after the first update
   probe = np.asarray(params["params"]["text"]["block_11"]["mlp"]["fc2"]["kernel"][:4, :4])
-  params, opt_state, loss = step(params, opt_state)
-  after = float(jax.jit(loss_fn)(params))
-  assert np.isfinite(before) and np.isfinite(after)
-  assert abs(float(loss) - before) < 1e-3 * before
-  assert after < before, f"one Adam step should lower the loss on its own batch ({before} -> {after})"
+  params, opt_state, before = step(params, opt_state)
   moved = np.asarray(params["params"]["text"]["block_11"]["mlp"]["fc2"]["kernel"][:4, :4])
   assert not np.allclose(moved, probe)
+  _, _, after = step(params, opt_state)
+  before, after = float(before), float(after)
+  assert np.isfinite(before) and np.isfinite(after)
+  assert after < before, f"one Adam step should lower the loss on its own batch ({before} -> {after})"
