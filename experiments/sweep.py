@@ -148,9 +148,9 @@ def report(names, seeds, sweep_dir, log=print) -> dict:
     raise ValueError(f"no complete run under {sweep_dir}: run the sweep first.")
   rows = results.aggregate(records, BASELINES)
   total = sum(r["wall_s"] or 0 for r in records)
-  meta = (f"{len(records)} runs ({', '.join(sorted({str(r['seed']) for r in records}))} "
-          f"seeds), {total / 3600:.2f} h of training wall time in total, sweep dir "
-          f"`{sweep_dir}`.")
+  seeds_seen = ", ".join(sorted({str(r["seed"]) for r in records}))
+  meta = (f"{len(records)} runs (seeds {seeds_seen}), {total / 3600:.2f} h of training wall "
+          f"time in total, sweep dir `{sweep_dir}`.")
   out = dict(meta=meta, methods=rows, runs=records)
   os.makedirs(sweep_dir, exist_ok=True)
   with open(os.path.join(sweep_dir, "results.json"), "w") as f:
