@@ -1,7 +1,7 @@
 """Results of finished runs: per-run figures, per-method mean and std over seeds, the
-markdown table, the Pareto plot, and README publishing. Reads workdirs only (summary.json,
-compression_report.json, metrics.jsonl, checkpoints), so it works on any set of runs:
-the sweep's, or the quickstart's two.
+markdown table, the Pareto plot, and README publishing. Reads workdirs without changing
+them (summary.json, compression_report.json, metrics.jsonl, checkpoints), so it works on
+any set of runs: the sweep's, or the quickstart's two.
 """
 from __future__ import annotations
 
@@ -35,29 +35,33 @@ def _median_steps_per_s(workdir):
 
 
 def _raw_export_bytes(workdir):
-  """Bytes of the run's final weights written raw (fp32) by the export writer."""
+  """Bytes of the run's final weights written raw (fp32) by the export writer, measured in
+  a temporary directory (the workdir is left as it was)."""
+  import tempfile
+
   from mmjax import checkpointing
   from mmjax.compress import export
-  out = os.path.join(workdir, "export_fp32_raw")
-  if not os.path.exists(out):
-    reader = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), read_only=True)
-    params = reader.restore_local(reader.latest_step())["params"]
-    reader.close()
-    export.export(params, out, zstd=False)
-  return export.disk_bytes(out)
+  reader = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), read_only=True)
+  params = reader.restore_local(reader.latest_step())["params"]
+  reader.close()
+  with tempfile.TemporaryDirectory() as tmp:
+    export.export(params, os.path.join(tmp, "raw"), zstd=False)
+    return export.disk_bytes(os.path.join(tmp, "raw"))
 
 
 def run_record(name, seed, workdir, config="") -> dict:
+  """One finished run's figures. Bytes on disk: the compression run's measured export, or
+  for an uncompressed run its weights written raw (None if a compression run exported
+  nothing)."""
   summary = _read_json(os.path.join(workdir, "summary.json"))
   report = _read_json(os.path.join(workdir, "compression_report.json"))
   rec = dict(name=name, seed=seed, config=config, workdir=workdir,
              accuracy=summary.get("eval_accuracy"), parameters=summary.get("parameters"),
              wall_s=summary.get("wall_s"), steps=summary.get("step"),
              steps_per_s=_median_steps_per_s(workdir))
-  if report and report.get("disk_bytes"):
-    total = report["total"]
+  if report:
     bits = sorted({leaf["bits"] for leaf in report["leaves"]})
-    rec.update(disk_bytes=report["disk_bytes"], sparsity=total["sparsity"],
+    rec.update(disk_bytes=report.get("disk_bytes"), sparsity=report["total"]["sparsity"],
                bits="/".join(map(str, bits)), dense_raw_bytes=report.get("disk_bytes_dense"))
   else:
     rec.update(disk_bytes=_raw_export_bytes(workdir), sparsity=0.0, bits="32")
