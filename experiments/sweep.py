@@ -1,10 +1,11 @@
 """Run the experiment suite over seeds and write its results: table, JSON and Pareto plot.
 
   python -m experiments.sweep [--runs='*'] [--seeds=3] [--sweep_dir=workdirs/sweep]
-      [--data_dir=...] [--tiny] [--publish]
+      [--data_dir=...] [--tiny] [--report_only] [--publish] [--compile_cache=...]
 
 Each run of the suite (below, by name; `--runs` takes names or globs, comma-separated) is
-trained for each seed in its own workdir, <sweep_dir>/<name>/seed_<s>. A run whose
+trained for each seed in its own workdir, <sweep_dir>/<name>/seed_<s>, seed by seed (the
+whole suite for seed 0 first, so a one-seed table exists early). A run whose
 workdir holds a summary.json is complete and skipped; an interrupted one resumes from its
 last checkpoint (the harness's rule), so rerunning the same command finishes a sweep.
 Compression runs start from the dense run of the same seed (their `config.init`) and
@@ -13,7 +14,8 @@ distillation uses it as the teacher, so `dense` runs first whenever a selected r
 Then, from the workdirs alone (`--report_only` skips training):
   results.json  every run's figures and each method's mean and std over seeds
   results.md    method | test accuracy (mean ± std) | realized sparsity | bits | bytes on
-                disk | compression ratio vs dense fp32 | step-time ratio vs dense
+                disk | compression ratio vs dense fp32 | step-time ratio vs dense; then
+                the suite's targets with their measured values (experiments/targets.py)
   pareto.png    accuracy against bytes on disk (log scale), one point per method with
                 error bars; the Pareto front over methods that see all three modalities
 `--publish` copies the three files to experiments/results/ and rewrites README's results
@@ -67,6 +69,9 @@ _DIR = flags.DEFINE_string("sweep_dir", "workdirs/sweep", "where the runs' workd
 _DATA = flags.DEFINE_string("data_dir", None, "dataset directory (default: the configs')")
 _TINY = flags.DEFINE_bool("tiny", False, "the configs' tiny variants (tests, smoke runs)")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "no training: tabulate what is there")
+_CACHE = flags.DEFINE_string("compile_cache", "<sweep_dir>/jax_cache",
+                             "persistent XLA compilation cache: the seeds of one run compile "
+                             "the same programs, so only the first pays ('' disables)")
 _PUBLISH = flags.DEFINE_bool("publish", False, "copy results to experiments/results/ and "
                              "rewrite README's results section")
 
@@ -114,10 +119,22 @@ def is_complete(workdir: str) -> bool:
   return os.path.exists(os.path.join(workdir, "summary.json"))
 
 
+def enable_compile_cache(path: str):
+  """Reuse compiled executables across runs and sweeps. Cached executables are the ones
+  a fresh compile would produce, so numbers do not change; only compile time does."""
+  if not path:
+    return
+  import jax
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def run_all(names, seeds, sweep_dir, tiny, data_dir, log=print, adjust=None):
   """Train every (name, seed) not yet complete; `adjust(config)` edits each config last."""
   from mmjax import train
-  todo = [(n, s) for n in names for s in range(seeds)]
+  # seed-major: a complete one-seed table exists after the first pass over the suite
+  todo = [(n, s) for s in range(seeds) for n in names]
   t0 = time.perf_counter()
   for i, (name, seed) in enumerate(todo, 1):
     workdir = run_dir(sweep_dir, name, seed)
@@ -135,7 +152,7 @@ def run_all(names, seeds, sweep_dir, tiny, data_dir, log=print, adjust=None):
 
 def report(names, seeds, sweep_dir, log=print) -> dict:
   """results.json, results.md and pareto.png in `sweep_dir` from the complete runs."""
-  from experiments import results
+  from experiments import results, targets
   records = []
   for name in names:
     for seed in range(seeds):
@@ -151,14 +168,17 @@ def report(names, seeds, sweep_dir, log=print) -> dict:
   seeds_seen = ", ".join(sorted({str(r["seed"]) for r in records}))
   meta = (f"{len(records)} runs (seeds {seeds_seen}), {total / 3600:.2f} h of training wall "
           f"time in total, sweep dir `{sweep_dir}`.")
-  out = dict(meta=meta, methods=rows, runs=records)
+  checks = targets.check(rows)
+  out = dict(meta=meta, methods=rows, targets=[dict(target=t, measured=m, met=v)
+                                               for t, m, v in checks], runs=records)
   os.makedirs(sweep_dir, exist_ok=True)
   with open(os.path.join(sweep_dir, "results.json"), "w") as f:
     json.dump(out, f, indent=1)
+  md = results.table_md(rows, meta) + "\nTargets:\n\n" + targets.table_md(checks)
   with open(os.path.join(sweep_dir, "results.md"), "w") as f:
-    f.write(results.table_md(rows, meta))
+    f.write(md)
   results.plot(rows, os.path.join(sweep_dir, "pareto.png"))
-  log(results.table_md(rows, meta))
+  log(md)
   log(f"[sweep] wrote results.md, results.json, pareto.png in {sweep_dir}")
   return out
 
@@ -173,6 +193,7 @@ def main(argv):
   try:
     names = select(_RUNS.value)
     if not _REPORT_ONLY.value:
+      enable_compile_cache(_CACHE.value.replace("<sweep_dir>", _DIR.value))
       run_all(names, _SEEDS.value, _DIR.value, _TINY.value, _DATA.value)
     report(names, _SEEDS.value, _DIR.value)
     if _PUBLISH.value:

@@ -32,6 +32,9 @@ def test_sweep_runs_resumes_and_reports(procedural_dir, tmp_path):
     config.mesh.data = 1
 
   sweep.run_all(names, 2, sweep_dir, True, procedural_dir, log=logs.append, adjust=one_device)
+  # seed-major: the whole suite for seed 0, then seed 1
+  started = [m.split("] ", 1)[1].split(" (")[0] for m in logs if m.startswith("[sweep ")]
+  assert started == [f"{n} seed {s}" for s in (0, 1) for n in names], started
   for name in names:
     for seed in (0, 1):
       assert sweep.is_complete(sweep.run_dir(sweep_dir, name, seed))
@@ -64,3 +67,31 @@ def test_sweep_runs_resumes_and_reports(procedural_dir, tmp_path):
   text = readme.read_text()
   assert "old table" not in text and "| ptq_int8 |" in text and text.endswith("outro\n")
   assert "![accuracy against bytes on disk](results/pareto.png)" in text
+
+
+def _row(name, acc, std=0.0, ratio=1.0):
+  return dict(name=name, accuracy=acc, accuracy_std=std, ratio=ratio)
+
+
+def test_targets_give_verdicts_from_the_rows_and_say_what_has_not_run():
+  from experiments import targets
+  rows = [_row("dense", 0.99), _row("only_text", 0.11), _row("only_image", 0.25),
+          _row("image+audio", 0.58), _row("prune90", 0.95, 0.004),
+          _row("prune90_oneshot", 0.96, 0.01), _row("qat_int8", 0.985),
+          _row("distill_student", 0.97, 0.004), _row("scratch_student", 0.965, 0.006),
+          _row("combined", 0.97, 0.0, 18.5)]
+  got = {t: (m, v) for t, m, v in targets.check(rows)}
+  assert got["dense ≥ 95%"] == ("99.00%", True)
+  assert got["only_text near chance (≤ 20%)"][1] is True
+  assert got["only_image near chance (≤ 20%)"][1] is False
+  assert got["only_audio near chance (≤ 20%)"] == ("not run", None)
+  assert got["image+audio near its 60% ceiling (55–65%)"][1] is True
+  assert got["90% gradual pruning ≥ 95% of dense"] == ("95.00% = 96.0% of dense", True)
+  assert got["90% gradual pruning better than one-shot 90%"][1] is False
+  assert got["int8 QAT ≥ 99% of dense"][1] is True            # 0.985 / 0.99 = 99.5%
+  assert got["int8 PTQ ≥ 98% of dense"] == ("not run", None)
+  # gap 0.5 points is below the larger std (0.6): not met
+  assert got["distilled student beats the scratch student by more than the seed std"][1] is False
+  assert got["combined pipeline ≥ 10× smaller than dense fp32 at ≥ 95% of dense"][1] is True
+  md = targets.table_md(targets.check(rows))
+  assert "| only_image near chance (≤ 20%) | 25.00% | **missed** |" in md

@@ -47,10 +47,10 @@ def base_config(*, tiny: bool, modalities=None) -> ml_collections.ConfigDict:
   model["towers"] = {k: {**v, "image_size": list(v["image_size"])} if "image_size" in v else v
                      for k, v in model["towers"].items()}
   c.model = model
-  c.optimizer = dict(name="adamw", lr=2e-3 if tiny else 1e-3, schedule="warmup_cosine",
-                     warmup_steps=5 if tiny else 200, end_lr_factor=0.0, weight_decay=1e-4,
+  c.optimizer = dict(name="adamw", lr=2e-3 if tiny else 5e-4, schedule="warmup_cosine",
+                     warmup_steps=5 if tiny else 100, end_lr_factor=0.0, weight_decay=1e-4,
                      clip_norm=1.0, b1=0.9, b2=0.999)
-  c.train = dict(steps=30 if tiny else 6000, log_every=5 if tiny else 50,
+  c.train = dict(steps=30 if tiny else 3000, log_every=5 if tiny else 50,
                  eval_every=15 if tiny else 500, checkpoint_every=10 if tiny else 500,
                  keep_checkpoints=2, async_checkpoints=True)
   c.mesh = dict(data=-1, fsdp=False)
@@ -62,7 +62,7 @@ def base_config(*, tiny: bool, modalities=None) -> ml_collections.ConfigDict:
 DENSE_WORKDIR = "workdirs/dense"
 
 
-def finetune_config(args: dict, steps: int = 2000) -> ml_collections.ConfigDict:
+def finetune_config(args: dict, steps: int = 1000) -> ml_collections.ConfigDict:
   """A compression run: starts from the dense run's checkpoint (config.init) and fine-tunes
   at a lower learning rate. Tests pass --config.init=<a tiny dense run>."""
   tiny = bool(args.get("tiny"))

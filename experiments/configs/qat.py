@@ -14,7 +14,7 @@ from mmjax.compress.configure import QUANT_PATTERN
 
 def get_config(arg=None):
   args = parse_arg(arg, valid=("tiny", "tensor", "int8", "float_grads"), values={"bits": int})
-  c = finetune_config(args, steps=1000)
+  c = finetune_config(args, steps=500)
   c.compress.quant = dict(bits=args.get("bits", 8),
                           granularity="tensor" if args.get("tensor") else "channel",
                           clip_ratio=1.0, pattern=QUANT_PATTERN)
