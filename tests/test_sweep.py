@@ -69,8 +69,8 @@ def test_sweep_runs_resumes_and_reports(procedural_dir, tmp_path):
   assert "![accuracy against bytes on disk](results/pareto.png)" in text
 
 
-def _row(name, acc, std=0.0, ratio=1.0):
-  return dict(name=name, accuracy=acc, accuracy_std=std, ratio=ratio)
+def _row(name, acc, std=0.0, ratio=1.0, seeds=3):
+  return dict(name=name, accuracy=acc, accuracy_std=std, ratio=ratio, seeds=seeds)
 
 
 def test_targets_give_verdicts_from_the_rows_and_say_what_has_not_run():
@@ -93,5 +93,10 @@ def test_targets_give_verdicts_from_the_rows_and_say_what_has_not_run():
   # gap 0.5 points is below the larger std (0.6): not met
   assert got["distilled student beats the scratch student by more than the seed std"][1] is False
   assert got["combined pipeline ≥ 10× smaller than dense fp32 at ≥ 95% of dense"][1] is True
+  # with one seed there is no std to beat: no verdict
+  one = [dict(r, seeds=1) if r["name"].endswith("student") else r for r in rows]
+  got1 = {t: (m, v) for t, m, v in targets.check(one)}
+  assert got1["distilled student beats the scratch student by more than the seed std"] == (
+      "97.00% vs 96.50%: gap 0.50 points (one seed: no std yet)", None)
   md = targets.table_md(targets.check(rows))
   assert "| only_image near chance (≤ 20%) | 25.00% | **missed** |" in md
