@@ -1,4 +1,4 @@
-"""The suite's targets (issue 6, section 3), checked against the aggregated results.
+"""The suite's targets (accuracy and size goals set for mmjax), checked against the results.
 
 Each check reads the per-method rows of `results.aggregate` (accuracy means and stds over
 seeds, compression ratios) and says what was measured and whether the target is met, so
