@@ -98,10 +98,8 @@ def aggregate(records: list, baselines=()) -> list:
   return rows
 
 
-def _fmt(x, f):
-  """format(x, f) with a literal suffix after the spec ('.2f×'); '–' for a missing value."""
-  spec, suffix = (f[:-1], f[-1]) if f.endswith("×") else (f, "")
-  return "–" if x is None else format(x, spec) + suffix
+def _fmt(x, f, suffix=""):
+  return "–" if x is None else format(x, f) + suffix
 
 
 def _acc(r):
@@ -117,8 +115,8 @@ def table_md(rows, meta: str) -> str:
   for r in rows:
     lines.append(
         f"| {r['name']} | `{r['config']}` | {_acc(r)} | {_fmt(r['sparsity'], '.3f')} | "
-        f"{r['bits']} | {_fmt(r['disk_bytes'], ',.0f')} | {_fmt(r['ratio'], '.2f×')} | "
-        f"{_fmt(r['step_time_ratio'], '.2f×')} |")
+        f"{r['bits']} | {_fmt(r['disk_bytes'], ',.0f')} | {_fmt(r['ratio'], '.2f', '×')} | "
+        f"{_fmt(r['step_time_ratio'], '.2f', '×')} |")
   return "\n".join(lines) + "\n"
 
 
