@@ -6,6 +6,7 @@ any set of runs: the sweep's, or the quickstart's two.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import statistics
@@ -132,7 +133,6 @@ def pareto_front(points):
 def _stagger(points, min_dy):
   """Vertical label offsets (points) so labels of nearby points do not overlap: greedy,
   in order of x then y, over (log10 x, y) positions."""
-  import math
   placed, offsets = [], {}
   for i, (x, y) in sorted(enumerate(points), key=lambda t: (t[1][0], t[1][1])):
     dy = 0
@@ -159,11 +159,11 @@ def plot(rows, path):
            for i, r in enumerate(main)}
   pts = [(r["disk_bytes"], 100 * r["accuracy"]) for r in main]
   front = pareto_front(pts)
-  best = max((p[1] for p in pts), default=100.0)
+  floor = 0.95 * max((p[1] for p in pts), default=100.0)  # the zoom panel's lower bound
   fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
   for k, ax in enumerate(axes):
     zoom = k == 1
-    shown = [r for r in main if not zoom or 100 * r["accuracy"] >= 0.95 * best]
+    shown = [r for r in main if not zoom or 100 * r["accuracy"] >= floor]
     for r in shown:
       ax.errorbar(r["disk_bytes"], 100 * r["accuracy"], yerr=100 * r["accuracy_std"],
                   capsize=3, linestyle="none", markersize=7, label=r["name"],
@@ -178,7 +178,7 @@ def plot(rows, path):
                     label="modality-subset baselines" if i == 0 else None)
         ax.annotate(r["name"], bpts[i], fontsize=7, color="0.35", xytext=(5, 2 + offs[i]),
                     textcoords="offset points")
-    fr = [i for i in front if not zoom or pts[i][1] >= 0.95 * best]
+    fr = [i for i in front if not zoom or pts[i][1] >= floor]
     if fr:
       ax.step([pts[i][0] for i in fr], [pts[i][1] for i in fr], where="post", color="C3",
               alpha=0.5, label="Pareto front")
