@@ -3,24 +3,33 @@
   python bench/compress_overhead.py [--init workdirs/dense] [--reps 15] \
       [--out bench/out/compress_overhead.json]
 
-Builds the real harness train step (`mmjax.train.make_train_step`, jitted with the state
-donated, as the harness does) of the `small` model for
-each method and times them interleaved in one process (method order rotated every
-round), median over `--reps` rounds, each divided by the dense step's median:
+Builds the real harness train step (`mmjax.train.make_steps`, the model-agnostic
+`mmjax.compress.step` with mmjax's loss, jitted with the state donated, as the harness
+does) of the `small` model for each method, its state from `steps.init` on the same
+weights, and times them interleaved in one process (method order rotated every round),
+median over `--reps` rounds, each divided by the dense step's median:
 
-  masks (apply)      gradual magnitude pruning on a step that only applies its masks
+  masks (apply)      gradual magnitude pruning on a step that only applies its masks: the
+                     mask is applied to the master weights by `plan.update` after the
+                     optimizer step, so it fuses into the optimizer's elementwise update
+                     (no masking in the forward)
   masks (recompute)  the step that recomputes every mask (exact top-k by bisection)
   2:4                N:M masks
   int8 QAT           per-channel weight fake-quant, straight-through
   prune+int8         both
-  int8 matmuls       weights and every Dense input in int8, int8 x int8 -> int32 forward,
-                     float straight-through backward
+  int8 matmuls       int8 QAT plus `activations.inputs(8, "int8")` on every matmul weight
+                     (ACT_PATTERN): int8 x int8 -> int32 forward, float straight-through
+                     backward; input scales calibrated once on the batch before timing
   int8 matmuls+grads the same with the backward matmuls (dX, dW) in int8 too
-  distill            the half-size student's step with the dense teacher's forward inside,
-                     against the student's own step and the prediction
+  distill            the half-size student's step with the dense teacher's forward inside
+                     (`distill.method`, the teacher a frozen input of the step), against the
+                     student's own step and the prediction
                      1 + teacher forward FLOPs / student step FLOPs (XLA cost analysis)
   self-distill       the small model taught by itself (the combined pipeline's setting),
                      against the dense step and 1 + forward FLOPs / step FLOPs
+  forward int8       inference: `activations.apply_quantized(apply, scales, 8, "int8")` on
+                     the int8 weight view (scales calibrated on the batch), against the fp32
+                     forward
   and the achieved GFLOP/s of each piece, which is where a FLOP prediction goes wrong
 
 Then exports (the same writer as every run) the dense fp32 weights (raw, 4 bytes a
@@ -52,10 +61,25 @@ def _batch(cfg, batch_size):
   return {k: jax.numpy.asarray(v) for k, v in b.items()}
 
 
-def _plan(cfg_compress, model_cfg):
-  from mmjax.compress import build_plan
-  from mmjax.compress.configure import param_shapes
-  return build_plan(cfg_compress, param_shapes(model_cfg), model_cfg.num_heads)
+def _plan(cfg_compress, model_cfg, *extra):
+  """The plan `config.compress = cfg_compress` builds (checked against the model's
+  parameter shapes), then the parts in `extra`."""
+  from mmjax import compress_config
+  from mmjax.compress import Plan
+  return Plan(compress_config.build({"compress": cfg_compress}, model_cfg).plan, *extra)
+
+
+def _copy(tree):
+  return jax.tree.map(jax.numpy.array, tree)  # a copy: the step donates its state
+
+
+def _build(model, model_cfg, tx, schedule, plan, params, batch, frozen=None):
+  """-> (Steps, TrainState): the harness's step for `plan` and its state on `params` (a
+  copy), as `train_and_evaluate` starts it (`steps.init` applies `plan.start`)."""
+  from mmjax import train
+  steps = train.make_steps(model, model_cfg, tx, schedule, plan)
+  state = jax.jit(steps.init)(_copy(params), jax.random.PRNGKey(0), batch, frozen)
+  return steps, state
 
 
 def _flops(compiled):
@@ -96,9 +120,8 @@ def _distillation(med, teacher_fwd_flops, student_flops, dense_flops):
 
 def _disk(params0, cfg, prune, int8, source):
   """Bytes on disk of exports (the writer every run uses) against raw and zstd'd fp32."""
-  from mmjax import train
   from mmjax.compress import export
-  from mmjax.compress.configure import PRUNE_PATTERN
+  from mmjax.compress_config import PRUNE_PATTERN
   disk = {}
   with tempfile.TemporaryDirectory() as tmp:
     export.export(params0, os.path.join(tmp, "raw"), zstd=False)
@@ -111,7 +134,8 @@ def _disk(params0, cfg, prune, int8, source):
                      ("90% + int8", dict(prune=prune(dict(kind="one_shot", begin=0)),
                                          quant=int8))):
       plan = _plan(cc, cfg)
-      pruned, st = jax.jit(plan.start)(params0, train.cstate_key(0))
+      # the key steps.init gives plan.start: fold_in(PRNGKey(0), 2)
+      pruned, st = jax.jit(plan.start)(params0, jax.random.fold_in(jax.random.PRNGKey(0), 2))
       export.export(pruned, os.path.join(tmp, name), plan, st)
       disk[name] = export.disk_bytes(os.path.join(tmp, name))
   print(f"bytes on disk ({source}):")
@@ -136,10 +160,9 @@ def main():
 
   import optax
 
-  from mmjax import checkpointing, train
-  from mmjax.compress import export
-  from mmjax.compress.configure import PRUNE_PATTERN, QUANT_PATTERN
-  from mmjax.compress.distill import Distill
+  from mmjax import checkpointing
+  from mmjax.compress import Plan, activations, distill, flatten, match_paths, quant, rules
+  from mmjax.compress_config import ACT_PATTERN, PRUNE_PATTERN, QUANT_PATTERN
   from mmjax.models import MultimodalModel, get_preset
 
   cfg = get_preset("small")
@@ -160,6 +183,9 @@ def main():
   prune = lambda sched: dict(method="magnitude", sparsity=0.9, pattern=PRUNE_PATTERN,
                              schedule=sched)
   int8 = dict(bits=8, pattern=QUANT_PATTERN)
+  # the inputs of every matmul weight's product in int8 (weights int8 by the QAT part)
+  int8_inputs = lambda grads: rules([(ACT_PATTERN, activations.inputs(8, "int8",
+                                                                      int8_grads=grads))])
   methods = {
       "dense": ({}, None),
       "masks (apply)": (dict(prune=prune(once)), None),
@@ -167,8 +193,8 @@ def main():
       "2:4": (dict(prune=dict(method="n_m", n=2, m=4, pattern=PRUNE_PATTERN)), None),
       "int8 QAT": (dict(quant=int8), None),
       "prune+int8": (dict(prune=prune(once), quant=int8), None),
-      "int8 matmuls": (dict(quant=int8), dict(bits=8, mode="int8", int8_grads=False)),
-      "int8 matmuls+grads": (dict(quant=int8), dict(bits=8, mode="int8", int8_grads=True)),
+      "int8 matmuls": (dict(quant=int8), int8_inputs(False)),
+      "int8 matmuls+grads": (dict(quant=int8), int8_inputs(True)),
   }
   full = args.only is None
   if not full:
@@ -178,75 +204,72 @@ def main():
       ap.error(f"--only: unknown method(s) {unknown}; valid: {sorted(methods)}")
     methods = {k: v for k, v in methods.items() if k == "dense" or k in wanted}
 
-  steps, states = {}, {}
+  apply = lambda p, b: model.apply({"params": p}, b)  # (logits, intermediates)
+  steps, states, built = {}, {}, {}
   for name, (cc, act) in methods.items():
-    plan = _plan(cc, cfg)
-    init = train.make_init_fn(model, tx, batch, 0, plan, None, act)
-    state = jax.jit(init)()
-    own = jax.tree.map(jax.numpy.array, params0)  # a copy: the step donates its state
-    own, transforms = jax.jit(plan.start)(own, train.cstate_key(0))
-    state = state.replace(params=own, cstate={**state.cstate, "transforms": transforms})
-    fn = jax.jit(train.make_train_step(model, tx, schedule, cfg, plan, None, act),
-                 donate_argnums=(0,))  # as the harness does
+    plan = _plan(cc, cfg, *([act] if act is not None else []))
+    built[name], state = _build(model, cfg, tx, schedule, plan, params0, batch)
+    if plan.needs_calibration(list(flatten(params0))):  # activation scales start at 1.0
+      state = state.replace(cstate=plan.calibrate(apply, state.params, state.cstate, [batch]))
+    fn = jax.jit(built[name].train_step, donate_argnums=(0,))  # as the harness does
     steps[name] = fn.lower(state, batch).compile()
     states[name] = state
 
   if full:
     # distillation: the half-size student (1 block per tower, 1 fusion layer) with and without
-    # the teacher's forward in its step
+    # the teacher's forward in its step; the teacher's params are the step's frozen input
     import dataclasses
     s_cfg = dataclasses.replace(
         cfg, towers={m: dataclasses.replace(t, num_layers=1) for m, t in cfg.towers.items()},
         fusion=dataclasses.replace(cfg.fusion, num_layers=1))
     student = MultimodalModel(s_cfg)
-    dist = Distill(model, 2.0, 0.5, ("pooled",), 1.0)
-    for name, d in (("student", None), ("student + distill", dist)):
-      init = train.make_init_fn(student, tx, batch, 0, _plan({}, s_cfg), d)
-      state = jax.jit(init)(params0 if d else None)
-      fn = jax.jit(train.make_train_step(student, tx, schedule, s_cfg, _plan({}, s_cfg), d),
-                   donate_argnums=(0,))
-      if d is None:
+    s_params = jax.jit(student.init)(jax.random.fold_in(jax.random.PRNGKey(0), 1),
+                                     batch)["params"]
+    dplan = Plan(distill.method(apply, temperature=2.0, alpha=0.5, features=("pooled",),
+                                feature_weight=1.0))
+    frozen = {"distill": params0}
+    for name, plan in (("student", Plan()), ("student + distill", dplan)):
+      d = name != "student"
+      built[name], state = _build(student, s_cfg, tx, schedule, plan, s_params, batch,
+                                  frozen if d else None)
+      fn = jax.jit(built[name].train_step, donate_argnums=(0,))
+      if not d:
         steps[name] = fn.lower(state, batch).compile()
       else:
-        compiled = fn.lower(state, batch, params0).compile()
-        steps[name] = lambda s, b, c=compiled: c(s, b, params0)
+        compiled = fn.lower(state, batch, frozen).compile()
+        steps[name] = lambda s, b, c=compiled: c(s, b, frozen)
       states[name] = state
-    # self-distillation (the combined pipeline's): the small model taught by itself
-    d_self = Distill(model, 2.0, 0.5, ("pooled",), 1.0)
-    init = train.make_init_fn(model, tx, batch, 0, _plan({}, cfg), d_self)
-    states["self-distill"] = jax.jit(init)(params0)
-    compiled = jax.jit(train.make_train_step(model, tx, schedule, cfg, _plan({}, cfg), d_self),
-                       donate_argnums=(0,)).lower(states["self-distill"], batch, params0).compile()
-    steps["self-distill"] = lambda s, b, c=compiled: c(s, b, params0)
-    dense_flops = _flops(jax.jit(train.make_train_step(model, tx, schedule, cfg, _plan({}, cfg)))
-                         .lower(states["dense"], batch).compile())
-    student_flops = _flops(jax.jit(train.make_train_step(
-        student, tx, schedule, s_cfg, _plan({}, s_cfg))).lower(states["student"], batch).compile())
-    teacher_fwd_flops = _flops(jax.jit(lambda p, b: model.apply({"params": p}, b)[0]).lower(
+    # self-distillation (the combined pipeline's): the small model, started from the
+    # teacher's weights as the pipeline starts it, taught by itself
+    built["self-distill"], states["self-distill"] = _build(model, cfg, tx, schedule, dplan,
+                                                           params0, batch, frozen)
+    compiled = jax.jit(built["self-distill"].train_step, donate_argnums=(0,)).lower(
+        states["self-distill"], batch, frozen).compile()
+    steps["self-distill"] = lambda s, b, c=compiled: c(s, b, frozen)
+    dense_flops = _flops(jax.jit(built["dense"].train_step).lower(states["dense"], batch)
+                         .compile())
+    student_flops = _flops(jax.jit(built["student"].train_step).lower(states["student"], batch)
+                           .compile())
+    teacher_fwd_flops = _flops(jax.jit(lambda p, b: apply(p, b)[0]).lower(
         params0, batch).compile())
 
     # inference: the fp32 forward against the int8 path (int8 weights and inputs,
     # int8 x int8 -> int32), on calibrated ranges
-    import flax.linen as nn
+    paths = list(flatten(params0))
+    q_plan = Plan(rules([(QUANT_PATTERN, quant.weights(8))], paths))
+    q_view = jax.jit(q_plan.view)(params0, q_plan.init(params0, jax.random.key(0)))
+    scales = activations.scales_from_amax(activations.calibrate(
+        apply, params0, [batch], match_paths(ACT_PATTERN, paths)))
+    apply8 = activations.apply_quantized(apply, scales, 8, "int8")
 
-    from mmjax.compress import activations, quant, rules
-    from mmjax.compress.core import Plan as _Plan, flatten as _flatten
-    q_plan = _Plan(rules([(QUANT_PATTERN, quant.weights(8))], list(_flatten(params0))))
-    q_view = jax.jit(q_plan.forward)(params0, q_plan.init(params0, jax.random.key(0)))
-    scales = activations.scales_from_amax(activations.calibrate(model, params0, [batch]))
-
-    def fwd_int8(p, b):
-      with nn.intercept_methods(activations.interceptor(scales, 8, "int8")):
-        return model.apply({"params": p}, b)[0]
-
-    fwd32 = jax.jit(lambda p, b: model.apply({"params": p}, b)[0])
-    fwd8 = jax.jit(fwd_int8)
+    fwd32 = jax.jit(lambda p, b: apply(p, b)[0])
+    fwd8 = jax.jit(lambda p, b: apply8(p, b)[0])
     steps["forward fp32"] = lambda s, b: (s, fwd32(params0, b))
     steps["forward int8"] = lambda s, b: (s, fwd8(q_view, b))
     states["forward fp32"] = states["forward int8"] = None
 
     # the teacher's forward alone, timed like a step: a time-based prediction next to FLOPs
-    teacher_fwd = jax.jit(lambda p, b: model.apply({"params": p}, b)[0])
+    teacher_fwd = jax.jit(lambda p, b: apply(p, b)[0])
     steps["teacher forward"] = lambda s, b: (s, teacher_fwd(params0, b))
     states["teacher forward"] = None
   names = list(steps)

@@ -135,15 +135,15 @@ def main(argv=None):
   setup = train.validate(cfg)
   model = MultimodalModel(setup.model_cfg)
   tx, schedule = optim.make_optimizer(cfg.optimizer, args.steps)
-  init_fn = train.make_init_fn(model, tx, random_inputs(setup.model_cfg, 1), 0)
-  state = jax.jit(init_fn)()
+  steps = train.make_steps(model, setup.model_cfg, tx, schedule, setup.compression.plan)
+  sample = random_inputs(setup.model_cfg, 1)
+  rng = jax.random.PRNGKey(0)
+  params = jax.jit(model.init)(jax.random.fold_in(rng, 1), sample)["params"]
+  state = jax.jit(steps.init)(params, rng, sample)
   local = next(train_iterator(setup.input_cfg))
-  keys = [k for k in local if k in set(setup.model_cfg.modalities) or k.endswith("_mask")
-          or k == "label"]
-  batch = sharding.global_batch({k: local[k] for k in keys},
+  batch = sharding.global_batch(train.model_inputs(local, setup.model_cfg.modalities),
                                 sharding.batch_sharding(setup.mesh))
-  step = jax.jit(train.make_train_step(model, tx, schedule, setup.model_cfg),
-                 donate_argnums=(0,))
+  step = jax.jit(steps.train_step, donate_argnums=(0,))  # as the harness does
   state, m = step(state, batch)
   jax.block_until_ready(m)
   times = []

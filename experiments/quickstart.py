@@ -28,6 +28,9 @@ from absl import app, flags
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/quickstart", "where everything goes")
 _DATA = flags.DEFINE_string("data_dir", None, "dataset directory (default: <workdir>/data)")
 _TINY = flags.DEFINE_bool("tiny", False, "the tiny model and a few steps (a smoke test)")
+_PUBLISH = flags.DEFINE_bool("publish", False, "rewrite README's quickstart figures (between "
+                             "its quickstart-results markers) with this run's")
+MARK_BEGIN, MARK_END = "<!-- quickstart-results:begin -->", "<!-- quickstart-results:end -->"
 
 # The quickstart recipe for `small` (measured, README). Peak learning rates tried on
 # 2,500-3,000-step cosine schedules, batch 64: 3e-3 and 2e-3 still at chance at step 1,000;
@@ -39,12 +42,35 @@ QUICK = dict(dense_steps=1800, dense_lr=2.5e-4, dense_warmup=100, compress_steps
 
 
 def _stage(name, config, workdir, log):
+  """Run one stage (or reuse it); -> its wall time in s (None if reused)."""
   from mmjax import train
   if os.path.exists(os.path.join(workdir, "summary.json")):
     log(f"[quickstart] {name}: already done in {workdir}, reused")
-    return
+    return None
   log(f"[quickstart] {name}: {config.train.steps} steps -> {workdir}")
+  t0 = time.perf_counter()
   train.train_and_evaluate(config, workdir, log=lambda m: log(f"  [{name}] {m}"))
+  return time.perf_counter() - t0
+
+
+def figures(recs, times, d, c) -> str:
+  """The paragraph README quotes, from this run's records (what --publish writes)."""
+  dense, comp = recs
+  total = sum(times.values())
+  ms = lambda r: 1e3 / r["steps_per_s"]
+  return (
+      f"Measured {time.strftime('%Y-%m-%d')} on a {os.cpu_count()}-core CPU by "
+      f"`./launch.sh quickstart --publish` (environment already set up; a fresh setup adds "
+      f"about a minute): **{int(total // 60)} min {int(total % 60)} s** in all, the dense "
+      f"stage (dataset preparation included) {times['dense']:.0f} s and the compressed "
+      f"{times['compressed']:.0f} s. Dense {d.train.steps:,} steps (lr {d.optimizer.lr:g}) "
+      f"**{100 * dense['accuracy']:.2f}%** test accuracy; combined {c.train.steps:,} steps "
+      f"(pruning ramp to 90% by step {c.compress.prune.schedule.end}) "
+      f"**{100 * comp['accuracy']:.2f}%** ({comp['accuracy'] / dense['accuracy']:.1%} of "
+      f"dense), export {comp['disk_bytes']:,} bytes on disk, **"
+      f"{dense['disk_bytes'] / comp['disk_bytes']:.1f}× smaller** than the dense raw fp32 "
+      f"({dense['disk_bytes']:,} bytes); train step {ms(dense):.0f} ms dense, "
+      f"{ms(comp):.0f} ms compressed ({ms(comp) / ms(dense):.2f}×).")
 
 
 def configs(workdir, data_dir, tiny):
@@ -101,9 +127,19 @@ def main(argv):
   log(f"[quickstart] dense `{'tiny' if _TINY.value else 'small'}` model, then the combined "
       f"compression pipeline; everything under {workdir}")
   try:
-    _stage("dense", d, os.path.join(workdir, "dense"), log)
-    _stage("compressed", c, os.path.join(workdir, "compressed"), log)
-    summarize(workdir, log)
+    times = {"dense": _stage("dense", d, os.path.join(workdir, "dense"), log),
+             "compressed": _stage("compressed", c, os.path.join(workdir, "compressed"), log)}
+    recs = summarize(workdir, log)
+    if _PUBLISH.value:
+      if None in times.values() or _TINY.value:
+        raise ValueError("--publish needs a fresh, full-size run (a new --workdir, no --tiny) "
+                         "so that its times are measured.")
+      from experiments import results
+      text = figures(recs, times, d, c)
+      with open(os.path.join(workdir, "quickstart.md"), "w") as f:
+        f.write(text + "\n")
+      results.rewrite_section(results.README, MARK_BEGIN, MARK_END, text)
+      log(f"[quickstart] README quickstart figures rewritten:\n{text}")
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -201,18 +201,23 @@ def publish(sweep_dir, readme=README, results_dir=RESULTS_DIR, log=print):
   os.makedirs(results_dir, exist_ok=True)
   for f in ("results.md", "results.json", "pareto.png"):
     shutil.copy(os.path.join(sweep_dir, f), os.path.join(results_dir, f))
-  with open(readme) as f:
-    text = f.read()
-  if MARK_BEGIN not in text or MARK_END not in text:
-    raise ValueError(f"{readme} has no {MARK_BEGIN} ... {MARK_END} section to rewrite.")
   with open(os.path.join(results_dir, "results.md")) as f:
     table = f.read()
   rel = os.path.relpath(os.path.join(results_dir, "pareto.png"), os.path.dirname(readme))
-  head, rest = text.split(MARK_BEGIN, 1)
-  _, tail = rest.split(MARK_END, 1)
-  body = f"{MARK_BEGIN}\n{table}\n![accuracy against bytes on disk]({rel})\n{MARK_END}"
-  with open(readme, "w") as f:
-    f.write(head + body + tail)
+  rewrite_section(readme, MARK_BEGIN, MARK_END,
+                  f"{table}\n![accuracy against bytes on disk]({rel})")
   log(f"[sweep] README results section rewritten from {results_dir}")
+
+
+def rewrite_section(readme, begin, end, body):
+  """Replace what stands between the `begin` and `end` markers of `readme` by `body`."""
+  with open(readme) as f:
+    text = f.read()
+  if begin not in text or end not in text:
+    raise ValueError(f"{readme} has no {begin} ... {end} section to rewrite.")
+  head, rest = text.split(begin, 1)
+  _, tail = rest.split(end, 1)
+  with open(readme, "w") as f:
+    f.write(f"{head}{begin}\n{body}\n{end}{tail}")
 
 

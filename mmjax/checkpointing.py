@@ -9,10 +9,15 @@ leaves the previous checkpoint as the latest.
 Resume rules (`train.py`): a checkpoint in the workdir -> `config.init` (params only, from
 another run's checkpoints) -> fresh initialisation. Before anything is restored, the saved
 tree is compared with what the config builds; a mismatch is an error naming the paths.
+`restore_latest` resumes from the newest readable step: one whose files are damaged is
+moved aside to `<step>.corrupt` (never deleted) and the step before it is used.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 
 import jax
 import numpy as np
@@ -59,17 +64,61 @@ def describe_mismatch(saved, expected, what: str, limit: int = 8) -> str | None:
   return f"{what} does not fit the config: " + "; ".join(parts)
 
 
+@contextlib.contextmanager
+def _quiet_read_only():
+  """Drop Orbax's 'Given directory is read only' warning, which every read-only manager
+  logs however it is configured: opening a run to read it is not worth a warning."""
+  def keep(record):
+    return not record.getMessage().startswith("Given directory is read only")
+  logger = logging.getLogger("absl")
+  logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    logger.removeFilter(keep)
+
+
+@contextlib.contextmanager
+def _quiet_closed_loop():
+  """Reading damaged array data, Orbax abandons its other reads; TensorStore's callbacks
+  then find the event loop closed and Python prints that as an 'Exception ignored'
+  traceback. The step is reported (and set aside) by mmjax: drop just that one."""
+  previous = sys.unraisablehook
+  def hook(u):
+    closed = isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)
+    if not closed:
+      previous(u)
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    sys.unraisablehook = previous
+
+
+def _short(e: BaseException, limit: int = 160) -> str:
+  """An Orbax/TensorStore error in one short line (they carry the whole tensorstore spec)."""
+  msg = str(e).split(" [tensorstore_spec=", 1)[0].splitlines()
+  msg = msg[0] if msg else ""
+  msg = msg if len(msg) <= limit else msg[:limit - 3] + "..."
+  return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
 class Checkpointer:
   def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True,
                read_only: bool = False):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                           enable_async_checkpointing=async_save,
-                                           read_only=read_only)
-    self._mngr = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": ocp.JsonCheckpointHandler()})
+    if read_only:  # only options read_only accepts: others are reset with a warning each
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                             save_interval_steps=0,
+                                             enable_async_checkpointing=False)
+    else:
+      options = ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                             enable_async_checkpointing=async_save)
+    with _quiet_read_only() if read_only else contextlib.nullcontext():
+      self._mngr = ocp.CheckpointManager(
+          self.directory, options=options,
+          item_handlers={"state": ocp.StandardCheckpointHandler(),
+                         "data": ocp.JsonCheckpointHandler()})
 
   def latest_step(self):
     return self._mngr.latest_step()
@@ -103,6 +152,49 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return out["state"], dict(out["data"] or {})
 
+  def restore_latest(self, abstract_state, *, what="checkpoint", log=print):
+    """-> (step, state, data state) of the newest readable step, or None if there is none.
+
+    A step whose files cannot be read (truncated or garbled by a crash or a full disk) is
+    moved aside to `<step>.corrupt`, never deleted, and the next newest is tried, so a
+    damaged last save costs the steps since the previous one rather than the run. A
+    readable step that does not fit `abstract_state` raises CheckpointMismatchError."""
+    with _quiet_closed_loop():
+      return self._restore_latest(abstract_state, what, log)
+
+  def _restore_latest(self, abstract_state, what, log):
+    while (step := self.latest_step()) is not None:
+      try:
+        self._state_metadata(step)  # damaged metadata or arrays fail here...
+      except (ValueError, OSError) as e:  # (incl. "no readable train state")
+        self._set_aside(step, e, log)
+        continue
+      self.check_fits(step, abstract_state, what=what)  # ...a config mismatch here: raise
+      try:
+        state, data_state = self.restore(step, abstract_state)
+      except Exception as e:  # ...and damaged data here (Orbax may wrap it in a group)  # noqa: BLE001
+        self._set_aside(step, e, log)
+        continue
+      return step, state, data_state
+    return None
+
+  def _set_aside(self, step, error, log):
+    """Move an unreadable step to `<step>.corrupt[.N]` (process 0; all wait) and forget it."""
+    src = os.path.join(self.directory, str(step))
+    dst = src + ".corrupt"
+    n = 0
+    while os.path.exists(dst):
+      n += 1
+      dst = f"{src}.corrupt.{n}"
+    if jax.process_index() == 0:
+      os.rename(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"mmjax:checkpoint_set_aside_{step}")
+    log(f"[checkpoint] step {step} in {self.directory} is unreadable ({_short(error)}); "
+        f"moved it to {os.path.basename(dst)} and trying the previous step")
+    self._mngr.reload()
+
   def check_params_fit(self, step, abstract_params, what="params in"):
     meta = self._state_metadata(step)
     saved = meta["params"] if isinstance(meta, dict) else getattr(meta, "params")
@@ -134,3 +226,47 @@ class Checkpointer:
   def close(self):
     self._mngr.wait_until_finished()
     self._mngr.close()
+
+
+# ------------------------------------------------- the trainer's resume rules, in words
+
+def check_resumable(ckpt_path: str, abstract_state, workdir: str) -> bool:
+  """True if the workdir holds a checkpoint (its newest step must fit the config: the
+  error says how to resume it or start anew), False if it holds none."""
+  reader = Checkpointer(ckpt_path, read_only=True)
+  try:
+    step = reader.latest_step()
+    if step is None:
+      return False
+    try:
+      reader.check_fits(step, abstract_state, what="the workdir's checkpoint")
+    except CheckpointMismatchError as e:
+      raise CheckpointMismatchError(
+          f"{e}. Resume it with the config it was trained with "
+          f"({os.path.join(workdir, 'config.json')}), or use a new --workdir.") from None
+    except (ValueError, OSError):  # unreadable: restore_latest sets it aside
+      pass
+    return True
+  finally:
+    reader.close()
+
+
+def require_checkpoint(path: str, what: str) -> int:
+  """The newest step under a run's workdir (or its checkpoints dir); none is an error."""
+  reader = Checkpointer(checkpoint_dir(path), read_only=True)
+  step = reader.latest_step()
+  reader.close()
+  if step is None:
+    raise ValueError(f"{what}={path} holds no checkpoint; point it at an earlier run's "
+                     "workdir or its checkpoints directory.")
+  return step
+
+
+def restore_params_from(path: str, abstract_params, step: int | None = None):
+  """The params of a run's newest (or given) checkpoint, laid out like `abstract_params`."""
+  reader = Checkpointer(checkpoint_dir(path), read_only=True)
+  try:
+    return reader.restore_params(reader.latest_step() if step is None else step,
+                                 abstract_params)
+  finally:
+    reader.close()

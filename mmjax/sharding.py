@@ -75,3 +75,24 @@ def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
   """This host's numpy batch -> global jax.Arrays sharded over the data axis."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}
+
+
+def sharded_abstract(abstract, mesh: Mesh, fsdp: bool):
+  """-> (abstract tree carrying its shardings, the shardings)."""
+  shd = state_shardings(abstract, mesh, fsdp)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shd), shd
+
+
+def process0_decides(flag: bool) -> bool:
+  """Process 0's value of `flag`, on every process (so all take the same branch)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+def barrier(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

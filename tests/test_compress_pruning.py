@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from mmjax.compress import Plan, chain, rules
+from mmjax.compress import Method, Plan, chain, rules
 from mmjax.compress import pruning
 from mmjax.compress.select import n_m_mask, top_k_masks
 
@@ -63,7 +63,7 @@ def _plan(t, pattern=r".*kernel"):
 
 def _view(plan, params, seed=0):
   """The weights a run computes with after `Plan.start` (masks applied at step 0)."""
-  return plan.forward(*plan.start(params, jax.random.PRNGKey(seed)))
+  return plan.view(*plan.start(params, jax.random.PRNGKey(seed)))
 
 
 def _flat_paths(params):
@@ -105,7 +105,7 @@ def test_pruned_weights_stay_zero_under_adam():
   @jax.jit
   def step(params, opt, state, i):
     def loss(p):
-      v = plan.forward(p, state)
+      v = plan.view(p, state)
       return sum(jnp.sum(jnp.sin(x) ** 2) for x in jax.tree.leaves(v))
     g = jax.grad(loss)(params)
     u, opt = tx.update(g, opt, params)
@@ -113,7 +113,7 @@ def test_pruned_weights_stay_zero_under_adam():
     params, state = plan.update(params, state, i)
     return params, opt, state
 
-  mask0 = np.asarray(state[0]["masks"]["a/kernel"])
+  mask0 = np.asarray(state["magnitude_layer_0.8"]["masks"]["a/kernel"])
   for i in range(1, 21):
     params, opt, state = step(params, opt, state, i)
   w = np.asarray(params["a"]["kernel"])
@@ -138,7 +138,7 @@ def test_gradual_pruning_in_a_training_loop_reaches_target_at_end_step():
   for t in range(1, 51):
     params = jax.tree.map(lambda x: x + 0.01, params)  # a stand-in optimizer step
     params, state = update(params, state, t)
-    seen.append(1 - float(np.asarray(state[0]["masks"]["a/kernel"]).mean()))
+    seen.append(1 - float(np.asarray(state["magnitude_layer_0.9"]["masks"]["a/kernel"]).mean()))
   assert all(b >= a - 1e-9 for a, b in zip(seen, seen[1:]))
   assert abs(seen[39] - 0.9) < 1 / 384 + 1e-9 and seen[-1] == seen[39]
   assert seen[8] < 0.9 * 0.8  # still ramping before the end
@@ -147,27 +147,87 @@ def test_gradual_pruning_in_a_training_loop_reaches_target_at_end_step():
 def test_random_pruning_differs_from_magnitude():
   pm, params = _plan(pruning.unstructured(0.5))
   pr, _ = _plan(pruning.unstructured(0.5, score="random"))
-  mm = np.asarray(pm.init(params, jax.random.PRNGKey(0))[0]["masks"]["a/kernel"])
-  mr = np.asarray(pr.init(params, jax.random.PRNGKey(0))[0]["masks"]["a/kernel"])
+  mm = np.asarray(pm.init(params, jax.random.PRNGKey(0))["magnitude_layer_0.5"]["masks"]["a/kernel"])
+  mr = np.asarray(pr.init(params, jax.random.PRNGKey(0))["random_layer_0.5"]["masks"]["a/kernel"])
   assert mm.sum() == mr.sum() and (mm != mr).mean() > 0.2
 
 
 def test_n_m_transform_and_chain_with_another():
-  plan, params = _plan(pruning.n_of_m(2, 4, shapes={"a/kernel": (16, 24), "b/kernel": (24, 8)}))
+  plan, params = _plan(pruning.n_of_m(2, 4))
   v = _view(plan, params)
   g = (np.asarray(v["a"]["kernel"]) != 0).reshape(4, 4, 24).sum(axis=1)
   assert (g == 2).all()
-  both = Plan(chain(plan.transform, rules([(r"b/kernel", pruning.unstructured(0.9))],
-                                          list(_flat_paths(params)))))
+  # 2:4 on a and 90% on b, in one rules([...]) (first match wins)
+  both = Plan(rules([(r"a/kernel", pruning.n_of_m(2, 4)),
+                     (r"b/kernel", pruning.unstructured(0.9))], list(_flat_paths(params))))
   v2 = _view(both, params)
   assert (np.asarray(v2["b"]["kernel"]) == 0).mean() >= 0.875
+  g2 = (np.asarray(v2["a"]["kernel"]) != 0).reshape(4, 4, 24).sum(axis=1)
+  assert (g2 == 2).all()
+
+
+def _nm_reference(w, n, m, contract):
+  """float64 NumPy: contraction axes to the front, flattened; n largest of every m."""
+  rest = [a for a in range(w.ndim) if a not in contract]
+  moved = np.transpose(np.abs(np.asarray(w, np.float64)), list(contract) + rest)
+  flat = moved.reshape(-1, int(np.prod([w.shape[a] for a in rest])))
+  keep = np.zeros_like(flat, bool)
+  for g in range(flat.shape[0] // m):
+    block = flat[g * m:(g + 1) * m]
+    order = np.argsort(-block, axis=0, kind="stable")[:n]
+    for col in range(flat.shape[1]):
+      keep[g * m + order[:, col], col] = True
+  return np.transpose(keep.reshape(moved.shape), np.argsort(list(contract) + rest))
+
+
+@pytest.mark.parametrize("shape, contract", [
+    ((16, 8), None),               # Dense [in, out]
+    ((16, 2, 4), (0,)),            # DenseGeneral q/k/v [in, heads, head_dim]
+    ((2, 8, 6), (0, 1)),           # DenseGeneral out [heads, head_dim, out]
+    ((3, 3, 4, 5), None),          # Conv [h, w, in, out]
+])
+def test_n_m_groups_run_along_the_contraction_axes(shape, contract):
+  from mmjax.compress.select import n_m_mask
+  w = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  axes = tuple(range(len(shape) - 1)) if contract is None else contract
+  mask = np.asarray(n_m_mask(jnp.asarray(w), 2, 4, axes))
+  np.testing.assert_array_equal(mask, _nm_reference(w, 2, 4, axes))
+  assert mask.mean() == 0.5
+
+
+def test_stage_conflicts_and_names_are_errors():
+  params = _tree()
+  paths = list(_flat_paths(params))
+  with pytest.raises(ValueError, match="both claim a/kernel for the update stage"):
+    Plan(rules([(r".*kernel", pruning.unstructured(0.5))]),
+         rules([(r"a/kernel", pruning.n_of_m(2, 4))])).entries(paths)
+  with pytest.raises(ValueError, match="two compression methods are named"):
+    Plan(rules([(r"a/kernel", pruning.unstructured(0.5))]),
+         rules([(r"b/kernel", pruning.unstructured(0.5))])).entries(paths)
+  Plan(rules([(r"a/kernel", pruning.unstructured(0.5))]),  # renamed: fine
+       rules([(r"b/kernel", pruning.unstructured(0.5).renamed("b_half"))])).entries(paths)
+  with pytest.raises(ValueError, match="defines none of the stages"):
+    Method("nothing", init=lambda flat, rng: {})
+
+
+def test_state_is_keyed_by_name_so_reordered_rules_read_the_same_checkpoint():
+  params = _tree()
+  a, b = pruning.unstructured(0.5), pruning.n_of_m(2, 4)
+  one = Plan(rules([(r"a/kernel", a), (r"b/kernel", b)]))
+  two = Plan(rules([(r"b/kernel", b), (r"a/kernel", a)]))
+  s1, s2 = one.init(params, jax.random.PRNGKey(0)), two.init(params, jax.random.PRNGKey(0))
+  assert jax.tree.structure(s1) == jax.tree.structure(s2)
+  for x, y in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.mark.parametrize("bad, match", [
     (lambda: pruning.unstructured(1.0), r"sparsity=1.0 is outside \[0, 1\)"),
     (lambda: pruning.unstructured(-0.1), r"outside \[0, 1\)"),
     (lambda: pruning.n_of_m(4, 4), "1 <= N < M"),
-    (lambda: pruning.n_of_m(2, 4, shapes={"x/kernel": (6, 8)}), "not divisible by M"),
+    (lambda: Plan(pruning.n_of_m(2, 4)).check({"x/kernel": (6, 8)}), "not divisible by M"),
+    (lambda: Plan(pruning.n_of_m(2, 4, contract=(3,))).check({"x/kernel": (8, 8)}),
+     r"contraction axes \(3,\) do not fit x/kernel"),
     (lambda: pruning.unstructured(0.5, scope="tower"), "scope='tower' is unknown"),
     (lambda: pruning.Schedule("polynomial", begin=5, end=5).validate(), "must be > begin"),
     (lambda: rules([(r"c/.*", pruning.unstructured(0.5))], ["a/kernel", "b/kernel"]),
@@ -194,8 +254,8 @@ def test_random_trees_prune_then_quantize(shapes, sparsity, bits, seed):
   plan = Plan(chain(rules([(r".*kernel", pruning.unstructured(sparsity))], paths),
                     rules([(r".*kernel", quant.weights(bits))], paths)))
   started, state = plan.start(params, jax.random.PRNGKey(seed))
-  view = plan.forward(started, state)
-  masks = state[0][0]["masks"]
+  view = plan.view(started, state)
+  masks = state[f"magnitude_layer_{sparsity:g}"]["masks"]
   for name, s in zip(params, shapes):
     mask = np.asarray(masks[f"{name}/kernel"])
     n = s[0] * s[1]

@@ -53,6 +53,28 @@ def test_int8_error_is_bounded_by_half_a_step():
   assert (np.abs(np.asarray(q - w)) <= step / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("shape, contract", [
+    ((16, 2, 4), (0,)),      # DenseGeneral q/k/v [in, heads, head_dim]: per (head, dim)
+    ((2, 4, 6), (0, 1)),     # DenseGeneral out [heads, head_dim, out]: per out
+    ((3, 3, 4, 5), None),    # Conv [h, w, in, out]: per out
+])
+def test_per_channel_scales_follow_the_rule_layout(shape, contract):
+  from mmjax.compress import Plan, rules
+  w = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+  plan = Plan(rules([(r"k", quant.weights(8, contract=contract))]))
+  v = np.asarray(plan.view({"k": jnp.asarray(w)}, plan.init({"k": w}, None))["k"])
+  axes = tuple(range(len(shape) - 1)) if contract is None else contract
+  c = np.abs(w.astype(np.float64)).max(axis=axes, keepdims=True)  # float64 reference
+  ref = np.round(w / (c / 127)) * (c / 127)
+  np.testing.assert_allclose(v, ref, rtol=1e-5, atol=1e-6)
+  outs = [a for a in range(len(shape)) if a not in axes]
+  out = np.moveaxis(v, outs, list(range(len(outs))))
+  out = out.reshape(int(np.prod([shape[a] for a in range(len(shape)) if a not in axes])), -1)
+  assert all(len(np.unique(row)) <= 255 for row in out)  # <= 255 levels per output channel
+  info = plan.describe({"k": jnp.asarray(w)}, plan.init({"k": w}, None))["k"]
+  assert tuple(info["scale_axes"]) == axes
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(bits=1), r"bits=1 must be an integer in 2..8"),
     (dict(bits=9), r"2..8"),

@@ -6,6 +6,7 @@ import pytest
 
 from mmjax.compress import Plan, flatten, rules
 from mmjax.compress import structured
+from mmjax.models import structure
 from mmjax.models import FusionConfig, MultimodalModel, get_preset, random_inputs
 
 
@@ -26,12 +27,13 @@ def _model(fusion="cross"):
 def test_shrunk_model_matches_the_masked_one(unit, sparsity, fusion):
   cfg, model, params, x = _model(fusion)
   paths = list(flatten(params))
-  pattern = structured.HEAD_PATTERN if unit == "head" else structured.MLP_PATTERN
-  plan = Plan(rules([(pattern, structured.units(sparsity, unit, num_heads=4))], paths))
+  pattern = structure.HEAD_PATTERN if unit == "head" else structure.MLP_PATTERN
+  layout = structure.head_layout(4) if unit == "head" else structure.mlp_layout()
+  plan = Plan(rules([(pattern, structured.units(sparsity, layout, what=unit))], paths))
   started, state = plan.start(params, jax.random.PRNGKey(0))
-  view = plan.forward(started, state)
+  view = plan.view(started, state)
   masked_logits, _ = model.apply({"params": view}, x)
-  small, small_cfg = structured.shrink(view, plan.describe(params, state), cfg)
+  small, small_cfg = structure.shrink(view, plan.describe(params, state), cfg)
   if unit == "head":
     assert small_cfg.num_heads == 4 - round(sparsity * 4) and small_cfg.head_dim == 8
   else:
@@ -54,7 +56,7 @@ def test_heads_with_the_largest_norm_survive():
   k = np.asarray(flat[f"{path}/value/kernel"]).copy()
   k[:, 24:32] *= 100.0  # head 3 of 4 (head_dim 8)
   boosted[f"{path}/value/kernel"] = k
-  t = structured.units(0.75, "head", num_heads=4)
+  t = structured.units(0.75, structure.head_layout(4), what="head")
   sub = {p: w for p, w in boosted.items() if p.startswith(path)}
   state = t.init(sub, jax.random.PRNGKey(0))
   np.testing.assert_array_equal(np.asarray(state["units"][path]), [False, False, False, True])
@@ -63,4 +65,4 @@ def test_heads_with_the_largest_norm_survive():
 def test_removing_every_head_is_an_error():
   shapes = {"a/attn/query/kernel": (32, 32), "a/attn/out/kernel": (32, 32)}
   with pytest.raises(ValueError, match="would remove every head"):
-    structured.check_structured(0.9, "head", shapes, num_heads=4)
+    Plan(structured.units(0.9, structure.head_layout(4), what="head")).check(shapes)

@@ -1,5 +1,9 @@
 """Experiment configs build and pass the harness's validation (no training here: each
 method's end-to-end run is in test_compress_harness / test_train)."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 from experiments.configs import modalities
@@ -25,3 +29,14 @@ def test_modality_subsets_build_a_model_of_just_those_towers(use):
 def test_bad_modality_subsets(arg, needle):
   with pytest.raises(ValueError, match=needle):
     modalities.get_config(arg)
+
+
+def test_missing_config_file_is_one_line_listing_the_configs():
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run([sys.executable, "-m", "experiments.main",
+                      "--config=experiments/configs/nope.py", "--workdir=/tmp/unused"],
+                     cwd=repo, capture_output=True, text=True, timeout=120)
+  assert r.returncode != 0
+  assert "nope.py" in r.stderr and "dense.py" in r.stderr, r.stderr
+  assert "common.py" not in r.stderr and "__init__" not in r.stderr
+  assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

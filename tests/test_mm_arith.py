@@ -77,12 +77,13 @@ def test_prepare_bad_input(tmp_path, kwargs, needle):
   assert not os.path.exists(tmp_path / "mm_arith" / "procedural" / "1.1.0")
 
 
-def test_unprepared_data_dir_fails_at_once_with_the_command(tmp_path):
+def test_unprepared_data_dir_fails_at_once_with_the_command(tmp_path, caplog):
   t0 = time.perf_counter()
   with pytest.raises(sources.DatasetNotPreparedError) as err:
     sources.open_split("mm_arith/procedural", "train", str(tmp_path))
   assert "python -m mmjax.data.prepare --dataset=mm_arith/procedural" in str(err.value)
   assert time.perf_counter() - t0 < 10
+  assert not [r for r in caplog.records if "dataset_info.json" in r.getMessage()]
 
 
 def test_prepare_cli_exit_codes(tmp_path):
@@ -95,6 +96,10 @@ def test_prepare_cli_exit_codes(tmp_path):
   r = run(f"--data_dir={tmp_path}", "--num_train=40", "--num_test=10")
   assert r.returncode == 0, r.stderr
   assert "prepared mm_arith/procedural: train 40, test 10" in r.stdout
+  # only mmjax's own lines: no TFDS download banner or not-prepared-yet warnings
+  assert "preparing mm_arith/procedural (40 train + 10 test examples)" in r.stdout
+  out = r.stdout + r.stderr
+  assert "Downloading and preparing" not in out and "dataset_info.json" not in out, out
 
 
 def test_corrupted_record_file_is_a_clear_error(procedural_dir, tmp_path):

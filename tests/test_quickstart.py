@@ -24,7 +24,8 @@ def test_quickstart_end_to_end_then_reuses_its_stages(procedural_dir, tmp_path):
   report = json.load(open(os.path.join(workdir, "compressed", "compression_report.json")))
   # self-distillation from the dense run + pruning + int8, exported and measured on disk
   assert report["disk_ratio"] > 6.0 and os.path.isdir(report["export_dir"])
-  assert report["plan"].count("rules[") == 2 and report["total"]["sparsity"] > 0.5
+  assert all(m in report["plan"] for m in ("magnitude", "int8", "distill"))
+  assert report["total"]["sparsity"] > 0.5
   config = json.load(open(os.path.join(workdir, "compressed", "config.json")))
   assert config["compress"]["distill"]["teacher"] == "init"
   assert config["init"] == os.path.join(workdir, "dense")

@@ -91,11 +91,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(procedural_dir, tmp_p
 
 # ----------------------------------------------------------------------------- exact resume
 
-# gradual pruning (masks recomputed every 10 steps until 120) + int8 QAT, from scratch: the
-# compression state must resume as exactly as the weights
-COMPRESSED = ("--config=experiments/configs/prune_qat.py:tiny", "--config.init=",
+# gradual pruning (masks recomputed every 10 steps until 120) + int8 QAT + distillation
+# from a dense teacher, from scratch: the compression state must resume as exactly as the
+# weights
+COMPRESSED = ("--config=experiments/configs/combined.py:tiny", "--config.init=",
               "--config.compress.prune.schedule.end=120",
               "--config.compress.prune.schedule.every=10")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(procedural_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("teacher"))
+  train.train_and_evaluate(_tiny(procedural_dir, steps=5), workdir, log=_quiet)
+  return workdir
 
 
 def _cli(workdir, data_dir, *extra, config="--config=experiments/configs/dense.py:tiny"):
@@ -110,10 +118,11 @@ def _cli(workdir, data_dir, *extra, config="--config=experiments/configs/dense.p
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_sigkill_and_resume_is_bit_identical(procedural_dir, tmp_path, config=COMPRESSED):
+def test_sigkill_and_resume_is_bit_identical(procedural_dir, teacher_dir, tmp_path):
   """The whole harness (params, Adam state, rng, data position) and the compression state
-  (pruning masks recomputed every 10 steps, int8 QAT) resume exactly: the dense loop is
-  the same code with an empty compression state."""
+  (pruning masks recomputed every 10 steps, int8 QAT, distillation's trainable projection
+  and frozen teacher) resume exactly: the dense loop is the same code with an empty plan."""
+  config = COMPRESSED + (f"--config.compress.distill.teacher={teacher_dir}",)
   straight = _cli(str(tmp_path / "straight"), procedural_dir, config=config)
   killed_dir = tmp_path / "killed"
   victim = _cli(str(killed_dir), procedural_dir, config=config)
@@ -142,12 +151,53 @@ def test_sigkill_and_resume_is_bit_identical(procedural_dir, tmp_path, config=CO
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit-identical
-  if config is COMPRESSED:  # the masks really were part of what resumed
-    masks = a["cstate"]["transforms"][0][0]["masks"]
+  if config[0] == COMPRESSED[0]:  # the masks really were part of what resumed
+    assert "distill" in a["cstate"] and "int8_channel" in a["cstate"]
+    masks = a["cstate"]["magnitude_layer_0.9"]["masks"]
     assert 0.85 < 1 - np.mean([np.asarray(m).mean() for m in masks.values()]) < 0.95
   ea = json.load(open(tmp_path / "straight" / "summary.json"))
   eb = json.load(open(killed_dir / "summary.json"))
   assert ea["eval_accuracy"] == eb["eval_accuracy"] and ea["eval_loss"] == eb["eval_loss"]
+
+
+def test_resume_after_the_final_checkpoint_and_past_an_unreadable_step(procedural_dir,
+                                                                       tmp_path):
+  """Killed after its final checkpoint but before its final evaluation, a run resumes to
+  the same summary and report; a truncated newest checkpoint is set aside and the run
+  resumes from the one before, ending bit-identical to the uninterrupted run."""
+  from experiments.configs import prune_qat
+  c = prune_qat.get_config("tiny,sparsity=0.5")
+  c.init, c.data.data_dir, c.mesh.data = None, procedural_dir, 1
+  c.train.update(steps=20, checkpoint_every=10, eval_every=10, keep_checkpoints=3)
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(c, str(workdir), log=_quiet)
+  summary = json.load(open(workdir / "summary.json"))
+  report = json.load(open(workdir / "compression_report.json"))
+  _, final = _load_final(str(workdir))
+  for name in ("summary.json", "compression_report.json"):  # as if killed before them
+    os.remove(workdir / name)
+  train.train_and_evaluate(c, str(workdir), log=_quiet)
+  again = json.load(open(workdir / "summary.json"))
+  assert again["eval_accuracy"] == summary["eval_accuracy"] is not None
+  assert again["eval_loss"] == summary["eval_loss"] and again["steps_run"] == 0
+  rep = json.load(open(workdir / "compression_report.json"))
+  assert rep["accuracy"] == report["accuracy"] is not None
+  assert rep["total"] == report["total"]
+  assert abs(rep["disk_bytes"] - report["disk_bytes"]) < 64  # Orbax metadata: timestamps
+
+  step_dir = workdir / "checkpoints" / "20"
+  victim = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])  # truncated
+  logs = []
+  train.train_and_evaluate(c, str(workdir), log=logs.append)
+  assert any("step 20" in l and "unreadable" in l for l in logs), logs
+  assert any("resumed from" in l and "at step 10" in l for l in logs)
+  assert (workdir / "checkpoints" / "20.corrupt").is_dir()  # set aside, never deleted
+  _, resumed = _load_final(str(workdir))
+  assert jax.tree.structure(resumed) == jax.tree.structure(final)
+  for x, y in zip(jax.tree.leaves(final), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert json.load(open(workdir / "summary.json"))["eval_accuracy"] == summary["eval_accuracy"]
 
 
 # ----------------------------------------------------------------------------- devices
@@ -158,18 +208,21 @@ def test_one_step_on_8_devices_equals_1_device(procedural_dir, cpu_devices, fsdp
   setup = train.validate(cfg)
   model = train.MultimodalModel(setup.model_cfg)
   tx, schedule = optim.make_optimizer(cfg.optimizer, 30)
-  keys = ["audio", "audio_mask", "image", "text", "text_mask", "label", "example_mask"]
   local = next(train_iterator(InputConfig(data_dir=procedural_dir, batch_size=16)))
   from mmjax.models import random_inputs
-  init_fn = train.make_init_fn(model, tx, random_inputs(setup.model_cfg, 1), 0)
+  sample = random_inputs(setup.model_cfg, 1)
+  steps = train.make_steps(model, setup.model_cfg, tx, schedule)
+  init_fn = lambda: steps.init(model.init(jax.random.PRNGKey(1), sample)["params"],
+                               jax.random.PRNGKey(0), sample)
   results = {}
   for n in (1, 8):
     mesh = sharding.make_mesh(n)
     shd = sharding.state_shardings(jax.eval_shape(init_fn), mesh, fsdp)
     state = jax.jit(init_fn, out_shardings=shd)()
-    batch = sharding.global_batch({k: local[k] for k in keys}, sharding.batch_sharding(mesh))
-    step = jax.jit(train.make_train_step(model, tx, schedule, setup.model_cfg),
-                   in_shardings=(shd, sharding.batch_sharding(mesh)), out_shardings=(shd, None))
+    batch = sharding.global_batch(train.model_inputs(local, setup.model_cfg.modalities),
+                                  sharding.batch_sharding(mesh))
+    step = jax.jit(steps.train_step, in_shardings=(shd, sharding.batch_sharding(mesh)),
+                   out_shardings=(shd, None))
     for _ in range(2):
       state, metrics = step(state, batch)
     results[n] = (jax.device_get(state.params), float(metrics["loss"]))

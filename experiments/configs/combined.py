@@ -7,12 +7,12 @@ Reproduce (after the dense run):
   ./launch.sh train --config=experiments/configs/combined.py --workdir=workdirs/combined
 """
 from experiments.configs import prune_qat
-from experiments.configs.common import parse_arg
+from experiments.configs.common import distill, parse_arg
 
 
 def get_config(arg=None):
   args = parse_arg(arg, values={"sparsity": float, "bits": int})
   c = prune_qat.get_config(arg)
-  c.compress.distill = dict(teacher="init", temperature=2.0, alpha=0.5, features=(),
-                            feature_weight=0.0)
+  c.compress.distill = distill(teacher="init", temperature=2.0, alpha=0.5, features=(),
+                               feature_weight=0.0)
   return c

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from mmjax.compress_config import ACT_PATTERN, PRUNE_PATTERN, QUANT_PATTERN
 from mmjax.models import get_preset
 
 ARGS = ("tiny",)
@@ -62,6 +63,39 @@ def base_config(*, tiny: bool, modalities=None) -> ml_collections.ConfigDict:
 DENSE_WORKDIR = "workdirs/dense"
 
 
+# ---- compression sections, every field written out with the code's default
+# (mmjax/compress_config.py, pruning.Schedule): a flag can only override a field the config
+# has, so --config.compress.<section>.<field>=v works for every documented field.
+
+def schedule(**kw) -> dict:
+  return {**dict(kind="one_shot", begin=0, end=0, every=100, power=3.0, initial=0.0), **kw}
+
+
+def prune(**kw) -> dict:
+  return {**dict(method="magnitude", scope="layer", sparsity=0.5, rules=(),
+                 pattern=PRUNE_PATTERN, n=2, m=4), **kw,
+          "schedule": schedule(**kw.get("schedule", {}))}
+
+
+def quant(**kw) -> dict:
+  return {**dict(bits=8, granularity="channel", clip_ratio=1.0, pattern=QUANT_PATTERN), **kw}
+
+
+def activations(**kw) -> dict:
+  """percentile: None clips at max|x|; a typed placeholder so that a flag can set a float."""
+  out = {**dict(bits=8, mode="fake", int8_grads=True, calibration_batches=8, percentile=None,
+                pattern=ACT_PATTERN), **kw}
+  out["percentile"] = config_dict.FieldReference(out["percentile"], field_type=float)
+  return out
+
+
+def distill(**kw) -> dict:
+  """teacher_model: None reads the teacher's model from its run's config.json."""
+  return {**dict(teacher=DENSE_WORKDIR, temperature=2.0, alpha=0.5, features=(),
+                 feature_weight=0.0,
+                 teacher_model=config_dict.placeholder(ml_collections.ConfigDict)), **kw}
+
+
 def finetune_config(args: dict, steps: int = 1000) -> ml_collections.ConfigDict:
   """A compression run: starts from the dense run's checkpoint (config.init) and fine-tunes
   on a fresh short warmup-cosine schedule (peak 5e-4, 100 warmup steps). Tests pass
@@ -73,4 +107,5 @@ def finetune_config(args: dict, steps: int = 1000) -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 5 if tiny else 100
   if not tiny:
     c.train.steps = steps
+  c.compress.export = True  # write <workdir>/export (real codes, packed masks) at the end
   return c

@@ -9,7 +9,7 @@ Reproduce (after the dense run):
   ./launch.sh train --config=experiments/configs/distill.py --workdir=workdirs/distill
   ./launch.sh train --config=experiments/configs/distill.py:scratch --workdir=workdirs/student
 """
-from experiments.configs.common import DENSE_WORKDIR, base_config, parse_arg
+from experiments.configs.common import DENSE_WORKDIR, base_config, distill, parse_arg
 
 
 def student_model(c, tiny: bool):
@@ -26,6 +26,7 @@ def get_config(arg=None):
   c = base_config(tiny=tiny)
   student_model(c, tiny)
   if not args.get("scratch"):
-    c.compress.distill = dict(teacher=DENSE_WORKDIR, temperature=2.0, alpha=0.5,
-                              features=("pooled",), feature_weight=1.0)
+    c.compress.distill = distill(teacher=DENSE_WORKDIR, temperature=2.0, alpha=0.5,
+                                 features=("pooled",), feature_weight=1.0)
+    c.compress.export = True
   return c

@@ -3,13 +3,12 @@
 Arguments: `n=<N>`, `m=<M>`, `tiny`. Reproduce (after the dense run):
   ./launch.sh train --config=experiments/configs/nm.py --workdir=workdirs/nm_2_4
 """
-from experiments.configs.common import finetune_config, parse_arg
-from mmjax.compress.configure import PRUNE_PATTERN
+from experiments.configs.common import finetune_config, parse_arg, prune
 
 
 def get_config(arg=None):
   args = parse_arg(arg, values={"n": int, "m": int})
   c = finetune_config(args)
-  c.compress.prune = dict(method="n_m", n=args.get("n", 2), m=args.get("m", 4),
-                          pattern=PRUNE_PATTERN, schedule=dict(begin=0))
+  c.compress.prune = prune(method="n_m", n=args.get("n", 2), m=args.get("m", 4),
+                           schedule=dict(begin=0))
   return c

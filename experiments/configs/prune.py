@@ -12,8 +12,7 @@ Reproduce (after the dense run: ./launch.sh train --config=experiments/configs/d
 Per-tower budgets: --config.compress.prune.rules="(('image/.*/kernel', 0.9), ('text/.*/kernel', 0.5))"
 is one override away (regexes over parameter paths; the first matching rule wins).
 """
-from experiments.configs.common import finetune_config, parse_arg
-from mmjax.compress.configure import PRUNE_PATTERN
+from experiments.configs.common import finetune_config, parse_arg, prune
 
 
 def get_config(arg=None):
@@ -24,8 +23,7 @@ def get_config(arg=None):
   schedule = (dict(kind="one_shot", begin=0) if args.get("oneshot") else
               dict(kind="polynomial", begin=0, end=int(steps * 0.75),
                    every=max(1, steps // 40), power=3.0))
-  c.compress.prune = dict(method="random" if args.get("random") else "magnitude",
-                          scope="global" if args.get("global") else "layer",
-                          sparsity=args.get("sparsity", 0.9), pattern=PRUNE_PATTERN,
-                          rules=(), schedule=schedule)
+  c.compress.prune = prune(method="random" if args.get("random") else "magnitude",
+                           scope="global" if args.get("global") else "layer",
+                           sparsity=args.get("sparsity", 0.9), schedule=schedule)
   return c

@@ -7,15 +7,14 @@ p-th percentile of |x| instead of the max.
 Reproduce (after the dense run):
   ./launch.sh train --config=experiments/configs/ptq.py --workdir=workdirs/ptq_int8
 """
-from experiments.configs.common import finetune_config, parse_arg
-from mmjax.compress.configure import QUANT_PATTERN
+from experiments.configs.common import activations, finetune_config, parse_arg, quant
 
 
 def get_config(arg=None):
   args = parse_arg(arg, valid=("tiny", "int8"), values={"percentile": float})
   c = finetune_config(args)
   c.train.steps = 0
-  c.compress.quant = dict(bits=8, granularity="channel", clip_ratio=1.0, pattern=QUANT_PATTERN)
-  c.compress.activations = dict(bits=8, mode="int8" if args.get("int8") else "fake",
-                                calibration_batches=8, percentile=args.get("percentile"))
+  c.compress.quant = quant()
+  c.compress.activations = activations(mode="int8" if args.get("int8") else "fake",
+                                       percentile=args.get("percentile"))
   return c

@@ -8,17 +8,14 @@ real int8 x int8 -> int32 products with straight-through gradients), `float_grad
 Reproduce (after the dense run):
   ./launch.sh train --config=experiments/configs/qat.py --workdir=workdirs/qat_int8
 """
-from experiments.configs.common import finetune_config, parse_arg
-from mmjax.compress.configure import QUANT_PATTERN
+from experiments.configs.common import activations, finetune_config, parse_arg, quant
 
 
 def get_config(arg=None):
   args = parse_arg(arg, valid=("tiny", "tensor", "int8", "float_grads"), values={"bits": int})
   c = finetune_config(args, steps=500)
-  c.compress.quant = dict(bits=args.get("bits", 8),
-                          granularity="tensor" if args.get("tensor") else "channel",
-                          clip_ratio=1.0, pattern=QUANT_PATTERN)
+  c.compress.quant = quant(bits=args.get("bits", 8),
+                           granularity="tensor" if args.get("tensor") else "channel")
   if args.get("int8"):
-    c.compress.activations = dict(bits=8, mode="int8", calibration_batches=8, percentile=None,
-                                  int8_grads=not args.get("float_grads"))
+    c.compress.activations = activations(mode="int8", int8_grads=not args.get("float_grads"))
   return c

@@ -8,15 +8,16 @@ Reproduce (after the dense run):
   ./launch.sh train --config=experiments/configs/structured.py:mlp,sparsity=0.75 \
       --workdir=workdirs/mlp75
 """
-from experiments.configs.common import finetune_config, parse_arg
+from experiments.configs.common import finetune_config, parse_arg, prune
 
 
 def get_config(arg=None):
   args = parse_arg(arg, valid=("tiny", "mlp"), values={"sparsity": float})
   c = finetune_config(args)
   steps = c.train.steps
-  c.compress.prune = dict(method="mlp_units" if args.get("mlp") else "heads",
-                          sparsity=args.get("sparsity", 0.5), pattern="",
-                          schedule=dict(kind="polynomial", begin=0, end=int(steps * 0.5),
-                                        every=max(1, steps // 20), power=3.0))
+  c.compress.prune = prune(method="mlp_units" if args.get("mlp") else "heads",
+                           sparsity=args.get("sparsity", 0.5),
+                           pattern="",  # empty: the method's own (every head / MLP)
+                           schedule=dict(kind="polynomial", begin=0, end=int(steps * 0.5),
+                                         every=max(1, steps // 20), power=3.0))
   return c

@@ -1,12 +1,13 @@
-"""Compression as parameter-tree transforms: pruning, quantization, distillation, export.
+"""Compression for any JAX model: methods as pure stages over the parameter tree.
 
-`core` holds the protocol (`Transform`, `chain`, `rules`, `Plan`); `pruning`, `quant`
-the built-in transforms; `configure` turns `config.compress` into a `Plan`; `report` counts
-what a plan did.
+`core` holds the protocol (`Method`, `rules`, `chain`, `Plan`); `step` a compressed train
+step for any `apply_fn` and optax optimizer; `pruning`, `structured`, `quant`,
+`activations`, `distill` the built-in methods; `report` and `export` count and write what
+a plan did. Nothing here imports mmjax's models or checkpointing (Orbax is imported only
+when an export is written or read).
 """
-from mmjax.compress.core import (IDENTITY, Plan, Transform, chain, flatten, match_paths,
-                                 rules, unflatten)
-from mmjax.compress.configure import build_plan
+from mmjax.compress.core import (Calibration, Forward, Method, Plan, chain, flatten,
+                                 match_paths, rules, unflatten)
 
-__all__ = ["IDENTITY", "Plan", "Transform", "build_plan", "chain", "flatten", "match_paths",
+__all__ = ["Calibration", "Forward", "Method", "Plan", "chain", "flatten", "match_paths",
            "rules", "unflatten"]

@@ -1,86 +1,36 @@
-"""Activation quantization of every Dense layer's input, without editing model code.
+"""Activation quantization: the inputs of the matmuls that consume the matched weights.
 
-Flax's `nn.intercept_methods` sees each `nn.Dense.__call__`; three interceptors use it:
+`inputs(bits, mode)` is a `Method` whose rule selects weights by path, like every other
+method; its `wrap` stage rewrites the products that consume them in the traced forward
+(`intercept.dots`, so any JAX model works, not only linen):
 
-  calibrate(...)        runs batches through the model and records max|x| of each Dense
-                        input (by module path): the activation ranges for PTQ
-  interceptor(scales, mode="fake")
-                        quantizes each calibrated Dense input to `bits` (symmetric, per
-                        tensor) before the layer: fake-quant, straight-through gradients
-  interceptor(scales, mode="int8")
-                        computes the layer as real integer arithmetic: int8 inputs x int8
-                        per-channel weight codes -> int32 `dot_general`, rescaled by
-                        s_x * s_w, plus the float bias. Its outputs equal the fake-quant
-                        path's to float rounding (tested). Its backward pass (int8 QAT) is
-                        straight-through; by default its two matmuls are int8 as well
-                        (output gradient and kernel quantized per tensor), else float.
+  calibrate             max|x| (or a percentile of |x|) of each matched product's input
+                        over the batches handed in: the ranges for PTQ
+  mode="fake"           the input quantized to `bits` (symmetric, per tensor, the calibrated
+                        scale) before the product: fake-quant, straight-through gradients
+  mode="int8"           the product as real integer arithmetic: int8 inputs x int8
+                        per-output-channel weight codes -> int32 `dot_general`, rescaled by
+                        s_x * s_w. Its outputs equal the fake-quant path's to float rounding
+                        (tested). Backward: straight-through; for a 2-D [in, out] kernel its
+                        two matmuls are int8 too by default (`int8_grads`), else float.
 
-Scales are a dict {module path: float32 scalar}, an ordinary pytree kept in the
-compression state. Weight codes use the same per-channel rule as `quant.quantize`, so a
-plan that fake-quantizes kernels to int8 and this int8 path see identical weights.
+State: `{path: float32 scale}`, an ordinary pytree in the compression state. Weight codes
+use `quant.quantize`'s per-channel rule over the product's contracted axes, so a plan that
+fake-quantizes kernels to int8 and this int8 path see identical weights.
 """
 from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from mmjax.compress import intercept, quant
+from mmjax.compress.core import Method
 
-from mmjax.compress import quant
-
-
-def _path(module) -> str:
-  return "/".join(module.path)
+MODES = ("fake", "int8")
 
 
-def _is_dense_call(context):
-  return isinstance(context.module, nn.Dense) and context.method_name == "__call__"
-
-
-def calibrate_trace(model, params, batch, percentile=None) -> dict:
-  """{Dense path: max|input|} of one batch (traceable)."""
-  found = {}
-
-  def record(next_fun, args, kwargs, context):
-    if _is_dense_call(context):
-      a = jnp.abs(args[0].astype(jnp.float32))
-      found[_path(context.module)] = (jnp.max(a) if percentile is None
-                                      else jnp.percentile(a, percentile))
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(record):
-    model.apply({"params": params}, batch)
-  return found
-
-
-def calibrate(model, params, batches, percentile: float | None = None) -> dict:
-  """{Dense path: max|input|} over `batches` (max over batches of each batch's max, or of
-  its `percentile`-th percentile of |x|, which ignores rare outliers)."""
-  def stats(params, batch):
-    return calibrate_trace(model, params, batch, percentile)
-
-  fn = jax.jit(stats)
-  amax = {}
-  for batch in batches:
-    for k, v in jax.device_get(fn(params, batch)).items():
-      amax[k] = max(float(v), amax.get(k, 0.0))
-  if not amax:
-    raise ValueError("calibration saw no Dense layer (no batches given?).")
-  return amax
-
-
-def scales_from_amax(amax: dict, bits: int = 8) -> dict:
-  return {k: jnp.float32(max(v, 1e-8) / quant.qmax(bits)) for k, v in amax.items()}
-
-
-def fake_quant_input(x, scale, bits):
-  """Per-tensor symmetric fake-quant with a fixed (calibrated) scale; STE inside range."""
-  c = scale * quant.qmax(bits)
-  inside = jnp.abs(x) <= c
-  xc = jnp.where(inside, x, jax.lax.stop_gradient(jnp.clip(x, -c, c)))
-  return xc + jax.lax.stop_gradient(jnp.round(xc / scale) * scale - xc)
-
+# ------------------------------------------------------- the 2-D int8 matmul (x @ W)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def int8_matmul(x, kernel, x_scale, int8_grads: bool = True):
@@ -99,14 +49,18 @@ def _quantize_per_tensor(a):
   return jnp.clip(jnp.round(a / scale), -qm, qm).astype(jnp.int8), scale
 
 
-def _int8_forward(x, kernel, x_scale):
+def _codes(x, x_scale):
   qm = quant.qmax(8)
-  xq = jnp.clip(jnp.round(x / x_scale), -qm, qm).astype(jnp.int8)
+  return jnp.clip(jnp.round(x / x_scale), -qm, qm).astype(jnp.int8)
+
+
+def _int8_forward(x, kernel, x_scale):
+  xq = _codes(x, x_scale)
   wq, w_scale = quant.quantize(kernel, 8, "channel")
   acc = jax.lax.dot_general(xq, wq, (((x.ndim - 1,), (0,)), ((), ())),
                             preferred_element_type=jnp.int32)
-  y = acc.astype(jnp.float32) * (x_scale * w_scale)
-  return y, (xq, wq, w_scale)
+  y = acc.astype(jnp.float32) * (x_scale * w_scale[0])
+  return y, (xq, wq, w_scale[0])
 
 
 def _int8_fwd(x, kernel, x_scale, int8_grads):
@@ -158,28 +112,137 @@ def _int8_bwd(int8_grads, res, g):
 int8_matmul.defvjp(_int8_fwd, _int8_bwd)
 
 
-def interceptor(scales: dict, bits: int = 8, mode: str = "fake", int8_grads: bool = True):
-  """An interceptor for `nn.intercept_methods` quantizing the inputs of the Dense layers
-  named in `scales` (`mode="fake"`), or running them as int8 matmuls (`mode="int8"`; with
-  `int8_grads` their backward matmuls too)."""
-  if mode not in ("fake", "int8"):
-    raise ValueError(f"activation quantization mode={mode!r} is unknown; valid: fake, int8.")
-  if mode == "int8" and bits != 8:
-    raise ValueError(f"the int8 path needs bits=8, got bits={bits}.")
+# ---------------------------------------------------- any dot_general (DenseGeneral, ...)
 
-  def intercept(next_fun, args, kwargs, context):
-    if not _is_dense_call(context):
-      return next_fun(*args, **kwargs)
-    s = scales.get(_path(context.module))
-    if s is None:
-      return next_fun(*args, **kwargs)
-    x = args[0]
+def _scale_for_output(d: intercept.Dot, w_scale, x_ndim):
+  """The per-channel weight scale (keepdims over the contracted axes) laid out like the
+  product's output: batch dims, then the lhs free dims, then the rhs free dims."""
+  (lc, rc), (lb, rb) = d.dims
+  wc, wb = (rc, rb) if d.w_is_rhs else (lc, lb)
+  xc, xb = (lc, lb) if d.w_is_rhs else (rc, rb)
+  nc = [a for a in range(d.w.ndim) if a not in wc]
+  s = jnp.squeeze(w_scale, axis=tuple(wc))
+  order = list(wb) + [a for a in nc if a not in wb]
+  s = jnp.transpose(s, [nc.index(a) for a in order])
+  x_free = x_ndim - len(xc) - len(xb)
+  nb = len(wb)
+  if d.w_is_rhs:
+    return s.reshape(s.shape[:nb] + (1,) * x_free + s.shape[nb:])
+  return s.reshape(s.shape + (1,) * x_free)
+
+
+def _int8_dot(d: intercept.Dot, x_scale):
+  """int8 x int8 -> int32 for any dimension numbers; float straight-through backward."""
+  params = {k: v for k, v in d.params.items() if k != "preferred_element_type"}
+
+  @jax.custom_vjp
+  def f(x, w):
+    wq, w_scale = quant.quantize(w, 8, "channel", contract=d.w_contract())
+    args = (_codes(x, x_scale), wq) if d.w_is_rhs else (wq, _codes(x, x_scale))
+    acc = jax.lax.dot_general_p.bind(*args, preferred_element_type=jnp.int32, **params)
+    return acc.astype(jnp.float32) * x_scale * _scale_for_output(d, w_scale, x.ndim)
+
+  def deq(x, w):  # the dequantized product, with identity gradients through the rounding
+    wq, w_scale = quant.quantize(w, 8, "channel", contract=d.w_contract())
+    xd = x + jax.lax.stop_gradient(_codes(x, x_scale).astype(jnp.float32) * x_scale - x)
+    wd = w + jax.lax.stop_gradient(wq.astype(jnp.float32) * w_scale - w)
+    args = (xd, wd) if d.w_is_rhs else (wd, xd)
+    return jax.lax.dot_general(*args, d.dims)
+
+  def fwd(x, w):
+    return f(x, w), (x, w)
+
+  def bwd(res, g):
+    x, w = res
+    _, vjp = jax.vjp(deq, x, w)
+    gx, gw = vjp(g)
+    gx = gx * (jnp.abs(x) <= x_scale * quant.qmax(8))
+    return gx, gw  # straight through the weight's rounding
+
+  f.defvjp(fwd, bwd)
+  return f(d.x.astype(jnp.float32), d.w.astype(jnp.float32))
+
+
+def _is_plain_matmul(d: intercept.Dot):
+  (lc, rc), (lb, rb) = d.dims
+  return (d.w_is_rhs and d.w.ndim == 2 and not lb and not rb
+          and tuple(lc) == (d.x.ndim - 1,) and tuple(rc) == (0,))
+
+
+# ------------------------------------------------------------------- the method
+
+def fake_quant_input(x, scale, bits):
+  """Per-tensor symmetric fake-quant with a fixed (calibrated) scale; STE inside range."""
+  return quant.fake_quant_with_scale(x, scale, bits)
+
+
+def rewriter(scales: dict, bits: int = 8, mode: str = "fake", int8_grads: bool = True):
+  """The product rewrite for `intercept.dots`: fake-quant inputs, or int8 products."""
+  def rewrite(d: intercept.Dot):
+    s = scales[d.path]
     if mode == "fake":
-      return next_fun(fake_quant_input(x, s, bits), *args[1:], **kwargs)
-    p = context.module.variables["params"]
-    y = int8_matmul(x.astype(jnp.float32), p["kernel"].astype(jnp.float32), s, int8_grads)
-    if "bias" in p:
-      y = y + p["bias"]
-    return y.astype(context.module.dtype or x.dtype)
+      return d.bind(fake_quant_input(d.x, s, bits), d.w)
+    if _is_plain_matmul(d):
+      y = int8_matmul(d.x.astype(jnp.float32), d.w.astype(jnp.float32), s, int8_grads)
+    else:
+      y = _int8_dot(d, s)
+    return y.astype(d.out_aval.dtype)
+  return rewrite
 
-  return intercept
+
+def apply_quantized(apply_fn, scales: dict, bits: int = 8, mode: str = "fake",
+                    int8_grads: bool = True):
+  """`apply_fn` with the inputs of the products consuming `scales`' paths quantized: what
+  an exported model runs (`export.load_activation_scales` gives the scales)."""
+  return intercept.dots(apply_fn, list(scales), rewriter(scales, bits, mode, int8_grads))
+
+
+def scales_from_amax(amax: dict, bits: int = 8) -> dict:
+  return {k: jnp.float32(max(v, 1e-8) / quant.qmax(bits)) for k, v in amax.items()}
+
+
+def calibrate(apply_fn, params, batches, paths, percentile: float | None = None) -> dict:
+  """{path: max|input|} over `batches` (max over batches and uses of each batch's max, or
+  of its `percentile`-th percentile of |x|, which ignores rare outliers)."""
+  def stat(d):
+    a = jnp.abs(d.x.astype(jnp.float32))
+    return jnp.max(a) if percentile is None else jnp.percentile(a, percentile)
+
+  fn = jax.jit(intercept.observe(apply_fn, paths, stat))
+  amax = {}
+  for batch in batches:
+    for k, v in jax.device_get(fn(params, batch)).items():
+      amax[k] = max([float(x) for x in v] + [amax.get(k, 0.0)])
+  if not batches:
+    raise ValueError("activation calibration needs at least one batch.")
+  return amax
+
+
+def inputs(bits: int = 8, mode: str = "fake", *, int8_grads: bool = True,
+           percentile: float | None = None, name: str | None = None) -> Method:
+  """Quantize the inputs of the products that consume the rule's weights (calibrated)."""
+  quant.check_bits(bits, "activation bits")
+  if mode not in MODES:
+    raise ValueError(f"activation quantization mode={mode!r} is unknown; valid: fake (fake-"
+                     "quant inputs), int8 (real int8 x int8 -> int32 matmuls).")
+  if mode == "int8" and bits != 8:
+    raise ValueError(f"the int8 activation path needs bits=8, got bits={bits}.")
+  if percentile is not None and not 50.0 <= float(percentile) <= 100.0:
+    raise ValueError(f"activation percentile={percentile} must be in [50, 100].")
+
+  def init(flat, rng):  # scales start at 1 and are calibrated once the weights are final
+    return {p: jnp.float32(1.0) for p in flat}
+
+  def wrap(apply_fn, state, paths):
+    return intercept.dots(apply_fn, paths, rewriter(state, bits, mode, int8_grads),
+                          f"activation quantization {name or ''}".strip())
+
+  def calibrate_stage(state, calib):
+    amax = calibrate(calib.apply_fn, calib.params, calib.batches, calib.paths, percentile)
+    return scales_from_amax(amax, bits)
+
+  def describe(flat, state):
+    return {p: {"act_scale": state[p], "act_bits": bits, "act_mode": mode} for p in flat}
+
+  return Method(name or f"act{bits}_{mode}", init=init, wrap=wrap, calibrate=calibrate_stage,
+                describe=describe)

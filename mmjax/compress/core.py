@@ -1,104 +1,129 @@
-"""The compression protocol: a transform is three pure functions over the parameter tree.
+"""The compression protocol: every method is one `Method`, a name and optional pure stages.
 
-A `Transform` sees parameters as a *flat dict* `{path: array}` (paths like
-`image/block_00/attn/query/kernel`) and keeps whatever state it needs as a pytree:
+A method sees parameters as a flat dict `{path: array}` of the leaves its rule gave it
+(paths like `image/block_00/mlp/fc1/kernel`, from any pytree: nested dicts, NNX state,
+dataclasses) and keeps its state as a pytree. Each stage is a place in a training step:
 
-  init(flat, rng) -> state                  once, before training (or before PTQ)
-  forward(flat, state) -> flat              the view the forward pass computes with; runs
-                                            inside the gradient, so it may use a
-                                            straight-through estimator (fake-quant)
-  update(flat, state, step) -> (flat, state)
-                                            after each optimizer step; `step` is the number
-                                            of steps taken. Schedules advance here, masks
-                                            are recomputed and re-applied. It also runs
-                                            once at step 0, right after init (`Plan.start`)
-  describe(flat, state) -> {path: {...}}    optional: what the transform did to each leaf
-                                            (`bits`, `mask`, `n_m`) for reports and export
+  init(leaves, rng) -> state                 once, before training (or before PTQ)
+  view(leaves, state) -> leaves              the weights the forward computes with; runs
+                                             inside the gradient (fake-quant with a
+                                             straight-through estimator)
+  wrap(apply_fn, state, paths) -> apply_fn   what the forward does to activations (the
+                                             inputs of the layers that consume `paths`)
+  loss(fwd: Forward, state) -> (scalar, metrics)
+                                             an extra loss term (distillation); its learned
+                                             parts come from `init_params(fwd, rng)` and are
+                                             ordinary trainable parameters, in `fwd.params`
+  update(leaves, state, step) -> (leaves, state)
+                                             after each optimizer step (`step` = steps
+                                             taken) and once at step 0: schedules advance,
+                                             masks are recomputed and applied
+  calibrate(state, calib: Calibration) -> state
+                                             statistics from batches handed in (activation
+                                             ranges; Hessians and norms for post-training)
+  describe(leaves, state) -> {path: info}    what each leaf became, for the report and the
+                                             export: `mask`, `n_m`, `codes` (+ `bits`,
+                                             `scale_axes`, `clip_ratio`), `act_scale`,
+                                             `act_bits`, or `bytes` that a method states for
+                                             a storage format mmjax does not know
+  check(shapes) -> None                      {path: shape} -> ValueError, before anything runs
 
 Constraints on the master weights (pruning masks) live in `update` alone: the weights are
-masked at step 0 and after every optimizer step, so they are already exact zeros wherever
-the mask says so, and `forward` need not mask them again. That puts the whole cost of a
-mask into the optimizer's elementwise update (where XLA fuses it), once per step, instead
-of a masking pass in the forward, another over the gradient and a third after the update.
-`forward` is for views that differ from the master weights (fake-quant).
+masked at step 0 and after every optimizer step, so the mask costs one elementwise pass
+fused into the optimizer's update, and `view` is for weights that differ from the master
+copy (fake-quant).
 
-Transforms only ever see the leaves they were given, so `rules([(regex, t), ...])` can
-hand each one its own part of the tree, and `chain(t1, t2)` composes views left to right
-(prune, then quantize what remains). Everything is jit-compatible; the harness calls
-`forward` and `update` inside its one jitted train step and checkpoints the state with the
-parameters. A new transform is a `Transform(...)` of a few functions; nothing in mmjax
-needs to know about it (see notebooks/new_transform.ipynb).
+`rules([(regex, method), ...])` hands each method the paths its regex fully matches (first
+match wins; a rule matching nothing is an error listing the paths); `Plan(part, ...)`
+composes parts in order (prune, then quantize what remains), and a path may have only one
+method per stage. The compression state is `{method name: state}`: a checkpoint stays
+readable when rules are reordered. Every stage is jit-compatible and runs inside the one
+jitted train step (`mmjax.compress.step`), or in a user's own loop.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Optional, Sequence
+import zlib
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
-from flax import traverse_util
 
 Flat = dict  # {path: array}
+STAGES = ("init", "view", "wrap", "loss", "update", "calibrate", "describe")
+EXCLUSIVE = ("view", "wrap", "update")  # one method per path for each of these
 
 
-def _same(flat, state):
-  return flat
+class Forward(NamedTuple):
+  """What a `loss` stage sees: the model's outputs and intermediates on `batch`, this
+  method's trainable parameters and its frozen inputs (a teacher's weights, say)."""
+  outputs: Any
+  intermediates: Any
+  batch: Any
+  params: Any = None
+  frozen: Any = None
 
 
-def _no_update(flat, state, step):
-  return flat, state
+class Calibration(NamedTuple):
+  """What a `calibrate` stage sees: the forward (`apply_fn(params, batch)`, wrapped by the
+  methods before this one), the weights it computes with, the batches, this method's paths."""
+  apply_fn: Callable
+  params: Any
+  batches: Sequence
+  paths: tuple
 
 
 @dataclasses.dataclass(frozen=True)
-class Transform:
-  init: Callable[[Flat, jax.Array], Any]
-  forward: Callable[[Flat, Any], Flat] = _same
-  update: Callable[[Flat, Any, jax.Array], tuple] = _no_update
-  describe: Optional[Callable[[Flat, Any], dict]] = None
-  name: str = "transform"
+class Method:
+  name: str
+  init: Optional[Callable] = None
+  view: Optional[Callable] = None
+  wrap: Optional[Callable] = None
+  loss: Optional[Callable] = None
+  update: Optional[Callable] = None
+  calibrate: Optional[Callable] = None
+  describe: Optional[Callable] = None
+  init_params: Optional[Callable] = None
+  check: Optional[Callable] = None
+  task_weight: float = 1.0  # the task loss is scaled by the product over methods
+
+  def __post_init__(self):
+    if not any(getattr(self, s) is not None for s in STAGES if s != "init"):
+      raise ValueError(f"compression method {self.name!r} defines none of the stages "
+                       f"{', '.join(s for s in STAGES if s != 'init')}; give it at least one.")
+
+  def renamed(self, name: str) -> "Method":
+    return dataclasses.replace(self, name=name)
 
 
-IDENTITY = Transform(init=lambda flat, rng: {}, name="identity")
+# ------------------------------------------------------------------------- paths
+
+def _key_str(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
 
 
-def flatten(params) -> Flat:
-  return traverse_util.flatten_dict(params, sep="/")
+def flatten(tree) -> Flat:
+  """{"a/b/kernel": leaf} for any pytree (dict keys, attributes and indices joined by /)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(_key_str(k) for k in path): leaf for path, leaf in leaves}
 
 
-def unflatten(flat: Flat):
-  return traverse_util.unflatten_dict(flat, sep="/")
-
-
-def chain(*transforms: Transform) -> Transform:
-  """Apply transforms in order: views compose left to right, updates run left to right,
-  states are a tuple (one per transform)."""
-  ts = tuple(transforms)
-
-  def init(flat, rng):
-    return tuple(t.init(flat, jax.random.fold_in(rng, i)) for i, t in enumerate(ts))
-
-  def forward(flat, states):
-    for t, s in zip(ts, states):
-      flat = t.forward(flat, s)
-    return flat
-
-  def update(flat, states, step):
-    out = []
-    for t, s in zip(ts, states):
-      flat, s = t.update(flat, s, step)
-      out.append(s)
-    return flat, tuple(out)
-
-  def describe(flat, states):
-    merged = {}
-    for t, s in zip(ts, states):
-      if t.describe is not None:
-        for path, info in t.describe(flat, s).items():
-          merged.setdefault(path, {}).update(info)
-      flat = t.forward(flat, s)
-    return merged
-
-  return Transform(init, forward, update, describe, name="+".join(t.name for t in ts))
+def unflatten(flat: Flat, like=None):
+  """The tree `like` (its structure) with leaves from `flat`; without `like`, nested dicts."""
+  if like is not None:
+    paths = list(flatten(like))
+    return jax.tree_util.tree_structure(like).unflatten([flat[p] for p in paths])
+  out = {}
+  for path, leaf in flat.items():
+    node = out
+    *parents, last = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[last] = leaf
+  return out
 
 
 def match_paths(pattern: str, paths: Sequence[str], what: str = "rule") -> list:
@@ -115,80 +140,253 @@ def match_paths(pattern: str, paths: Sequence[str], what: str = "rule") -> list:
   return hits
 
 
-def rules(pairs: Sequence[tuple], paths: Sequence[str]) -> Transform:
-  """Per-path transforms: `pairs` is [(regex, transform), ...]; each path goes to the
-  first rule whose regex matches it in full, paths matching no rule are left alone, and a
-  rule that matches nothing is an error. `paths` are the model's parameter paths (known
-  from the config, before any parameter exists), so the error comes at config time."""
-  paths = sorted(paths)
-  owned, claimed = [], set()
-  for pattern, t in pairs:
-    hits = [p for p in match_paths(pattern, paths) if p not in claimed]
-    if not hits:
-      raise ValueError(f"rule {pattern!r} matches only paths an earlier rule already took "
-                       f"({match_paths(pattern, paths)[:4]}...); reorder or narrow the rules.")
-    claimed.update(hits)
-    owned.append((tuple(hits), t))
-
-  def sub(flat, keys):
-    return {k: flat[k] for k in keys}
-
-  def init(flat, rng):
-    return tuple(t.init(sub(flat, keys), jax.random.fold_in(rng, i))
-                 for i, (keys, t) in enumerate(owned))
-
-  def forward(flat, states):
-    flat = dict(flat)
-    for (keys, t), s in zip(owned, states):
-      flat.update(t.forward(sub(flat, keys), s))
-    return flat
-
-  def update(flat, states, step):
-    flat, out = dict(flat), []
-    for (keys, t), s in zip(owned, states):
-      new, s = t.update(sub(flat, keys), s, step)
-      flat.update(new)
-      out.append(s)
-    return flat, tuple(out)
-
-  def describe(flat, states):
-    merged = {}
-    for (keys, t), s in zip(owned, states):
-      if t.describe is not None:
-        merged.update(t.describe(sub(flat, keys), s))
-    return merged
-
-  name = ",".join(f"{p}:{t.name}" for p, t in pairs)
-  return Transform(init, forward, update, describe, name=f"rules[{name}]")
-
+# ------------------------------------------------------------------- composition
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
-  """A transform bound to nested parameter trees: what the train step calls."""
-  transform: Transform = IDENTITY
+class Rules:
+  """[(regex, method), ...]: each path to the first rule whose regex matches it in full."""
+  pairs: tuple
 
-  def init(self, params, rng):
-    return self.transform.init(flatten(params), rng)
+  def bind(self, paths: Sequence[str]) -> list:
+    paths = sorted(paths)
+    owned, claimed = [], set()
+    for pattern, method in self.pairs:
+      if not isinstance(method, Method):
+        raise TypeError(f"rule {pattern!r}: {method!r} is not a compression Method.")
+      hits = [p for p in match_paths(pattern, paths) if p not in claimed]
+      if not hits:
+        raise ValueError(f"rule {pattern!r} matches only paths an earlier rule already took "
+                         f"({match_paths(pattern, paths)[:4]}...); reorder or narrow the "
+                         "rules.")
+      claimed.update(hits)
+      owned.append((method, tuple(hits)))
+    return owned
+
+
+def rules(pairs: Sequence[tuple], paths: Sequence[str] | None = None) -> Rules:
+  """Path rules; with `paths` (the model's, known from its config before any parameter
+  exists) they are checked at once, so a bad regex fails at config time."""
+  r = Rules(tuple((p, m) for p, m in pairs))
+  if paths is not None:
+    r.bind(paths)
+  return r
+
+
+def chain(*parts) -> tuple:
+  """Parts applied in order (a `Plan` of them is the same)."""
+  return tuple(parts)
+
+
+def _parts(parts) -> list:
+  out = []
+  for p in parts:
+    if isinstance(p, (tuple, list)):
+      out.extend(_parts(p))
+    elif isinstance(p, Plan):
+      out.extend(p.parts)
+    elif isinstance(p, (Method, Rules)):
+      out.append(p)
+    else:
+      raise TypeError(f"a compression plan is made of Methods and rules(...), got {p!r}.")
+  return out
+
+
+class Entry(NamedTuple):
+  method: Method
+  paths: tuple  # the leaves the method owns (empty for a loss-only method)
+
+
+def _seed(rng, name):
+  return jax.random.fold_in(rng, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def _sub(flat, paths):
+  return {p: flat[p] for p in paths}
+
+
+class Plan:
+  """Methods bound to a model's parameter paths: what a train step calls, stage by stage.
+
+  Built from parts (`Method`s, `rules(...)`); bound to the paths lazily (the first call
+  that sees parameters) or explicitly with `bind`/`check`, which raise every conflict."""
+
+  def __init__(self, *parts):
+    self.parts = _parts(parts)
+    self._bound = {}
+
+  # ---- binding
+  def entries(self, paths: Sequence[str]) -> list:
+    key = tuple(sorted(paths))
+    if key not in self._bound:
+      out = []
+      for part in self.parts:
+        if isinstance(part, Rules):
+          out.extend(Entry(m, ps) for m, ps in part.bind(key))
+        elif any(getattr(part, s) is not None for s in ("view", "update", "describe")) or (
+            part.wrap is not None):
+          out.append(Entry(part, key))  # a bare path method owns every leaf
+        else:
+          out.append(Entry(part, ()))
+      names = [e.method.name for e in out]
+      dup = sorted({n for n in names if names.count(n) > 1})
+      if dup:
+        raise ValueError(f"two compression methods are named {dup[0]!r}; the state is keyed "
+                         "by name, so give one another with method.renamed('...').")
+      for stage in EXCLUSIVE:
+        owner = {}
+        for e in out:
+          if getattr(e.method, stage) is None:
+            continue
+          for p in e.paths:
+            if p in owner:
+              raise ValueError(f"methods {owner[p]!r} and {e.method.name!r} both claim {p} "
+                               f"for the {stage} stage; a path takes one method per stage "
+                               "(narrow one rule, or put both in one rules([...]) where the "
+                               "first match wins).")
+            owner[p] = e.method.name
+      self._bound[key] = out
+    return self._bound[key]
+
+  def check(self, shapes: dict) -> "Plan":
+    """Bind to `{path: shape}` and run every method's shape checks (config time)."""
+    for e in self.entries(list(shapes)):
+      if e.method.check is not None:
+        try:
+          e.method.check({p: tuple(shapes[p]) for p in e.paths})
+        except ValueError as err:
+          raise ValueError(f"compression method {e.method.name!r}: {err}") from None
+    return self
+
+  @property
+  def is_identity(self) -> bool:
+    return not self.parts
+
+  @property
+  def name(self) -> str:
+    names = []
+    for part in self.parts:
+      if isinstance(part, Rules):
+        names.append(",".join(f"{p}:{m.name}" for p, m in part.pairs))
+      else:
+        names.append(part.name)
+    return "+".join(names) or "identity"
+
+  @property
+  def task_weight(self) -> float:
+    w = 1.0
+    for part in self.parts:
+      for m in ([m for _, m in part.pairs] if isinstance(part, Rules) else [part]):
+        w *= m.task_weight
+    return w
+
+  def _with(self, params, stage):
+    flat = flatten(params)
+    return flat, [e for e in self.entries(list(flat)) if getattr(e.method, stage) is not None]
+
+  # ---- stages on nested trees
+  def init(self, params, rng) -> dict:
+    flat = flatten(params)
+    state = {}
+    for e in self.entries(list(flat)):
+      init = e.method.init
+      state[e.method.name] = init(_sub(flat, e.paths), _seed(rng, e.method.name)) if init else {}
+    return state
+
+  def view(self, params, state):
+    flat, entries = self._with(params, "view")
+    if not entries:
+      return params
+    out = dict(flat)
+    for e in entries:
+      out.update(e.method.view(_sub(out, e.paths), state[e.method.name]))
+    return unflatten(out, params)
+
+  def wrap(self, apply_fn, state, params_paths: Sequence[str]):
+    """`apply_fn` with every method's activation stage, the first method innermost."""
+    for e in self.entries(params_paths):
+      if e.method.wrap is not None:
+        apply_fn = e.method.wrap(apply_fn, state[e.method.name], e.paths)
+    return apply_fn
+
+  def apply(self, apply_fn, params, state):
+    """The compressed forward: `plan.apply(f, params, cstate)(*args)` = f(view, *args)
+    with the activation stages around it."""
+    wrapped = self.wrap(apply_fn, state, list(flatten(params)))
+    view = self.view(params, state)
+    return lambda *args, **kwargs: wrapped(view, *args, **kwargs)
+
+  def update(self, params, state, step):
+    flat, entries = self._with(params, "update")
+    if not entries:
+      return params, state
+    out, state = dict(flat), dict(state)
+    for e in entries:
+      new, state[e.method.name] = e.method.update(_sub(out, e.paths), state[e.method.name],
+                                                  step)
+      out.update(new)
+    return unflatten(out, params), state
 
   def start(self, params, rng):
     """-> (params, state): `init`, then `update` at step 0 (masks applied to the weights).
     What a run does before its first step; use it, not `init`, to get the compressed view."""
-    state = self.transform.init(flatten(params), rng)
-    flat, state = self.transform.update(flatten(params), state, 0)
-    return unflatten(flat), state
+    return self.update(params, self.init(params, rng), 0)
 
-  def forward(self, params, state):
-    return unflatten(self.transform.forward(flatten(params), state))
+  def init_params(self, fwd: Forward, rng, frozen=None) -> dict:
+    """Trainable parameters of the loss stages, {method name: tree} (sized from `fwd`, a
+    forward on a sample batch)."""
+    out = {}
+    for part in self.parts:
+      for m in ([m for _, m in part.pairs] if isinstance(part, Rules) else [part]):
+        if m.init_params is not None:
+          out[m.name] = m.init_params(fwd._replace(frozen=(frozen or {}).get(m.name)),
+                                      _seed(rng, m.name))
+    return out
 
-  def update(self, params, state, step):
-    flat, state = self.transform.update(flatten(params), state, step)
-    return unflatten(flat), state
-
-  def describe(self, params, state) -> dict:
-    if self.transform.describe is None:
-      return {}
-    return self.transform.describe(flatten(params), state)
+  def loss(self, fwd: Forward, state, aux=None, frozen=None):
+    """-> (sum of the loss stages, their metrics)."""
+    total, metrics = 0.0, {}
+    for part in self.parts:
+      for m in ([m for _, m in part.pairs] if isinstance(part, Rules) else [part]):
+        if m.loss is None:
+          continue
+        value, mets = m.loss(fwd._replace(params=(aux or {}).get(m.name),
+                                          frozen=(frozen or {}).get(m.name)),
+                             state.get(m.name, {}))
+        total = total + value
+        metrics.update(mets)
+    return total, metrics
 
   @property
-  def is_identity(self) -> bool:
-    return self.transform is IDENTITY
+  def has_loss(self) -> bool:
+    return any(m.loss is not None for part in self.parts
+               for m in ([m for _, m in part.pairs] if isinstance(part, Rules) else [part]))
+
+  def needs_calibration(self, paths) -> bool:
+    return any(e.method.calibrate is not None for e in self.entries(paths))
+
+  def calibrate(self, apply_fn, params, state, batches):
+    """Each calibrating method in order, through the weights' view and the activation
+    stages of the methods before it."""
+    paths = list(flatten(params))
+    view = self.view(params, state)
+    state = dict(state)
+    fn = apply_fn
+    for e in self.entries(paths):
+      if e.method.calibrate is not None:
+        state[e.method.name] = e.method.calibrate(
+            state[e.method.name], Calibration(fn, view, tuple(batches), e.paths))
+      if e.method.wrap is not None:
+        fn = e.method.wrap(fn, state[e.method.name], e.paths)
+    return state
+
+  def describe(self, params, state) -> dict:
+    """{path: info} merged over methods (views composed in order, as the forward sees)."""
+    flat = flatten(params)
+    merged = {}
+    for e in self.entries(list(flat)):
+      if e.method.describe is not None:
+        for path, info in e.method.describe(_sub(flat, e.paths), state[e.method.name]).items():
+          merged.setdefault(path, {}).update(info)
+      if e.method.view is not None:
+        flat = {**flat, **e.method.view(_sub(flat, e.paths), state[e.method.name])}
+    return merged

@@ -1,46 +1,51 @@
-"""Knowledge distillation targets: a frozen teacher's soft logits and features.
+"""Knowledge distillation as a method: a frozen teacher's soft logits and features.
 
-The teacher is a parameter tree restored from an earlier run's checkpoint (its own model
-config read from that run's config.json, so it may be larger than the student). It is an
-argument of the jitted train step, never part of the train state: no gradients, no
-optimizer state, never saved with the student. Its forward pass runs inside the same step.
+`distill.method(teacher_apply, ...)` is a `Method` with a `loss` stage. The teacher's
+weights are a *frozen input* of the step (`train_step(state, batch, frozen={name:
+teacher_params})`): an argument of the jitted step, never train state (no gradients, no
+optimizer state, never saved with the student). Its forward runs inside the same step.
 
-    loss = (1 - alpha) * CE(student, labels)
+    loss = (1 - alpha) * task loss                                (the method's task_weight)
          + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
          + feature_weight * mean over `features` of MSE(proj(student_f), teacher_f)
 
 Features are named entries of the models' intermediates ("pooled", or a path such as
-"image/final"); token features are mean-pooled over real tokens first so that towers with
-different token counts compare. When widths differ, a learned linear projection maps the
-student's feature to the teacher's width; its weights and Adam state live in the
-compression state (they are trained with the student, and checkpointed with it).
+"image/final"); token features [b, n, d] are mean-pooled over real tokens first (a `mask`
+beside them in the intermediates says which), so towers with different token counts
+compare. When widths differ, a learned linear projection maps the student's feature to the
+teacher's width: trainable parameters (`init_params`), trained by the run's optimizer with
+the student and checkpointed with it. Example weights come from `batch["example_mask"]`
+when the batch has one.
 """
 from __future__ import annotations
 
-import dataclasses
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
-FEATURE_LR = 1e-3
+from mmjax.compress.core import Forward, Method
 
 
-def feature(inter, name):
+def feature(inter, name, what="distillation feature"):
   """A named feature from a model's intermediates, token features pooled to [b, d]."""
-  x = inter
+  x, parent = inter, inter
   for part in name.split("/"):
     if not isinstance(x, dict) or part not in x:
       have = sorted(x) if isinstance(x, dict) else type(x).__name__
-      raise ValueError(f"distillation feature {name!r}: no {part!r} among the model's "
-                       f"intermediates (have {have}); use 'pooled' or '<modality>/final'.")
-    x = x[part]
-  if x.ndim == 3:  # tokens: pool over the real ones of that tower
-    tower = inter[name.split("/")[0]]
-    w = tower["mask"].astype(x.dtype)[..., None]
+      raise ValueError(f"{what} {name!r}: no {part!r} among the model's intermediates (have "
+                       f"{have}); the apply_fn must return (outputs, intermediates) with it, "
+                       "e.g. 'pooled' or '<modality>/final' for mmjax models.")
+    parent, x = x, x[part]
+  if x.ndim == 3:  # tokens: pool over the real ones
+    mask = parent.get("mask") if isinstance(parent, dict) else None
+    w = (jnp.ones(x.shape[:2], x.dtype) if mask is None else mask.astype(x.dtype))[..., None]
     x = (x * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
   return x
+
+
+def example_weights(batch, n):
+  if isinstance(batch, dict) and "example_mask" in batch:
+    return batch["example_mask"].astype(jnp.float32)
+  return jnp.ones((n,), jnp.float32)
 
 
 def kl_soft(student_logits, teacher_logits, temperature, weights):
@@ -52,61 +57,63 @@ def kl_soft(student_logits, teacher_logits, temperature, weights):
   return t * t * jnp.sum(kl * weights) / jnp.maximum(weights.sum(), 1.0)
 
 
-@dataclasses.dataclass(frozen=True)
-class Distill:
-  teacher_model: nn.Module
-  temperature: float = 2.0
-  alpha: float = 0.5
-  features: tuple = ()
-  feature_weight: float = 0.0
+def check(temperature, alpha, feature_weight, where="distillation"):
+  if not temperature > 0:
+    raise ValueError(f"{where}.temperature={temperature} must be > 0.")
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"{where}.alpha={alpha} must be in [0, 1].")
+  if feature_weight < 0:
+    raise ValueError(f"{where}.feature_weight={feature_weight} must be >= 0.")
 
-  def validate(self):
-    if not self.temperature > 0:
-      raise ValueError(f"config.compress.distill.temperature={self.temperature} must be > 0.")
-    if not 0.0 <= self.alpha <= 1.0:
-      raise ValueError(f"config.compress.distill.alpha={self.alpha} must be in [0, 1].")
-    if self.feature_weight < 0:
-      raise ValueError(f"config.compress.distill.feature_weight={self.feature_weight} "
-                       "must be >= 0.")
-    return self
 
-  def teacher_outputs(self, teacher_params, batch):
-    logits, inter = self.teacher_model.apply({"params": teacher_params}, batch)
-    feats = {f: feature(inter, f) for f in self.features}
-    return jax.lax.stop_gradient((logits, feats))
+def method(teacher_apply, *, temperature: float = 2.0, alpha: float = 0.5,
+           features: tuple = (), feature_weight: float = 0.0, name: str = "distill",
+           where: str = "distillation") -> Method:
+  """`teacher_apply(teacher_params, batch) -> (logits, intermediates)`; the teacher's
+  params arrive as this method's frozen input."""
+  temperature, alpha, feature_weight = float(temperature), float(alpha), float(feature_weight)
+  check(temperature, alpha, feature_weight, where)
+  features = tuple(features)
+  use_features = bool(features) and feature_weight > 0
 
-  def init_aux(self, student_feats: dict, teacher_feats: dict, rng):
-    """Projections (only where widths differ) and their Adam state."""
+  def teacher(fwd: Forward):
+    if fwd.frozen is None:
+      raise ValueError(f"distillation method {name!r} has no teacher: pass its params as "
+                       f"frozen={{{name!r}: teacher_params}} to the step.")
+    logits, inter = teacher_apply(fwd.frozen, fwd.batch)
+    return jax.lax.stop_gradient((logits, {f: feature(inter, f) for f in features}))
+
+  def init_params(fwd: Forward, rng):
+    """Projections (only where widths differ), lecun-normal, zero bias."""
+    _, t_feats = teacher(fwd)
     proj = {}
-    for i, f in enumerate(self.features):
-      ds, dt = student_feats[f].shape[-1], teacher_feats[f].shape[-1]
+    for i, f in enumerate(features):
+      ds = feature(fwd.intermediates, f).shape[-1]
+      dt = t_feats[f].shape[-1]
       if ds != dt:
-        proj[f.replace("/", ".")] = {
-            "kernel": nn.initializers.lecun_normal()(jax.random.fold_in(rng, i), (ds, dt)),
-            "bias": jnp.zeros((dt,))}
-    return {"proj": proj, "opt": optax.adam(FEATURE_LR).init(proj)}
+        k = jax.nn.initializers.lecun_normal()(jax.random.fold_in(rng, i), (ds, dt))
+        proj[f.replace("/", ".")] = {"kernel": k, "bias": jnp.zeros((dt,))}
+    return proj
 
-  def loss(self, logits, inter, ce, teacher, aux, batch):
-    """-> (total loss, metrics). `ce` is the student's hard-label loss."""
-    t_logits, t_feats = teacher
-    w = batch["example_mask"].astype(jnp.float32)
-    kd = kl_soft(logits, t_logits, self.temperature, w)
-    total = (1.0 - self.alpha) * ce + self.alpha * kd
+  def loss(fwd: Forward, state):
+    t_logits, t_feats = teacher(fwd)
+    w = example_weights(fwd.batch, fwd.outputs.shape[0])
+    kd = kl_soft(fwd.outputs, t_logits, temperature, w)
+    total = alpha * kd
     metrics = {"distill_kl": kd}
-    if self.features and self.feature_weight > 0:
+    if use_features:
       errs = []
-      for f in self.features:
-        s = feature(inter, f)
-        p = aux["proj"].get(f.replace("/", "."))
+      for f in features:
+        s = feature(fwd.intermediates, f)
+        p = (fwd.params or {}).get(f.replace("/", "."))
         if p is not None:
           s = s @ p["kernel"] + p["bias"]
         err = jnp.mean((s - t_feats[f]) ** 2, -1)
         errs.append(jnp.sum(err * w) / jnp.maximum(w.sum(), 1.0))
       feat = sum(errs) / len(errs)
-      total = total + self.feature_weight * feat
+      total = total + feature_weight * feat
       metrics["distill_feature_mse"] = feat
     return total, metrics
 
-  def update_aux(self, aux, grads):
-    updates, opt = optax.adam(FEATURE_LR).update(grads, aux["opt"], aux["proj"])
-    return {"proj": optax.apply_updates(aux["proj"], updates), "opt": opt}
+  return Method(name, loss=loss, init_params=init_params if features else None,
+                task_weight=1.0 - alpha)

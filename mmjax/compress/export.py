@@ -1,8 +1,9 @@
 """Export a compressed model as what it really is: integer codes, scales, packed masks.
 
 Format (a directory):
-  index.json.gz  per parameter path: shape, bits, whether masked, granularity, and offsets
-               into the buffers below
+  index.json.gz  per parameter path: shape, bits, whether masked, granularity, the scale's
+               shape, the activation scale of its input (when quantized), and offsets into
+               the buffers below
   arrays/      one Orbax checkpoint of a handful of flat buffers:
                `int8`   codes of 8-bit leaves (kept elements only when masked)
                `packed` codes of 2..7-bit leaves, bit-packed (`bits` bits per value)
@@ -13,7 +14,10 @@ Format (a directory):
 Concatenating into a few buffers keeps Orbax's per-array metadata (a few hundred bytes an
 array) from eating the savings of a small model. `disk_bytes` measures what landed on
 disk. `load` rebuilds the float view (exactly the fake-quantized, masked weights the model
-was trained with); `load_codes` gives the int8 codes and scales for integer inference.
+was trained with); `load_codes` gives the int8 codes and scales for integer inference,
+`load_activation_scales` the calibrated input scales (`activations.apply_quantized`).
+A leaf whose method states its own storage (`bytes` in its description) but whose codes
+this format does not know is stored as its fp32 view, and the index says so.
 The dense fp32 references are the same writer with no plan (`export(params)`), so the sizes
 are measured alike: raw (`zstd=False`: 4 bytes a parameter, what "fp32 model size" means)
 and zstd-compressed as Orbax writes checkpoints by default (trained fp32 weights shrink by
@@ -29,7 +33,6 @@ import shutil
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from mmjax.compress import quant
 from mmjax.compress.core import Plan, flatten, unflatten
@@ -57,8 +60,9 @@ def export(params, out_dir: str, plan: Plan | None = None, cstate=None,
   `zstd=False` stores the buffers raw (Orbax's default is zstd on every array): with no plan
   that is the plain dense fp32 reference, 4 bytes a parameter. Overwrites `out_dir` only
   once the new export is complete (written beside it, renamed)."""
+  import orbax.checkpoint as ocp
   plan = plan or Plan()
-  view = jax.device_get(flatten(plan.forward(params, cstate)))
+  view = jax.device_get(flatten(plan.view(params, cstate)))
   info = jax.device_get(plan.describe(params, cstate)) if not plan.is_identity else {}
   bufs = {k: [] for k in BUFFERS}
   sizes = {k: 0 for k in BUFFERS}
@@ -79,12 +83,17 @@ def export(params, out_dir: str, plan: Plan | None = None, cstate=None,
     if keep is not None:
       entry["mask"] = put("masks", np.packbits(keep))
       w = np.where(keep.reshape(w.shape), w, 0.0)  # as `update` leaves them (Plan.start)
-    if "bits" in d:
+    if "act_scale" in d:
+      entry["act"] = {"scale": float(np.float32(d["act_scale"])), "bits": int(d["act_bits"]),
+                      "mode": d.get("act_mode", "fake")}
+    if d.get("codes") == "symmetric":
       bits, gran = int(d["bits"]), d.get("granularity", "channel")
-      codes, scale = jax.device_get(quant.quantize(w, bits, gran, d.get("clip_ratio", 1.0)))
+      axes = tuple(d.get("scale_axes", range(w.ndim - 1)))
+      codes, scale = jax.device_get(quant.quantize(w, bits, gran, d.get("clip_ratio", 1.0),
+                                                   contract=axes))
       codes = np.asarray(codes).reshape(-1)
       codes = codes[keep] if keep is not None else codes
-      entry.update(bits=bits, granularity=gran,
+      entry.update(bits=bits, granularity=gran, scale_shape=list(np.shape(scale)),
                    scales=put("scales", np.asarray(scale, np.float32).reshape(-1)))
       if bits == 8:
         entry["int8"] = put("int8", codes)
@@ -92,6 +101,8 @@ def export(params, out_dir: str, plan: Plan | None = None, cstate=None,
         entry["packed"] = put("packed", _pack_codes(codes, bits))
         entry["count"] = int(codes.size)
     else:
+      if "bytes" in d:  # a method's own format: stored as its fp32 view, said so
+        entry["stated_bytes"] = int(d["bytes"])
       vals = w.reshape(-1)
       entry["fp32"] = put("fp32", vals[keep] if keep is not None else vals)
     index[path] = entry
@@ -107,7 +118,7 @@ def export(params, out_dir: str, plan: Plan | None = None, cstate=None,
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=zstd)) as ckptr:
     ckptr.save(os.path.join(tmp, "arrays"), args=ocp.args.PyTreeSave(arrays))
   with gzip.open(os.path.join(tmp, INDEX), "wt") as f:  # paths repeat: gzip takes 85%
-    json.dump({"format": "mmjax-compressed-v1", "plan": plan.transform.name,
+    json.dump({"format": "mmjax-compressed-v2", "plan": plan.name,
                "leaves": index}, f, separators=(",", ":"))
   shutil.rmtree(out_dir, ignore_errors=True)
   os.rename(tmp, out_dir)
@@ -127,6 +138,7 @@ def _read(export_dir):
   if not os.path.exists(path):
     raise ValueError(f"{export_dir} is not an mmjax export (no {INDEX}); write one with "
                      "mmjax.compress.export.export or a run with config.compress.export.")
+  import orbax.checkpoint as ocp
   with gzip.open(path, "rt") as f:
     index = json.load(f)
   with ocp.StandardCheckpointer() as ckptr:
@@ -157,7 +169,9 @@ def _leaf(entry, arrays):
     full = np.zeros(n, vals.dtype)
     full[keep] = vals
     vals = full
-  scale = _take(arrays, "scales", entry["scales"]) if "scales" in entry else None
+  scale = None
+  if "scales" in entry:
+    scale = _take(arrays, "scales", entry["scales"]).reshape(entry.get("scale_shape", [-1]))
   return vals.reshape(shape), scale, (keep.reshape(shape) if keep is not None else None)
 
 
@@ -181,3 +195,15 @@ def load(export_dir: str):
     w = vals.astype(np.float32) * scale if scale is not None else vals.astype(np.float32)
     flat[path] = w.astype(entry["dtype"])
   return unflatten(flat)
+
+
+def load_activation_scales(export_dir: str) -> dict:
+  """{path: float32 input scale} of the weights whose products quantize their input, and
+  the bits and mode they ran with: (scales, bits, mode)."""
+  index, _ = _read(export_dir)
+  acts = {p: e["act"] for p, e in index.items() if "act" in e}
+  if not acts:
+    return {}, None, None
+  modes = {(a["bits"], a["mode"]) for a in acts.values()}
+  bits, mode = sorted(modes)[0]
+  return {p: np.float32(a["scale"]) for p, a in acts.items()}, bits, mode

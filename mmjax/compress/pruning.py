@@ -19,7 +19,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from mmjax.compress.core import Transform
+from mmjax.compress import layout
+from mmjax.compress.core import Method
 from mmjax.compress.select import n_m_mask, top_k_masks
 
 
@@ -72,13 +73,15 @@ def _keep(n, sparsity):
   return n - jnp.round(sparsity * n).astype(jnp.int32)
 
 
-def _apply(flat, masks):
+def apply_masks(flat, masks):
+  """The one place masks meet weights: zero where the mask is False (structured pruning
+  uses it too)."""
   return {p: jnp.where(masks[p], w, jnp.zeros((), w.dtype)) if p in masks else w
           for p, w in flat.items()}
 
 
 def unstructured(sparsity: float, *, score: str = "magnitude", scope: str = "layer",
-                 schedule: Schedule = Schedule()) -> Transform:
+                 schedule: Schedule = Schedule(), name: str | None = None) -> Method:
   """Magnitude (|w|) or random pruning to `sparsity`, each layer to its own target
   (`scope="layer"`) or one threshold over all the leaves this transform owns ("global")."""
   target = check_sparsity(sparsity)
@@ -110,30 +113,36 @@ def unstructured(sparsity: float, *, score: str = "magnitude", scope: str = "lay
     masks = jax.lax.cond(schedule.is_update_step(step),
                          lambda: masks_at(flat, state["key"], schedule.sparsity(step, target)),
                          lambda: state["masks"])
-    return _apply(flat, masks), {"masks": masks, "key": state["key"]}
+    return apply_masks(flat, masks), {"masks": masks, "key": state["key"]}
 
   def describe(flat, state):
     return {p: {"mask": m} for p, m in state["masks"].items()}
 
-  return Transform(init, update=update, describe=describe,
-                   name=f"{score}_{scope}_{target:g}")
+  return Method(name or f"{score}_{scope}_{target:g}", init=init, update=update,
+                describe=describe)
 
 
-def n_of_m(n: int = 2, m: int = 4, *, begin: int = 0, shapes: dict | None = None) -> Transform:
-  """N:M semi-structured pruning along the input dimension, applied from step `begin`."""
+def n_of_m(n: int = 2, m: int = 4, *, begin: int = 0, contract=None,
+           name: str | None = None) -> Method:
+  """N:M semi-structured pruning along the contraction axes (`layout`: by default every
+  axis but the last; conv kernels [h, w, in, out] group along h*w*in), from step `begin`."""
   if not (isinstance(n, int) and isinstance(m, int) and 1 <= n < m):
     raise ValueError(f"N:M pruning needs integers 1 <= N < M, got N={n}, M={m}.")
-  for path, shape in (shapes or {}).items():
-    rows = 1
-    for d in shape[:-1]:
-      rows *= d
-    if len(shape) < 2 or rows % m:
-      raise ValueError(f"N:M pruning with M={m}: {path} has shape {tuple(shape)}, whose "
-                       f"input dimension ({rows}) is not divisible by M (or it is not a "
-                       "kernel); narrow the rule's regex or choose another M.")
+
+  def check(shapes):
+    layout.check(contract, shapes, f"{n}:{m} pruning")
+    for path, shape in shapes.items():
+      rows = 1
+      for a in layout.contract_axes(contract, path, len(shape)):
+        rows *= shape[a]
+      if len(shape) < 2 or rows % m:
+        raise ValueError(f"N:M pruning with M={m}: {path} has shape {tuple(shape)}, whose "
+                         f"contraction size ({rows}) is not divisible by M (or it is not a "
+                         "kernel); narrow the rule's regex or choose another M.")
 
   def masks_at(flat):
-    return {p: n_m_mask(w, n, m) for p, w in flat.items()}
+    return {p: n_m_mask(w, n, m, layout.contract_axes(contract, p, w.ndim))
+            for p, w in flat.items()}
 
   def init(flat, rng):
     full = {p: jnp.ones(w.shape, bool) for p, w in flat.items()}
@@ -142,9 +151,9 @@ def n_of_m(n: int = 2, m: int = 4, *, begin: int = 0, shapes: dict | None = None
   def update(flat, state, step):
     masks = jax.lax.cond(jnp.asarray(step) == begin, lambda: masks_at(flat),
                          lambda: state["masks"])
-    return _apply(flat, masks), {"masks": masks}
+    return apply_masks(flat, masks), {"masks": masks}
 
   def describe(flat, state):
     return {p: {"mask": mk, "n_m": (n, m)} for p, mk in state["masks"].items()}
 
-  return Transform(init, update=update, describe=describe, name=f"{n}:{m}")
+  return Method(name or f"{n}:{m}", init=init, update=update, describe=describe, check=check)

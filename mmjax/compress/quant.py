@@ -1,20 +1,22 @@
-"""Symmetric fake-quantization of weights (QAT) with a straight-through estimator.
+"""Symmetric fake-quantization with a straight-through estimator: weights (QAT) and, with a
+fixed scale, activations (`activations.py` uses `fake_quant_with_scale` too).
 
 A `bits`-wide symmetric code has 2**bits - 1 levels, -qmax..qmax with
 qmax = 2**(bits-1) - 1; the scale is clip / qmax, where clip = clip_ratio * max|w| taken
-per output channel (the last axis: Dense [in, out], Conv [h, w, in, out], Embed
-[vocab, d]) or per tensor. The forward pass computes with round(clip(w) / scale) * scale;
-the gradient is the identity inside [-clip, clip] and zero outside (the STE of
-Bengio et al. 2013 / Jacob et al. 2018). With clip_ratio = 1 nothing is clipped. The
-scale follows the weights (recomputed inside every step), so the state is empty and a
-quantized view is idempotent: quantizing it again gives the same codes.
+per output channel (reduced over the kernel's contraction axes, `layout.py`: Dense
+[in, out], Conv [h, w, in, out], DenseGeneral with the axes its rule gives) or per tensor.
+The forward pass computes with round(clip(w) / scale) * scale; the gradient is the
+identity inside [-clip, clip] and zero outside (the STE of Bengio et al. 2013 / Jacob et
+al. 2018). The weight scale follows the weights (recomputed inside every step), so the
+state is empty and a quantized view is idempotent: quantizing it again gives the same codes.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from mmjax.compress.core import Transform
+from mmjax.compress import layout
+from mmjax.compress.core import Method
 
 GRANULARITIES = ("channel", "tensor")
 
@@ -29,34 +31,48 @@ def qmax(bits: int) -> int:
   return 2 ** (bits - 1) - 1
 
 
-def _reduce_axes(w, granularity):
-  return tuple(range(w.ndim - 1)) if granularity == "channel" and w.ndim >= 2 else None
+def reduce_axes(ndim: int, granularity: str, contract=None):
+  """Axes a scale is taken over: the contraction axes per channel, all per tensor."""
+  if granularity == "channel" and ndim >= 2:
+    return tuple(contract) if contract is not None else tuple(range(ndim - 1))
+  return tuple(range(ndim))
 
 
-def scale_of(w, bits: int, granularity: str = "channel", clip_ratio: float = 1.0):
-  """Per-channel (shape [out]) or per-tensor (scalar) float32 scale; never zero."""
-  amax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=_reduce_axes(w, granularity))
+def scale_of(w, bits: int, granularity: str = "channel", clip_ratio: float = 1.0,
+             contract=None):
+  """Float32 scale broadcastable against w (keepdims); never zero."""
+  amax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=reduce_axes(w.ndim, granularity, contract),
+                 keepdims=True)
   return jnp.maximum(amax * clip_ratio, 1e-30) / qmax(bits)
 
 
-def quantize(w, bits: int, granularity: str = "channel", clip_ratio: float = 1.0):
+def quantize(w, bits: int, granularity: str = "channel", clip_ratio: float = 1.0,
+             contract=None):
   """w -> (int8 codes, float32 scale) with w ~= codes * scale."""
-  s = scale_of(w, bits, granularity, clip_ratio)
+  s = scale_of(w, bits, granularity, clip_ratio, contract)
   q = jnp.clip(jnp.round(w.astype(jnp.float32) / s), -qmax(bits), qmax(bits))
   return q.astype(jnp.int8), s
 
 
-def fake_quant(w, bits: int, granularity: str = "channel", clip_ratio: float = 1.0):
+def fake_quant_with_scale(x, scale, bits: int):
+  """round(clip(x) / scale) * scale, gradient 1 inside [-c, c] (bounds included), 0 outside."""
+  scale = jax.lax.stop_gradient(scale)
+  c = scale * qmax(bits)
+  inside = jnp.abs(x) <= c
+  xc = jnp.where(inside, x, jax.lax.stop_gradient(jnp.clip(x, -c, c)))
+  return (xc + jax.lax.stop_gradient(jnp.round(xc / scale) * scale - xc)).astype(x.dtype)
+
+
+def fake_quant(w, bits: int, granularity: str = "channel", clip_ratio: float = 1.0,
+               contract=None):
   """The quantized view of w, with straight-through gradients inside the clip range."""
-  s = jax.lax.stop_gradient(scale_of(w, bits, granularity, clip_ratio))
-  c = s * qmax(bits)
-  inside = jnp.abs(w) <= c  # gradient 1 inside [-c, c] (bounds included), 0 outside
-  wc = jnp.where(inside, w, jax.lax.stop_gradient(jnp.clip(w, -c, c)))
-  q = jnp.round(wc / s) * s
-  return (wc + jax.lax.stop_gradient(q - wc)).astype(w.dtype)
+  return fake_quant_with_scale(w, scale_of(w, bits, granularity, clip_ratio, contract), bits)
 
 
-def weights(bits: int = 8, granularity: str = "channel", clip_ratio: float = 1.0) -> Transform:
+def weights(bits: int = 8, granularity: str = "channel", clip_ratio: float = 1.0, *,
+            contract=None, name: str | None = None) -> Method:
+  """Fake-quantized weights; `contract` (a `layout` spec) says which axes a channel's scale
+  is taken over, per leaf."""
   check_bits(bits)
   if granularity not in GRANULARITIES:
     raise ValueError(f"quantization granularity={granularity!r} is unknown; valid: "
@@ -64,12 +80,16 @@ def weights(bits: int = 8, granularity: str = "channel", clip_ratio: float = 1.0
   if not 0.0 < float(clip_ratio) <= 1.0:
     raise ValueError(f"quantization clip_ratio={clip_ratio} must be in (0, 1].")
 
-  def forward(flat, state):
-    return {p: fake_quant(w, bits, granularity, clip_ratio) for p, w in flat.items()}
+  def axes(path, w):
+    return reduce_axes(w.ndim, granularity, layout.contract_axes(contract, path, w.ndim))
+
+  def view(flat, state):
+    return {p: fake_quant(w, bits, granularity, clip_ratio, axes(p, w)) for p, w in flat.items()}
 
   def describe(flat, state):
-    return {p: {"bits": bits, "granularity": granularity, "clip_ratio": clip_ratio}
-            for p in flat}
+    return {p: {"codes": "symmetric", "bits": bits, "granularity": granularity,
+                "scale_axes": list(axes(p, w)), "clip_ratio": clip_ratio}
+            for p, w in flat.items()}
 
-  return Transform(init=lambda flat, rng: {}, forward=forward, describe=describe,
-                   name=f"int{bits}_{granularity}")
+  return Method(name or f"int{bits}_{granularity}", view=view, describe=describe,
+                check=lambda shapes: layout.check(contract, shapes, "quantization"))

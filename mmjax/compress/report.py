@@ -4,7 +4,8 @@ Counted from the parameters the model computes with (the compressed view), never
 targets. Compressed bytes follow the export format (`mmjax.compress.export`): kept values
 at their bit width (fp32 when not quantized), one bit per element for a mask (a packed
 bitmap; for 2:4 that equals 2-bit indices of the kept pair), a float32 scale per quantized
-channel. Leaves no transform touched stay fp32. The bytes on disk of an exported
+channel. Leaves no method touched stay fp32; a method that stores a leaf in a format of its
+own states its `bytes`, and the report counts those. The bytes on disk of an exported
 checkpoint are measured separately (`export.disk_bytes`) and reported next to these.
 """
 from __future__ import annotations
@@ -27,9 +28,12 @@ def leaf_report(path, view, info) -> dict:
   mask = info.get("mask")
   kept = int(np.asarray(mask).sum()) if mask is not None else n
   compressed = kept * bits / 8 + (math.ceil(n / 8) if mask is not None else 0)
-  if "bits" in info:
-    channels = view.shape[-1] if info.get("granularity") == "channel" and view.ndim >= 2 else 1
-    compressed += 4 * channels
+  if info.get("codes") == "symmetric":
+    axes = info.get("scale_axes", list(range(view.ndim - 1)))
+    reduced = int(np.prod([view.shape[a] for a in axes])) if view.ndim else 1
+    compressed += 4 * (n // max(reduced, 1))
+  if "bytes" in info:
+    compressed = float(info["bytes"])
   return dict(path=path, shape=list(view.shape), size=n, sparsity=1.0 - nonzero / max(n, 1),
               bits=bits, masked=mask is not None, n_m=list(info["n_m"]) if "n_m" in info else None,
               dense_bytes=4 * n, compressed_bytes=int(math.ceil(compressed)))
@@ -54,12 +58,12 @@ def host_tree(tree):
 
 def build(params, plan: Plan, cstate, **extra) -> dict:
   """The report of a compressed model: rows per leaf, totals, per-modality subtotals."""
-  view = host_tree(flatten(jax.jit(plan.forward)(params, cstate)))
+  view = host_tree(flatten(jax.jit(plan.view)(params, cstate)))
   info = host_tree(plan.describe(params, cstate))
   rows = [leaf_report(p, view[p], info.get(p, {})) for p in sorted(view)]
   groups = sorted({r["path"].split("/")[0] for r in rows})
   touched = [r for r in rows if r["masked"] or r["bits"] < 32]
-  return dict(plan=plan.transform.name, leaves=rows, total=_total(rows),
+  return dict(plan=plan.name, leaves=rows, total=_total(rows),
               compressed_leaves=_total(touched) if touched else None,
               by_group={g: _total([r for r in rows if r["path"].split("/")[0] == g])
                         for g in groups}, **extra)

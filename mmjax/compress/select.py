@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _bits(score):
@@ -45,15 +46,21 @@ def top_k_masks(scores: list, keep) -> list:
   return [jnp.where(keep > 0, m, False) for m in masks]
 
 
-def n_m_mask(score, n: int, m: int):
-  """Keep the n largest of every m consecutive entries along axis 0 (the input dimension
-  of a [in, out] kernel; conv kernels are viewed as [h*w*in, out]). Ties by position."""
+def n_m_mask(score, n: int, m: int, contract=None):
+  """Keep the n largest of every m consecutive entries along the contraction axes
+  (`contract`, default every axis but the last, flattened in order: a [in, out] kernel
+  groups along `in`, a conv kernel [h, w, in, out] along h*w*in). Ties by position."""
   shape = score.shape
-  s = jnp.abs(score).reshape(-1, shape[-1])
+  contract = tuple(range(score.ndim - 1)) if contract is None else tuple(contract)
+  rest = tuple(a for a in range(score.ndim) if a not in contract)
+  s = jnp.transpose(jnp.abs(score), contract + rest)
+  moved = s.shape
+  s = s.reshape(-1, max(1, int(np.prod([shape[a] for a in rest]))))
   rows = s.shape[0]
   g = s.reshape(rows // m, m, s.shape[-1])
   a, b = g[:, :, None, :], g[:, None, :, :]  # [groups, i, j, out]
   idx = jnp.arange(m)
   before = (idx[None, :] < idx[:, None])[None, :, :, None]  # j precedes i
   rank = jnp.sum((b > a) | ((b == a) & before), axis=2)  # how many beat entry i
-  return (rank < n).reshape(shape)
+  keep = (rank < n).reshape(moved)
+  return jnp.transpose(keep, np.argsort(contract + rest))

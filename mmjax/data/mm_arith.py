@@ -18,8 +18,13 @@ depend on generation order. Sizes are builder arguments (`num_train`, `num_test`
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
+
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from mmjax.data import glyphs, questions, tones
 
@@ -27,6 +32,26 @@ NUM_WRITERS, NUM_VOICES, NUM_TRAIN_STYLES = 100, 100, 80
 DEFAULT_SIZES = {"train": 20_000, "test": 2_000}
 _SPLIT_SEED = {"train": 0, "test": 1}
 _CONFIG_SEED = {"procedural": 0, "real": 1}
+
+
+def _no_dataset_info_warning(record):
+  """TFDS warns 'Variant folder ... has no dataset_info.json' whenever it checks a dataset
+  that is not prepared yet; mmjax's own message (prepare it with ...) says what to do."""
+  return "has no dataset_info.json" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_tfds(progress_bars=True):
+  logger = logging.getLogger("absl")  # TFDS logs through absl
+  logger.addFilter(_no_dataset_info_warning)
+  was = getattr(tqdm_utils, "_active", True)
+  if not progress_bars:
+    tfds.display_progress_bar(False)
+  try:
+    yield
+  finally:
+    logger.removeFilter(_no_dataset_info_warning)
+    tfds.display_progress_bar(was)
 
 
 class MmArith(tfds.core.GeneratorBasedBuilder):
@@ -46,7 +71,29 @@ class MmArith(tfds.core.GeneratorBasedBuilder):
     for split, n in self._sizes.items():
       if int(n) != n or n <= 0:
         raise ValueError(f"num_{split}={n} is invalid: it must be a positive integer.")
-    super().__init__(**kwargs)
+    with _quiet_tfds():
+      super().__init__(**kwargs)
+
+  @property
+  def sizes(self) -> dict:
+    return dict(self._sizes)
+
+  # TFDS's console messages are written for downloads ("Downloading and preparing dataset
+  # Unknown size ..."); a local build says what it builds through mmjax's log instead
+  # (sources.prepare), and shows progress bars only to a terminal, not to logs.
+  def is_prepared(self) -> bool:
+    with _quiet_tfds():
+      return super().is_prepared()
+
+  def download_and_prepare(self, *args, **kwargs):
+    with _quiet_tfds(progress_bars=sys.stderr.isatty()):
+      return super().download_and_prepare(*args, **kwargs)
+
+  def _log_download_bytes(self):
+    pass
+
+  def _log_download_done(self):
+    pass
 
   def _info(self) -> tfds.core.DatasetInfo:
     bytes_ = tfds.features.Encoding.BYTES

@@ -129,8 +129,19 @@ def prepare(dataset: str, data_dir: str | None = None, *, num_train=None, num_te
     raise DatasetNotPreparedError(
         f"{dataset} is not prepared in {data_dir} and downloading is off. Pass --download "
         "(needs internet), or copy a prepared copy into that data_dir.")
-  log(f"preparing {dataset} in {data_dir} ...")
+  if offline:
+    log(f"[data] preparing {dataset} ({builder.sizes['train']} train + "
+        f"{builder.sizes['test']} test examples) in {data_dir}")
+  else:
+    log(f"[data] downloading and preparing {dataset} in {data_dir}")
   builder.download_and_prepare(file_format="array_record")
-  log(f"prepared {dataset}: " + ", ".join(
+  log(f"[data] prepared {dataset}: " + ", ".join(
       f"{s} {builder.info.splits[s].num_examples}" for s in builder.info.splits))
   return builder
+
+
+def ensure_prepared(dataset: str, data_dir: str, num_train=None, num_test=None, log=print):
+  """Prepare an offline dataset that is missing from the data_dir (never downloads)."""
+  if get_builder(dataset, data_dir).is_prepared() or split_name(dataset)[0] not in OFFLINE_BUILDERS:
+    return
+  prepare(dataset, data_dir, num_train=num_train, num_test=num_test, log=log)

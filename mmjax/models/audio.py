@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.models.audio_features import frame_mask, log_mel_spectrogram
-from mmjax.models.layers import compute_dtype, encoder_stack
+from mmjax.models.layers import compute_dtype, encode
 
 
 class AudioTower(nn.Module):
@@ -43,8 +43,4 @@ class AudioTower(nn.Module):
     token_mask = jnp.repeat(frames, nf, axis=1)  # token (i, j) -> index i * nf + j
     x = x * token_mask[..., None]
     inter = {"log_mel": spec, "embed": x}
-    x = encoder_stack(x, token_mask, self.cfg, t.num_layers, inter)
-    x = nn.LayerNorm(name="ln_final")(x)
-    inter["final"] = x
-    inter["mask"] = token_mask
-    return x, inter
+    return encode(x, token_mask, token_mask, self.cfg, t.num_layers, inter)

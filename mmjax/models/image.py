@@ -4,7 +4,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models.layers import compute_dtype, encoder_stack
+from mmjax.models.layers import compute_dtype, encode
 
 
 class ImageTower(nn.Module):
@@ -26,8 +26,4 @@ class ImageTower(nn.Module):
     x = x + self.param("pos_embed", nn.initializers.normal(0.02), (t.num_tokens, d))
     token_mask = jnp.ones(x.shape[:2], bool)
     inter = {"embed": x}
-    x = encoder_stack(x, None, self.cfg, t.num_layers, inter)
-    x = nn.LayerNorm(name="ln_final")(x)
-    inter["final"] = x
-    inter["mask"] = token_mask
-    return x, inter
+    return encode(x, None, token_mask, self.cfg, t.num_layers, inter)

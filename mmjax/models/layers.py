@@ -66,8 +66,9 @@ class Mlp(nn.Module):
     return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
 
 
-class EncoderBlock(nn.Module):
-  """Pre-LN self-attention block: x + attn(ln(x)), then x + mlp(ln(x))."""
+class _Block(nn.Module):
+  """The body both blocks share: x + attention(queries, keys/values), then
+  x + mlp(ln(x)); a subclass says how the attention's inputs are normalised."""
   num_heads: int
   mlp_dim: int
   implementation: Optional[str] = None
@@ -75,50 +76,48 @@ class EncoderBlock(nn.Module):
   mlp_gated: bool = False
   dtype: jnp.dtype = jnp.float32
   head_dim: Optional[int] = None
+
+  def body(self, x, queries, context, context_mask, attn_name):
+    x = x + MultiHeadAttention(self.num_heads, self.implementation, self.dtype, self.head_dim,
+                               name=attn_name)(queries, context, context_mask=context_mask)
+    h = nn.LayerNorm(name="ln_mlp")(x)
+    return x + Mlp(self.mlp_dim, self.gelu_approximate, self.mlp_gated, self.dtype,
+                   name="mlp")(h)
+
+
+class EncoderBlock(_Block):
+  """Pre-LN self-attention block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
   @nn.compact
   def __call__(self, x, mask=None):
     h = nn.LayerNorm(name="ln_attn")(x)
-    x = x + MultiHeadAttention(self.num_heads, self.implementation, self.dtype,
-                               self.head_dim, name="attn")(h, context_mask=mask)
-    h = nn.LayerNorm(name="ln_mlp")(x)
-    return x + Mlp(self.mlp_dim, self.gelu_approximate, self.mlp_gated, self.dtype,
-                    name="mlp")(h)
+    return self.body(x, h, None, mask, "attn")
 
 
-class CrossBlock(nn.Module):
+class CrossBlock(_Block):
   """Pre-LN cross-attention block: queries from x, keys/values from another modality."""
-  num_heads: int
-  mlp_dim: int
-  implementation: Optional[str] = None
-  gelu_approximate: bool = True
-  mlp_gated: bool = False
-  dtype: jnp.dtype = jnp.float32
-  head_dim: Optional[int] = None
 
   @nn.compact
   def __call__(self, x, context, context_mask=None):
     h = nn.LayerNorm(name="ln_query")(x)
     c = nn.LayerNorm(name="ln_context")(context)
-    x = x + MultiHeadAttention(self.num_heads, self.implementation, self.dtype,
-                               self.head_dim, name="cross_attn")(h, c, context_mask=context_mask)
-    h = nn.LayerNorm(name="ln_mlp")(x)
-    return x + Mlp(self.mlp_dim, self.gelu_approximate, self.mlp_gated, self.dtype,
-                    name="mlp")(h)
+    return self.body(x, h, c, context_mask, "cross_attn")
 
 
 def compute_dtype(cfg):
   return jnp.dtype(cfg.dtype)
 
 
-def encoder_stack(x, mask, cfg, num_layers: int, intermediates: dict):
-  """`num_layers` EncoderBlocks named block_00, block_01, ... in the calling module.
-
-  Call from inside an `nn.compact` method; each block's output is recorded under its name.
-  """
+def encode(x, attn_mask, token_mask, cfg, num_layers: int, intermediates: dict):
+  """A tower's body and epilogue: `num_layers` EncoderBlocks named block_00, block_01, ...
+  in the calling module, then its final LayerNorm; every block's output, the final tokens
+  and their mask are recorded. Call from inside an `nn.compact` method; -> (x, inter)."""
   for i in range(num_layers):
     name = f"block_{i:02d}"
     x = EncoderBlock(cfg.num_heads, cfg.mlp_dim, cfg.attention_impl, cfg.gelu_approximate,
-                     cfg.mlp_gated, compute_dtype(cfg), cfg.head_dim, name=name)(x, mask)
+                     cfg.mlp_gated, compute_dtype(cfg), cfg.head_dim, name=name)(x, attn_mask)
     intermediates[name] = x
-  return x
+  x = nn.LayerNorm(name="ln_final")(x)
+  intermediates["final"] = x
+  intermediates["mask"] = token_mask
+  return x, intermediates

@@ -4,7 +4,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models.layers import encoder_stack
+from mmjax.models.layers import encode
 from mmjax.tokenizer import PAD_ID
 
 
@@ -37,8 +37,4 @@ class TextTower(nn.Module):
     pos = self.param("pos_embed", nn.initializers.normal(0.02), (t.max_len, d))
     x = (x + pos[:tokens.shape[1]]) * mask[..., None]
     inter = {"embed": x}
-    x = encoder_stack(x, mask, self.cfg, t.num_layers, inter)
-    x = nn.LayerNorm(name="ln_final")(x)
-    inter["final"] = x
-    inter["mask"] = mask
-    return x, inter
+    return encode(x, mask, mask, self.cfg, t.num_layers, inter)

@@ -1,0 +1,71 @@
+"""What a compression run writes at its end: the report, the real compressed export (its
+bytes on disk measured next to dense fp32 references), and, after structured pruning, the
+physically smaller model.
+
+The dense references are the uncompressed weights this run started from (config.init's,
+else the fresh initialisation) written by the same writer: raw fp32 (4 bytes a parameter;
+`disk_ratio`) and zstd'd as Orbax checkpoints are (`disk_ratio_zstd`), a dense model's
+bytes, which zstd cannot shrink by finding the zeros that pruning made.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+
+from mmjax.compress import export, report
+from mmjax.models import structure
+
+
+def dense_accuracy(config):
+  """The accuracy of the run this one started from (config.init), if it recorded one."""
+  init = config.get("init")
+  if not init:
+    return None
+  for d in (init, os.path.dirname(os.path.normpath(init))):
+    path = os.path.join(d, "summary.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        return json.load(f).get("eval_accuracy")
+  return None
+
+
+def write(config, workdir, compression, state, eval_metrics, dense_params_fn, model_cfg,
+          log=print) -> dict:
+  """compression_report.json, the printed table, <workdir>/export and <workdir>/shrunk."""
+  plan = compression.plan
+  extra = dict(compression.settings)
+  if "activations" in extra:
+    n = sum(1 for d in plan.describe(state.params, state.cstate).values() if "act_scale" in d)
+    extra["activations"] = dict(extra["activations"], layers=n)
+  params, cstate = report.host_tree(state.params), report.host_tree(state.cstate)
+  if compression.export and jax.process_index() == 0:
+    out = os.path.join(workdir, "export")
+    export.export(params, out, plan, cstate)
+    extra.update(export_dir=out, disk_bytes=export.disk_bytes(out))
+    dense = dense_params_fn()
+    for suffix, zstd in (("", False), ("_zstd", True)):
+      dense_dir = os.path.join(workdir, f"export_dense_fp32{suffix}.tmp")
+      export.export(dense, dense_dir, zstd=zstd)
+      extra[f"disk_bytes_dense{suffix}"] = export.disk_bytes(dense_dir)
+      extra[f"disk_ratio{suffix}"] = extra[f"disk_bytes_dense{suffix}"] / extra["disk_bytes"]
+      shutil.rmtree(dense_dir)
+  info = plan.describe(params, cstate)
+  if any("structured" in d for d in info.values()):
+    view = jax.device_get(plan.view(params, cstate))
+    small, small_cfg = structure.shrink(view, info, model_cfg)
+    if jax.process_index() == 0:
+      n = structure.save_shrunk(os.path.join(workdir, "shrunk"), small, small_cfg)
+      extra.update(shrunk_dir=os.path.join(workdir, "shrunk"), shrunk_parameters=n,
+                   shrunk_model=dict(num_heads=small_cfg.num_heads,
+                                     head_dim=small_cfg.head_dim, mlp_dim=small_cfg.mlp_dim))
+      log(f"[compress] physically shrunk model ({n:,} parameters) in {extra['shrunk_dir']}")
+  rep = report.build(params, plan, cstate, accuracy=eval_metrics.get("accuracy"),
+                     dense_accuracy=dense_accuracy(config), **extra)
+  if jax.process_index() == 0:
+    path = report.write(workdir, rep)
+    log(report.format_table(rep))
+    log(f"compression report: {path}")
+  return rep

@@ -1,0 +1,141 @@
+"""Every documented compression field of every experiment config can be set from the
+command line (--config.compress.<section>.<field>=v), and lands with the field's type.
+
+ml_collections only overrides fields the config has, and a field whose value is None has
+no type to parse a flag into: these tests catch a config that leaves a field out or sets
+it to a bare None. Parsing only: no model is built, nothing is compiled."""
+import os
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# field -> (flag value, parsed value); the parsed type is what the code expects
+PRUNE = {
+    "method": ("random", "random"),
+    "scope": ("global", "global"),
+    "sparsity": ("0.75", 0.75),
+    "pattern": (r"image/.*/kernel", r"image/.*/kernel"),
+    "n": ("1", 1),
+    "m": ("8", 8),
+    "rules": ("(('image/.*/kernel', 0.9), ('text/.*/kernel', 0.5))",
+              (("image/.*/kernel", 0.9), ("text/.*/kernel", 0.5))),
+    "schedule.kind": ("polynomial", "polynomial"),
+    "schedule.begin": ("3", 3),
+    "schedule.end": ("40", 40),
+    "schedule.every": ("2", 2),
+    "schedule.power": ("2", 2.0),  # an int on the command line is still a float
+    "schedule.initial": ("0.1", 0.1),
+}
+QUANT = {
+    "bits": ("4", 4),
+    "granularity": ("tensor", "tensor"),
+    "clip_ratio": ("0.9", 0.9),
+    "pattern": (r".*/kernel", r".*/kernel"),
+}
+ACTIVATIONS = {
+    "bits": ("8", 8),
+    "mode": ("int8", "int8"),
+    "int8_grads": ("false", False),
+    "calibration_batches": ("4", 4),
+    "percentile": ("99.9", 99.9),
+    "pattern": (r"text/.*/kernel", r"text/.*/kernel"),
+}
+DISTILL = {
+    "teacher": ("/tmp/teacher_run", "/tmp/teacher_run"),
+    "temperature": ("4", 4.0),
+    "alpha": ("0.25", 0.25),
+    "features": ("('pooled',)", ("pooled",)),
+    "feature_weight": ("0.5", 0.5),
+}
+EXPORT = {"": ("false", False)}
+# not compression, but the same mechanism (typed placeholders for data_dir and init)
+COMMON = {
+    "seed": ("3", 3),
+    "init": ("/tmp/dense_run", "/tmp/dense_run"),
+    "data.data_dir": ("/tmp/tfds", "/tmp/tfds"),
+    "optimizer.lr": ("1e-3", 1e-3),
+    "train.steps": ("7", 7),
+}
+
+
+def _fields(prefix, table):
+  return {f"{prefix}.{k}" if k else prefix: v for k, v in table.items()}
+
+
+CASES = {
+    "dense.py:tiny": {},
+    "modalities.py:use=image+audio,tiny": {},
+    "prune.py:tiny": {**_fields("compress.prune", PRUNE), **_fields("compress.export", EXPORT)},
+    "prune.py:tiny,oneshot": _fields("compress.prune", PRUNE),
+    "nm.py:tiny": _fields("compress.prune", PRUNE),
+    "structured.py:tiny": _fields("compress.prune", PRUNE),
+    "qat.py:tiny": {**_fields("compress.quant", QUANT), **_fields("compress.export", EXPORT)},
+    "qat.py:tiny,int8": {**_fields("compress.quant", QUANT),
+                         **_fields("compress.activations", ACTIVATIONS)},
+    "ptq.py:tiny": {**_fields("compress.quant", QUANT),
+                    **_fields("compress.activations", ACTIVATIONS)},
+    "ptq.py:tiny,percentile=99.5": _fields("compress.activations", ACTIVATIONS),
+    "prune_qat.py:tiny": {**_fields("compress.prune", PRUNE),
+                          **_fields("compress.quant", QUANT)},
+    "distill.py:tiny": {**_fields("compress.distill", DISTILL),
+                        **_fields("compress.export", EXPORT)},
+    "combined.py:tiny": {**_fields("compress.prune", PRUNE), **_fields("compress.quant", QUANT),
+                         **_fields("compress.distill", DISTILL),
+                         **_fields("compress.export", EXPORT)},
+}
+
+
+def parse(config_arg, overrides=()):
+  """The config as experiments/main.py would see it after these command-line flags."""
+  argv = ["prog", f"--config={os.path.join(REPO, 'experiments', 'configs', config_arg)}",
+          *overrides]
+  values = flags.FlagValues()
+  # sys_argv: the override flags are found in the argv, not only in what is parsed
+  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values,
+                                           lock_config=True, sys_argv=argv)
+  values(argv)
+  return holder.value
+
+
+def _get(config, dotted):
+  for k in dotted.split("."):
+    config = config[k]
+  return config
+
+
+def test_every_config_file_is_covered():
+  names = {f for f in os.listdir(os.path.join(REPO, "experiments", "configs"))
+           if f.endswith(".py") and f not in ("common.py", "__init__.py")}
+  assert names == {c.split(":")[0] for c in CASES}
+
+
+@pytest.mark.parametrize("config_arg", sorted(CASES))
+def test_documented_fields_are_settable_by_flag(config_arg):
+  fields = {**_fields("", COMMON), **CASES[config_arg]}
+  fields = {k.lstrip("."): v for k, v in fields.items()}
+  config = parse(config_arg, [f"--config.{k}={flag}" for k, (flag, _) in fields.items()])
+  for k, (_, want) in fields.items():
+    got = _get(config, k)
+    assert got == want and type(got) is type(want), f"--config.{k}: got {got!r}, want {want!r}"
+
+
+def test_unset_percentile_is_none_and_a_float_once_set():
+  # None means "clip at max|x|" downstream; the placeholder keeps it None until a flag sets it
+  assert parse("ptq.py:tiny").compress.activations.percentile is None
+  assert parse("ptq.py:tiny,percentile=99.5").compress.activations.percentile == 99.5
+  assert parse("ptq.py:tiny").compress.activations.to_dict()["percentile"] is None
+
+
+def test_teacher_model_is_settable_as_a_dict():
+  config = parse("distill.py:tiny", ["--config.compress.distill.teacher_model="
+                                     "{'d_model': 16, 'num_heads': 2}"])
+  assert config.compress.distill.to_dict()["teacher_model"] == {"d_model": 16, "num_heads": 2}
+  assert parse("distill.py:tiny").compress.distill.to_dict()["teacher_model"] is None
+
+
+def test_a_bad_value_is_refused_at_parse_time():
+  with pytest.raises(flags.IllegalFlagValueError, match="percentile"):
+    parse("ptq.py:tiny", ["--config.compress.activations.percentile=high"])

@@ -1,0 +1,237 @@
+"""Compression of models mmjax did not write, through the public API only: a Flax linen
+ViT-style classifier (nn.MultiHeadDotProductAttention: 3-D DenseGeneral kernels), a Flax
+NNX model, and a plain function over a hand-made params dict.
+
+Each gets the whole kit at once: gradual magnitude pruning to 90% + 2:4 on a subset +
+int8 weight QAT + int8 activations (real int8 x int8 -> int32 products) + logit
+distillation from a dense teacher, trained a few dozen steps on a small synthetic task;
+then its export (codes, masks, activation scales) must reproduce the evaluated logits."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+from mmjax.compress import Plan, activations, distill, export, flatten, layout, pruning, quant
+from mmjax.compress import rules, step, unflatten
+
+CLASSES, DIM = 4, 16
+
+
+def _task(n=256, seed=0):
+  """x [n, 16] -> the argmax of a fixed random linear map: learnable in a few dozen steps."""
+  r = np.random.default_rng(seed)
+  x = r.normal(size=(n, DIM)).astype(np.float32)
+  y = np.argmax(x @ np.random.default_rng(99).normal(size=(DIM, CLASSES)), -1)
+  return jnp.asarray(x), jnp.asarray(y)
+
+
+# ------------------------------------------------------------------ three foreign models
+
+class ViT(nn.Module):
+  """4 "patches" of 4 pixels -> Dense embedding -> one pre-LN block with Flax's attention."""
+  @nn.compact
+  def __call__(self, x):
+    t = nn.Dense(32, name="embed")(x.reshape(x.shape[0], 4, 4))
+    h = nn.LayerNorm(name="ln1")(t)
+    t = t + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=32, name="attn")(h)
+    h = nn.LayerNorm(name="ln2")(t)
+    t = t + nn.Dense(32, name="fc2")(nn.gelu(nn.Dense(64, name="fc1")(h)))
+    return nn.Dense(CLASSES, name="head")(t.mean(1))
+
+
+def linen_model():
+  model = ViT()
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, DIM)))["params"]
+  return params, lambda p, x: model.apply({"params": p}, x)
+
+
+class NnxMlp(nnx.Module):
+  def __init__(self, rngs):
+    self.fc1 = nnx.Linear(DIM, 64, rngs=rngs)
+    self.fc2 = nnx.Linear(64, 32, rngs=rngs)
+    self.head = nnx.Linear(32, CLASSES, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(jax.nn.relu(self.fc2(jax.nn.relu(self.fc1(x)))))
+
+
+def nnx_model():
+  graphdef, state = nnx.split(NnxMlp(nnx.Rngs(0)))
+
+  def apply(p, x):  # the user's functional view of an NNX module
+    s = jax.tree.map(lambda v: v, state)
+    nnx.replace_by_pure_dict(s, p)
+    return nnx.merge(graphdef, s)(x)
+  return nnx.to_pure_dict(state), apply
+
+
+def plain_model():
+  r = np.random.default_rng(1)
+  params = {"w1": jnp.asarray(r.normal(size=(DIM, 64)) / 4, jnp.float32),
+            "b1": jnp.zeros((64,)),
+            "w2": jnp.asarray(r.normal(size=(64, 32)) / 8, jnp.float32),
+            "out": {"w": jnp.asarray(r.normal(size=(32, CLASSES)) / 6, jnp.float32)}}
+
+  def apply(p, x):
+    h = jax.nn.relu(jnp.dot(x, p["w1"]) + p["b1"])
+    h = jax.nn.relu(jnp.einsum("bi,io->bo", h, p["w2"]))  # einsum: a nested jit
+    return h @ p["out"]["w"]
+  return params, apply
+
+
+# per model: what the 90% rule, the 2:4 subset, and the quantized kernels are
+MODELS = {
+    "linen": (linen_model, r".*kernel", r"(fc1|fc2)/kernel", layout.FLAX_ATTENTION),
+    "nnx": (nnx_model, r".*kernel", r"fc2/kernel", None),
+    "plain": (plain_model, r"w1|w2|out/w", r"w2", None),
+}
+
+
+# ---------------------------------------------------------------------------- the kit
+
+def _loss_fn(logits, batch):
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+  return ce, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["y"])}
+
+
+def _train(steps_obj, state, batches, frozen=None):
+  fn = jax.jit(steps_obj.train_step, donate_argnums=(0,))
+  losses = []
+  for b in batches:
+    state, m = fn(state, b, frozen)
+    losses.append(float(m["loss"]))
+  return state, losses
+
+
+def _batches(x, y, n, bs=32, seed=0):
+  r = np.random.default_rng(seed)
+  for _ in range(n):
+    i = r.choice(len(x), bs, replace=False)
+    yield {"x": x[i], "y": y[i]}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_foreign_model_gets_the_whole_kit(name, tmp_path):
+  build, kernels, subset, contract = MODELS[name]
+  params, apply = build()
+  fwd = lambda p, b: (apply(p, b["x"]), {})  # (outputs, intermediates)
+  x, y = _task()
+  tx = optax.adam(3e-3)
+
+  dense = step.build(fwd, _loss_fn, tx)  # the teacher: the same model, dense
+  teacher, _ = _train(dense, dense.init(params, jax.random.PRNGKey(0), {"x": x[:2]}),
+                      _batches(x, y, 60, seed=1))
+
+  schedule = pruning.Schedule("polynomial", begin=0, end=20, every=5)
+  plan = Plan(
+      rules([(subset, pruning.n_of_m(2, 4, contract=contract)),
+             (kernels, pruning.unstructured(0.9, schedule=schedule))]),
+      rules([(kernels, quant.weights(8, contract=contract))]),
+      rules([(kernels, activations.inputs(8, "int8"))]),
+      distill.method(fwd, temperature=2.0, alpha=0.5))
+  steps = step.build(fwd, _loss_fn, tx, plan)
+  frozen = {"distill": teacher.params}
+  student = jax.tree.map(jnp.copy, teacher.params)  # its own buffers: the step donates them
+  state = steps.init(student, jax.random.PRNGKey(1), {"x": x[:2]}, frozen)
+  calib = [{"x": x[i:i + 32]} for i in range(0, 128, 32)]
+  state = state.replace(cstate=plan.calibrate(fwd, state.params, state.cstate, calib))
+  state, losses = _train(steps, state, _batches(x, y, 48, seed=2), frozen)
+
+  assert np.mean(losses[20:23]) > np.mean(losses[-3:])  # it recovers once the ramp ends
+  flat, cstate = flatten(state.params), state.cstate
+  masks = {**cstate["2:4"]["masks"], **cstate["magnitude_layer_0.9"]["masks"]}
+  assert set(cstate["2:4"]["masks"]) and set(cstate["magnitude_layer_0.9"]["masks"])
+  for path, mask in cstate["magnitude_layer_0.9"]["masks"].items():  # realized, exact
+    mask = np.asarray(mask)
+    assert (~mask).sum() == round(0.9 * mask.size), path
+  for path, mask in cstate["2:4"]["masks"].items():  # groups along the contraction axes
+    mask = np.asarray(mask)
+    axes = layout.contract_axes(contract, path, mask.ndim)
+    rest = [a for a in range(mask.ndim) if a not in axes]
+    rows = np.transpose(mask, list(axes) + rest).reshape(-1, 4, int(
+        np.prod([mask.shape[a] for a in rest])))
+    assert (rows.sum(axis=1) == 2).all(), path
+  for path, mask in masks.items():  # the master weights, after Adam steps: exact zeros
+    assert (np.asarray(flat[path])[~np.asarray(mask)] == 0).all(), path
+  view = flatten(plan.view(state.params, cstate))
+  for path in masks:  # <= 255 levels per output channel of the computed weights
+    w = np.asarray(view[path])
+    axes = layout.contract_axes(contract, path, w.ndim)
+    outs = [a for a in range(w.ndim) if a not in axes]
+    per_channel = np.moveaxis(w, outs, list(range(len(outs)))).reshape(
+        int(np.prod([w.shape[a] for a in outs])), -1)
+    assert max(len(np.unique(c)) for c in per_channel) <= 255, path
+
+  # the export runs without the plan: codes + masks + activation scales -> same logits
+  out = str(tmp_path / "export")
+  export.export(state.params, out, plan, cstate)
+  loaded = unflatten(flatten(export.load(out)), like=params)
+  scales, bits, mode = export.load_activation_scales(out)
+  assert sorted(scales) == sorted(cstate["act8_int8"]) and (bits, mode) == (8, "int8")
+  evaluated = steps.forward(state.params, cstate, {"x": x[:64]})[0]
+  served = activations.apply_quantized(lambda p, x: apply(p, x), scales, bits, mode)(
+      loaded, x[:64])
+  np.testing.assert_allclose(np.asarray(served), np.asarray(evaluated), rtol=1e-5, atol=1e-5)
+  hlo = jax.jit(lambda p, x: activations.apply_quantized(apply, scales, bits, mode)(
+      p, x)).lower(loaded, x[:64]).as_text()
+  assert "xi8>" in hlo and "xi32>" in hlo  # the served model multiplies integers
+
+
+def test_readme_snippet_in_an_existing_optax_loop():
+  """README "Compressing your own model": three added lines in a plain optax loop."""
+  params, apply_fn = plain_model()
+  x, y = _task()
+  tx = optax.adam(3e-3)
+  opt_state = tx.init(params)
+  loss = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  # --- README snippet
+  from mmjax.compress import Plan, pruning, quant, rules
+  plan = Plan(rules([(r"w1|w2", pruning.unstructured(0.9))]), rules([(r".*", quant.weights(8))]))
+  params, cstate = plan.start(params, jax.random.key(0))                 # 1: before the loop
+
+  @jax.jit
+  def train_step(params, opt_state, cstate, step):
+    grads = jax.grad(lambda p: loss(plan.apply(apply_fn, p, cstate)(x)))(params)  # 2
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    params, cstate = plan.update(params, cstate, step)                   # 3: after the update
+    return params, opt_state, cstate
+  # --- end of snippet
+  first = float(loss(plan.apply(apply_fn, params, cstate)(x)))
+  for s in range(1, 41):
+    params, opt_state, cstate = train_step(params, opt_state, cstate, s)
+  assert float(loss(plan.apply(apply_fn, params, cstate)(x))) < first
+  assert (np.asarray(params["w1"]) == 0).mean() == pytest.approx(0.9, abs=1 / 1024)
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda fwd: Plan(distill.method(fwd, features=("pooled",), feature_weight=1.0)),
+     "distillation feature 'pooled': no 'pooled' among the model's intermediates"),
+    (lambda fwd: Plan(rules([(r"b1", activations.inputs(8))])),
+     "b1 .* is consumed by no dot_general"),
+])
+def test_bad_foreign_setups_fail_before_compilation(make, needle):
+  params, apply = plain_model()
+  fwd = lambda p, b: (apply(p, b["x"]), {})
+  steps = step.build(fwd, _loss_fn, optax.adam(1e-3), make(fwd))
+  x, _ = _task(8)
+  with pytest.raises(ValueError, match=needle):
+    state = jax.eval_shape(lambda: steps.init(params, jax.random.PRNGKey(0), {"x": x},
+                                              {"distill": params}))
+    jax.eval_shape(steps.train_step, state, {"x": x, "y": jnp.zeros(8, jnp.int32)},
+                   {"distill": params})
+
+
+def test_the_compress_package_imports_no_mmjax_model_code_nor_orbax():
+  import subprocess
+  import sys
+  code = ("import sys; import mmjax.compress, mmjax.compress.step, mmjax.compress.pruning, "
+          "mmjax.compress.structured, mmjax.compress.quant, mmjax.compress.activations, "
+          "mmjax.compress.distill, mmjax.compress.report, mmjax.compress.export; "
+          "bad = sorted(m for m in sys.modules if m.startswith(('mmjax.models', "
+          "'mmjax.checkpointing', 'mmjax.train', 'orbax'))); print(bad); assert not bad")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  assert r.returncode == 0, r.stdout + r.stderr
