@@ -37,10 +37,11 @@ def write(config, workdir, compression, state, eval_metrics, dense_params_fn, mo
   """compression_report.json, the printed table, <workdir>/export and <workdir>/shrunk."""
   plan = compression.plan
   extra = dict(compression.settings)
-  if "activations" in extra:
-    n = sum(1 for d in plan.describe(state.params, state.cstate).values() if "act_scale" in d)
-    extra["activations"] = dict(extra["activations"], layers=n)
   params, cstate = report.host_tree(state.params), report.host_tree(state.cstate)
+  info = plan.describe(params, cstate)
+  if "activations" in extra:
+    n = sum(1 for d in info.values() if "act_scale" in d)
+    extra["activations"] = dict(extra["activations"], layers=n)
   if compression.export and jax.process_index() == 0:
     out = os.path.join(workdir, "export")
     export.export(params, out, plan, cstate)
@@ -52,7 +53,6 @@ def write(config, workdir, compression, state, eval_metrics, dense_params_fn, mo
       extra[f"disk_bytes_dense{suffix}"] = export.disk_bytes(dense_dir)
       extra[f"disk_ratio{suffix}"] = extra[f"disk_bytes_dense{suffix}"] / extra["disk_bytes"]
       shutil.rmtree(dense_dir)
-  info = plan.describe(params, cstate)
   if any("structured" in d for d in info.values()):
     view = jax.device_get(plan.view(params, cstate))
     small, small_cfg = structure.shrink(view, info, model_cfg)

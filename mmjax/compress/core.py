@@ -274,10 +274,14 @@ class Plan:
   @property
   def task_weight(self) -> float:
     w = 1.0
-    for part in self.parts:
-      for m in ([m for _, m in part.pairs] if isinstance(part, Rules) else [part]):
-        w *= m.task_weight
+    for m in self.methods():
+      w *= m.task_weight
     return w
+
+  def methods(self) -> list:
+    """Every method of the plan, in order (bound or not)."""
+    return [m for part in self.parts
+            for m in ([m for _, m in part.pairs] if isinstance(part, Rules) else [part])]
 
   def _with(self, params, stage):
     flat = flatten(params)
@@ -334,21 +338,15 @@ class Plan:
   def init_params(self, fwd: Forward, rng, frozen=None) -> dict:
     """Trainable parameters of the loss stages, {method name: tree} (sized from `fwd`, a
     forward on a sample batch)."""
-    out = {}
-    for part in self.parts:
-      for m in ([m for _, m in part.pairs] if isinstance(part, Rules) else [part]):
-        if m.init_params is not None:
-          out[m.name] = m.init_params(fwd._replace(frozen=(frozen or {}).get(m.name)),
-                                      _seed(rng, m.name))
-    return out
+    return {m.name: m.init_params(fwd._replace(frozen=(frozen or {}).get(m.name)),
+                                  _seed(rng, m.name))
+            for m in self.methods() if m.init_params is not None}
 
   def loss(self, fwd: Forward, state, aux=None, frozen=None):
     """-> (sum of the loss stages, their metrics)."""
     total, metrics = 0.0, {}
-    for part in self.parts:
-      for m in ([m for _, m in part.pairs] if isinstance(part, Rules) else [part]):
-        if m.loss is None:
-          continue
+    for m in self.methods():
+      if m.loss is not None:
         value, mets = m.loss(fwd._replace(params=(aux or {}).get(m.name),
                                           frozen=(frozen or {}).get(m.name)),
                              state.get(m.name, {}))
@@ -358,8 +356,7 @@ class Plan:
 
   @property
   def has_loss(self) -> bool:
-    return any(m.loss is not None for part in self.parts
-               for m in ([m for _, m in part.pairs] if isinstance(part, Rules) else [part]))
+    return any(m.loss is not None for m in self.methods())
 
   def needs_calibration(self, paths) -> bool:
     return any(e.method.calibrate is not None for e in self.entries(paths))
