@@ -44,7 +44,7 @@ def write(config, workdir, compression, state, eval_metrics, dense_params_fn, mo
     extra["activations"] = dict(extra["activations"], layers=n)
   if compression.export and jax.process_index() == 0:
     out = os.path.join(workdir, "export")
-    export.export(params, out, plan, cstate)
+    export.export(params, out, plan, cstate, info=info)
     extra.update(export_dir=out, disk_bytes=export.disk_bytes(out))
     dense = dense_params_fn()
     for suffix, zstd in (("", False), ("_zstd", True)):
@@ -54,7 +54,7 @@ def write(config, workdir, compression, state, eval_metrics, dense_params_fn, mo
       extra[f"disk_ratio{suffix}"] = extra[f"disk_bytes_dense{suffix}"] / extra["disk_bytes"]
       shutil.rmtree(dense_dir)
   if any("structured" in d for d in info.values()):
-    view = jax.device_get(plan.view(params, cstate))
+    view = jax.device_get(jax.jit(plan.view)(params, cstate))
     small, small_cfg = structure.shrink(view, info, model_cfg)
     if jax.process_index() == 0:
       n = structure.save_shrunk(os.path.join(workdir, "shrunk"), small, small_cfg)
@@ -62,7 +62,7 @@ def write(config, workdir, compression, state, eval_metrics, dense_params_fn, mo
                    shrunk_model=dict(num_heads=small_cfg.num_heads,
                                      head_dim=small_cfg.head_dim, mlp_dim=small_cfg.mlp_dim))
       log(f"[compress] physically shrunk model ({n:,} parameters) in {extra['shrunk_dir']}")
-  rep = report.build(params, plan, cstate, accuracy=eval_metrics.get("accuracy"),
+  rep = report.build(params, plan, cstate, info=info, accuracy=eval_metrics.get("accuracy"),
                      dense_accuracy=dense_accuracy(config), **extra)
   if jax.process_index() == 0:
     path = report.write(workdir, rep)

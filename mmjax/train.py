@@ -78,9 +78,11 @@ def model_inputs(batch: dict, modalities) -> dict:
 def evaluate(eval_step, params, cstate, input_cfg, batch_sharding, modalities):
   """Every example of the eval split exactly once; returns loss and accuracy."""
   totals = dict(count=0.0, loss_sum=0.0, correct=0.0)
-  for local in pipeline.eval_batches(input_cfg):
-    out = jax.device_get(eval_step(params, cstate, sharding.global_batch(
-        model_inputs(local, modalities), batch_sharding)))
+  # dispatched batch after batch and read once at the end: no host stall per batch
+  outs = [eval_step(params, cstate, sharding.global_batch(model_inputs(local, modalities),
+                                                          batch_sharding))
+          for local in pipeline.eval_batches(input_cfg)]
+  for out in jax.device_get(outs):  # summed on the host in float64, in batch order
     for k in totals:
       totals[k] += float(out[k])
   n = max(totals["count"], 1.0)
@@ -336,7 +338,8 @@ def train_and_evaluate(config, workdir: str, log=print, plan=None) -> dict:
   # ---- outputs
   if not comp.plan.is_identity:
     dense = lambda: jax.device_get(
-        checkpointing.restore_params_from(init_dir, abstract.params) if init_dir else fresh())
+        checkpointing.restore_params_from(init_dir, abstract.params) if init_dir
+        else jax.jit(fresh)())
     compress_finish.write(config, workdir, comp, state, eval_metrics, dense, cfg, log)
   step = int(jax.device_get(state.step))
   summary = dict(step=step, parameters=n_params, wall_s=time.perf_counter() - t_start,

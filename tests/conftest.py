@@ -1,10 +1,23 @@
 """Test setup: 8 fake CPU devices (set before JAX is imported) and fast compiles."""
+import atexit
 import os
+import shutil
+import tempfile
 
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent XLA cache per session, in a fresh directory removed at exit. The tiny runs
+# compile the same programs over and over: in this process, in the xdist workers and in
+# the CLI subprocesses, which all inherit these variables. A cached executable is the one
+# a fresh compile produces, so no number changes (the sweep relies on the same fact).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="mmjax-tests-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -44,7 +44,7 @@ def _load_final(workdir):
 
 def test_tiny_run_trains_evaluates_and_writes_everything(procedural_dir, tmp_path):
   workdir = str(tmp_path / "run")
-  summary = train.train_and_evaluate(_tiny(procedural_dir), workdir, log=_quiet)
+  summary = train.train_and_evaluate(_tiny(procedural_dir, eval_every=15), workdir, log=_quiet)
   for name in ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard"):
     assert os.path.exists(os.path.join(workdir, name)), name
   assert summary["step"] == 30 and summary["eval_examples"] == 1000  # every test example
@@ -91,11 +91,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(procedural_dir, tmp_p
 
 # ----------------------------------------------------------------------------- exact resume
 
-# gradual pruning (masks recomputed every 10 steps until 120) + int8 QAT + distillation
+# gradual pruning (masks recomputed every 10 steps until 40) + int8 QAT + distillation
 # from a dense teacher, from scratch: the compression state must resume as exactly as the
 # weights
 COMPRESSED = ("--config=experiments/configs/combined.py:tiny", "--config.init=",
-              "--config.compress.prune.schedule.end=120",
+              "--config.compress.prune.schedule.end=40",
               "--config.compress.prune.schedule.every=10")
 
 
@@ -106,13 +106,16 @@ def teacher_dir(procedural_dir, tmp_path_factory):
   return workdir
 
 
+CLI_STEPS = 60  # killed soon after step 10: the resumed run recomputes the masks at 20-40
+
+
 def _cli(workdir, data_dir, *extra, config="--config=experiments/configs/dense.py:tiny"):
   env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "PYTHONUNBUFFERED": "1"}
   return subprocess.Popen(
       [sys.executable, "-m", "experiments.main", *((config,) if isinstance(config, str)
                                                     else config),
        f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-       "--config.train.steps=150", "--config.train.checkpoint_every=10",
+       f"--config.train.steps={CLI_STEPS}", "--config.train.checkpoint_every=10",
        "--config.train.eval_every=1000", "--config.train.log_every=10",
        "--config.mesh.data=1", *extra],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -140,14 +143,14 @@ def test_sigkill_and_resume_is_bit_identical(procedural_dir, teacher_dir, tmp_pa
   out = straight.communicate(timeout=300)[0]
   assert straight.returncode == 0, out
   steps = sorted(int(p.name) for p in (killed_dir / "checkpoints").iterdir() if p.name.isdigit())
-  assert steps and steps[-1] < 150, f"killed run left checkpoints {steps}"
+  assert steps and steps[-1] < CLI_STEPS, f"killed run left checkpoints {steps}"
   resumed = _cli(str(killed_dir), procedural_dir, config=config)
   out = resumed.communicate(timeout=300)[0]
   assert resumed.returncode == 0, out
   assert f"resumed from {killed_dir / 'checkpoints'} at step {steps[-1]}" in out
   sa, a = _load_final(str(tmp_path / "straight"))
   sb, b = _load_final(str(killed_dir))
-  assert sa == sb == 150
+  assert sa == sb == CLI_STEPS
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit-identical
@@ -160,6 +163,8 @@ def test_sigkill_and_resume_is_bit_identical(procedural_dir, teacher_dir, tmp_pa
   assert ea["eval_accuracy"] == eb["eval_accuracy"] and ea["eval_loss"] == eb["eval_loss"]
 
 
+# orbax's readers of the truncated file end with an exception the event loop reports
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_resume_after_the_final_checkpoint_and_past_an_unreadable_step(procedural_dir,
                                                                        tmp_path):
   """Killed after its final checkpoint but before its final evaluation, a run resumes to
@@ -202,8 +207,8 @@ def test_resume_after_the_final_checkpoint_and_past_an_unreadable_step(procedura
 
 # ----------------------------------------------------------------------------- devices
 
-@pytest.mark.parametrize("fsdp", [False, True])
-def test_one_step_on_8_devices_equals_1_device(procedural_dir, cpu_devices, fsdp):
+def test_one_step_on_8_devices_equals_1_device(procedural_dir, cpu_devices):
+  """Two steps on 8 devices, data-parallel and with FSDP, equal two steps on one."""
   cfg = _tiny(procedural_dir)
   setup = train.validate(cfg)
   model = train.MultimodalModel(setup.model_cfg)
@@ -215,7 +220,7 @@ def test_one_step_on_8_devices_equals_1_device(procedural_dir, cpu_devices, fsdp
   init_fn = lambda: steps.init(model.init(jax.random.PRNGKey(1), sample)["params"],
                                jax.random.PRNGKey(0), sample)
   results = {}
-  for n in (1, 8):
+  for n, fsdp in ((1, False), (8, False), (8, True)):
     mesh = sharding.make_mesh(n)
     shd = sharding.state_shardings(jax.eval_shape(init_fn), mesh, fsdp)
     state = jax.jit(init_fn, out_shardings=shd)()
@@ -225,16 +230,18 @@ def test_one_step_on_8_devices_equals_1_device(procedural_dir, cpu_devices, fsdp
                    out_shardings=(shd, None))
     for _ in range(2):
       state, metrics = step(state, batch)
-    results[n] = (jax.device_get(state.params), float(metrics["loss"]))
-    if n == 8 and fsdp:
+    results[n, fsdp] = (jax.device_get(state.params), float(metrics["loss"]))
+    if fsdp:
       specs = [s.spec for s in jax.tree.leaves(shd.params)]
       assert any(sharding.AXIS in tuple(sp) for sp in specs), "FSDP sharded nothing"
-  assert abs(results[1][1] - results[8][1]) < 1e-5
   # Compared as whole trees: 8 devices reduce in another order, and Adam turns the float
   # noise of mathematically-zero gradients (attention key biases) into lr-sized steps.
   flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
-  a, b = flat(results[1][0]), flat(results[8][0])
-  assert np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-5
+  a = flat(results[1, False][0])
+  for key in ((8, False), (8, True)):
+    assert abs(results[1, False][1] - results[key][1]) < 1e-5, key
+    b = flat(results[key][0])
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-5, key
 
 
 # ----------------------------------------------------------------------------- bad input

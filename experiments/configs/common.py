@@ -52,7 +52,7 @@ def base_config(*, tiny: bool, modalities=None) -> ml_collections.ConfigDict:
                      warmup_steps=5 if tiny else 100, end_lr_factor=0.0, weight_decay=1e-4,
                      clip_norm=1.0, b1=0.9, b2=0.999)
   c.train = dict(steps=30 if tiny else 3000, log_every=5 if tiny else 50,
-                 eval_every=15 if tiny else 500, checkpoint_every=10 if tiny else 500,
+                 eval_every=30 if tiny else 500, checkpoint_every=10 if tiny else 500,
                  keep_checkpoints=2, async_checkpoints=True)
   c.mesh = dict(data=-1, fsdp=False)
   c.init = config_dict.placeholder(str)

@@ -380,10 +380,12 @@ class Plan:
     """{path: info} merged over methods (views composed in order, as the forward sees)."""
     flat = flatten(params)
     merged = {}
-    for e in self.entries(list(flat)):
+    entries = self.entries(list(flat))
+    last = max((i for i, e in enumerate(entries) if e.method.describe is not None), default=-1)
+    for e in entries[:last + 1]:
       if e.method.describe is not None:
         for path, info in e.method.describe(_sub(flat, e.paths), state[e.method.name]).items():
           merged.setdefault(path, {}).update(info)
-      if e.method.view is not None:
-        flat = {**flat, **e.method.view(_sub(flat, e.paths), state[e.method.name])}
+      if e.method.view is not None:  # jitted: one program, not an op-by-op pass per leaf
+        flat = {**flat, **jax.jit(e.method.view)(_sub(flat, e.paths), state[e.method.name])}
     return merged

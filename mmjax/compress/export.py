@@ -54,7 +54,7 @@ def _unpack_codes(buf: np.ndarray, n: int, bits: int) -> np.ndarray:
 
 
 def export(params, out_dir: str, plan: Plan | None = None, cstate=None,
-           zstd: bool = True) -> dict:
+           zstd: bool = True, info: dict | None = None) -> dict:
   """Write the compressed form of `params` under `plan`; returns the index.
 
   `zstd=False` stores the buffers raw (Orbax's default is zstd on every array): with no plan
@@ -62,8 +62,10 @@ def export(params, out_dir: str, plan: Plan | None = None, cstate=None,
   once the new export is complete (written beside it, renamed)."""
   import orbax.checkpoint as ocp
   plan = plan or Plan()
-  view = jax.device_get(flatten(plan.view(params, cstate)))
-  info = jax.device_get(plan.describe(params, cstate)) if not plan.is_identity else {}
+  view = jax.device_get(flatten(jax.jit(plan.view)(params, cstate)))
+  if info is None:  # `plan.describe(params, cstate)`, passed in by a caller that has it
+    info = plan.describe(params, cstate) if not plan.is_identity else {}
+  info = jax.device_get(info)
   bufs = {k: [] for k in BUFFERS}
   sizes = {k: 0 for k in BUFFERS}
   index = {}

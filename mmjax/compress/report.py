@@ -56,10 +56,11 @@ def host_tree(tree):
   return jax.device_get(tree)
 
 
-def build(params, plan: Plan, cstate, **extra) -> dict:
-  """The report of a compressed model: rows per leaf, totals, per-modality subtotals."""
+def build(params, plan: Plan, cstate, info: dict | None = None, **extra) -> dict:
+  """The report of a compressed model: rows per leaf, totals, per-modality subtotals.
+  `info` is `plan.describe(params, cstate)` when the caller already has it."""
   view = host_tree(flatten(jax.jit(plan.view)(params, cstate)))
-  info = host_tree(plan.describe(params, cstate))
+  info = host_tree(plan.describe(params, cstate) if info is None else info)
   rows = [leaf_report(p, view[p], info.get(p, {})) for p in sorted(view)]
   groups = sorted({r["path"].split("/")[0] for r in rows})
   touched = [r for r in rows if r["masked"] or r["bits"] < 32]
