@@ -210,7 +210,8 @@ def main():
     plan = _plan(cc, cfg, *([act] if act is not None else []))
     built[name], state = _build(model, cfg, tx, schedule, plan, params0, batch)
     if plan.needs_calibration(list(flatten(params0))):  # activation scales start at 1.0
-      state = state.replace(cstate=plan.calibrate(apply, state.params, state.cstate, [batch]))
+      params, cstate = plan.calibrate(apply, state.params, state.cstate, [batch])
+      state = state.replace(params=params, cstate=cstate)
     fn = jax.jit(built[name].train_step, donate_argnums=(0,))  # as the harness does
     steps[name] = fn.lower(state, batch).compile()
     states[name] = state

@@ -12,9 +12,21 @@ config time, before anything is compiled or written.
         schedule=dict(kind="polynomial", begin=0, end=3000, every=100, power=3.0))
     config.compress.quant = dict(bits=8, granularity="channel", clip_ratio=1.0,
                                  pattern=QUANT_PATTERN)
-    config.compress.activations = dict(bits=8, mode="fake", int8_grads=True,
-                                       calibration_batches=8, percentile=None,
-                                       pattern=ACT_PATTERN)
+    config.compress.activations = dict(bits=8, mode="fake", int8_grads=True, format="int",
+                                       percentile=None, pattern=ACT_PATTERN)
+    config.compress.post_training = dict(
+        method="gptq",                 # rtn | gptq | awq | sparsegpt | wanda | smoothquant
+        format="int", bits=4, symmetric=True,   # int (2..8 bits) | fp8_e4m3 | fp8_e5m2 | nf4
+        granularity="group", group_size=128,    # tensor | channel | group
+        sparsity=0.5, n=0, m=0,        # sparsegpt / wanda: unstructured, or N:M when m > 0
+        joint_quant=False,             # sparsegpt: also round the kept weights to the grid
+        damp=0.01, block=128, act_order=False,  # gptq / sparsegpt
+        mode="sequential",             # sequential | parallel (statistics from the dense model)
+        alpha=0.5, act_mode="fake",    # smoothquant: migration strength, fake | int8
+        n_grid=20,                     # awq: exponents searched in [0, 1]
+        pattern=PRUNE_PATTERN,
+        rules=[])                      # [(regex, {field: value}), ...]: per-layer settings
+    config.calibration = dict(examples=128, seed=0)  # from the training split
     config.compress.distill = dict(teacher=<workdir> or "init", temperature=2.0, alpha=0.5,
                                    features=(), feature_weight=0.0, teacher_model=None)
     config.compress.export = True      # write <workdir>/export at the end (compress_finish)
@@ -35,8 +47,9 @@ from typing import Any
 import jax
 
 from mmjax import checkpointing
-from mmjax.compress import Plan, activations, distill, flatten, match_paths, pruning, quant, rules
-from mmjax.compress import structured
+from mmjax.compress import Plan, activations, distill, flatten, formats, match_paths, pruning
+from mmjax.compress import quant, rules, structured
+from mmjax.compress.post_training import awq, gptq, rtn, smoothquant, sparsegpt, wanda
 from mmjax.models import ModelConfig, MultimodalModel, random_inputs, structure
 
 # every Dense kernel of every transformer block (towers and fusion); not embeddings/head
@@ -49,14 +62,18 @@ QUANT_PATTERN = r".*"
 # are convolutions, whose inputs stay float
 ACT_PATTERN = r"(?!(image|audio)/patch_embed/).*/kernel"
 
+PT_KEYS = {"method", "format", "bits", "symmetric", "granularity", "group_size", "sparsity",
+           "n", "m", "joint_quant", "damp", "block", "act_order", "mode", "alpha", "act_mode",
+           "n_grid", "pattern", "rules"}
+PT_METHODS = ("rtn", "gptq", "awq", "sparsegpt", "wanda", "smoothquant")
 PRUNE_KEYS = {"method", "scope", "sparsity", "rules", "pattern", "n", "m", "schedule"}
 QUANT_KEYS = {"bits", "granularity", "clip_ratio", "pattern"}
 SCHEDULE_KEYS = {"kind", "begin", "end", "every", "power", "initial"}
-ACTIVATION_KEYS = {"bits", "mode", "int8_grads", "calibration_batches", "percentile",
-                   "pattern"}
+ACTIVATION_KEYS = {"bits", "mode", "int8_grads", "format", "percentile", "pattern"}
+CALIBRATION_KEYS = {"examples", "seed"}
 DISTILL_KEYS = {"teacher", "teacher_model", "temperature", "alpha", "features",
                 "feature_weight"}
-COMPRESS_KEYS = {"prune", "quant", "export", "distill", "activations"}
+COMPRESS_KEYS = {"prune", "quant", "export", "distill", "activations", "post_training"}
 
 
 def _as_dict(c):
@@ -138,7 +155,7 @@ class Frozen:
 class Compression:
   plan: Plan
   frozen: tuple = ()
-  calibration_batches: int = 0
+  calibration: tuple = ()  # (examples, seed) when the plan calibrates
   export: bool = True
   settings: dict = dataclasses.field(default_factory=dict)  # recorded in the report
 
@@ -152,17 +169,80 @@ def _activations(a: dict, shapes: dict):
                      "fake (fake-quant inputs), int8 (real int8 x int8 -> int32 matmuls).")
   if mode == "int8" and bits != 8:
     raise ValueError("config.compress.activations.mode='int8' needs bits=8.")
-  batches = int(a.get("calibration_batches", 8))
-  if batches < 1:
-    raise ValueError("config.compress.activations.calibration_batches must be >= 1.")
   p = a.get("percentile")
   if p is not None and not 50.0 <= float(p) <= 100.0:
     raise ValueError(f"config.compress.activations.percentile={p} must be in [50, 100].")
-  m = activations.inputs(bits, mode, int8_grads=bool(a.get("int8_grads", True)),
-                         percentile=None if p is None else float(p))
-  settings = dict(bits=bits, mode=mode, calibration_batches=batches, percentile=p,
+  try:
+    m = activations.inputs(bits, mode, int8_grads=bool(a.get("int8_grads", True)),
+                           percentile=None if p is None else float(p),
+                           fmt=a.get("format", "int"))
+  except ValueError as e:
+    raise ValueError(f"config.compress.activations: {e}") from None
+  settings = dict(bits=bits, mode=mode, percentile=p, format=a.get("format", "int"),
                   int8_grads=bool(a.get("int8_grads", True)))
-  return rules([(a.get("pattern") or ACT_PATTERN, m)], list(shapes)), batches, settings
+  return rules([(a.get("pattern") or ACT_PATTERN, m)], list(shapes)), settings
+
+
+def post_training_method(s: dict, where: str = "config.compress.post_training"):
+  """One post-training method from its settings (see the module docstring)."""
+  method = s.get("method", "gptq")
+  if method not in PT_METHODS:
+    raise ValueError(f"{where}.method={method!r} is unknown; valid: {', '.join(PT_METHODS)}.")
+  n_m = (int(s.get("n", 0)), int(s["m"])) if int(s.get("m", 0) or 0) else None
+  mode, damp, block = s.get("mode", "sequential"), float(s.get("damp", 0.01)), int(
+      s.get("block", 128))
+  try:
+    def grid():
+      return formats.grid(s.get("format", "int"), int(s.get("bits", 4)),
+                          symmetric=bool(s.get("symmetric", True)),
+                          granularity=s.get("granularity", "group"),
+                          group_size=int(s.get("group_size", 128)))
+    if method == "rtn":
+      return rtn.method(grid())
+    if method == "gptq":
+      return gptq.method(grid(), damp=damp, block=block, act_order=bool(s.get("act_order")),
+                         mode=mode)
+    if method == "awq":
+      return awq.method(grid(), n_grid=int(s.get("n_grid", 20)), mode=mode)
+    if method == "sparsegpt":
+      return sparsegpt.method(float(s.get("sparsity", 0.5)), n_m=n_m, damp=damp, block=block,
+                              grid=grid() if s.get("joint_quant") else None, mode=mode)
+    if method == "wanda":
+      return wanda.method(float(s.get("sparsity", 0.5)), n_m=n_m, mode=mode)
+    return smoothquant.method(float(s.get("alpha", 0.5)), mode=s.get("act_mode", "fake"))
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+
+
+def _post_training(p: dict, shapes: dict):
+  _check_keys(p, PT_KEYS, "config.compress.post_training")
+  paths = sorted(shapes)
+  pairs = [tuple(r) for r in (p.get("rules") or [])]
+  if not pairs:
+    return rules([(p.get("pattern", PRUNE_PATTERN), post_training_method(p))], paths)
+  built = []
+  for i, (pattern, over) in enumerate(pairs):
+    over = _as_dict(over)
+    where = f"config.compress.post_training.rules[{i}] ({pattern!r})"
+    _check_keys(over, PT_KEYS - {"rules", "pattern"}, where)
+    m = post_training_method({**p, **over}, where)
+    built.append((pattern, m.renamed(f"{m.name}_rule{i}")))
+  return rules(built, paths)
+
+
+def calibration_of(config):
+  c = _as_dict(config.get("calibration"))
+  _check_keys(c, CALIBRATION_KEYS, "config.calibration")
+  examples = c.get("examples", 128)
+  if not isinstance(examples, int) or examples < 1:
+    raise ValueError(f"config.calibration.examples={examples!r} must be a positive integer "
+                     "(training examples the calibrating methods see; 128 is the default).")
+  batch = int(config.data.batch_size)
+  if examples % batch:
+    raise ValueError(f"config.calibration.examples={examples} is not a multiple of "
+                     f"config.data.batch_size={batch}; use {max(batch, examples // batch * batch)}"
+                     " or change the batch size.")
+  return examples, int(c.get("seed", 0))
 
 
 def _teacher_run_dir(config, teacher):
@@ -219,20 +299,27 @@ def build(config, model_cfg: ModelConfig) -> Compression:
   c = _as_dict(config.get("compress"))
   _check_keys(c, COMPRESS_KEYS, "config.compress")
   shapes = param_shapes(model_cfg)
-  parts, frozen, batches, settings = [], [], 0, {}
+  parts, frozen, settings = [], [], {}
   if c.get("prune"):
     parts.append(_prune(_as_dict(c["prune"]), shapes, model_cfg.num_heads))
   if c.get("quant"):
     parts.append(_quant(_as_dict(c["quant"]), shapes))
+  if c.get("post_training"):
+    parts.append(_post_training(_as_dict(c["post_training"]), shapes))
+    settings["post_training"] = _as_dict(c["post_training"])
   if c.get("activations"):
-    part, batches, settings["activations"] = _activations(_as_dict(c["activations"]), shapes)
+    part, settings["activations"] = _activations(_as_dict(c["activations"]), shapes)
     parts.append(part)
   if c.get("distill"):
     method, teacher = _distill(config, _as_dict(c["distill"]))
     parts.append(method)
     frozen.append(teacher)
   plan = Plan(*parts).check(shapes)
-  return Compression(plan, tuple(frozen), batches, bool(c.get("export", True)), settings)
+  calibration = ()
+  if plan.needs_calibration(list(shapes)):
+    calibration = calibration_of(config)
+    settings["calibration"] = dict(examples=calibration[0], seed=calibration[1])
+  return Compression(plan, tuple(frozen), calibration, bool(c.get("export", True)), settings)
 
 
 def abstract_params(model_cfg: ModelConfig):

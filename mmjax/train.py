@@ -139,7 +139,12 @@ def validate(config, plan=None) -> Setup:
   pipeline._prep_fn(input_cfg)  # modality / adapter checks
   compression = compress_config.build(config, model_cfg)
   if plan is not None:
-    compression = dataclasses.replace(compression, plan=plan.check(param_shapes(model_cfg)))
+    shapes = param_shapes(model_cfg)
+    compression = dataclasses.replace(
+        compression, plan=plan.check(shapes), calibration=compress_config.calibration_of(
+            config) if plan.needs_calibration(list(shapes)) else ())
+  if compression.calibration:
+    check_calibration_size(compression.calibration[0], input_cfg)
   return Setup(model_cfg, input_cfg, mesh, int(t.steps), compression)
 
 
@@ -157,17 +162,38 @@ def check_workdir(workdir: str):
                      "can write to.") from None
 
 
+def check_calibration_size(examples: int, input_cfg, prepared_only: bool = True):
+  """config.calibration.examples must fit in the training split (checked at config time
+  when the dataset is already prepared, and again before calibrating)."""
+  if prepared_only:
+    builder = sources.get_builder(input_cfg.dataset, input_cfg.data_dir or
+                                  sources.default_data_dir())
+    if not builder.is_prepared():
+      return
+    n = builder.info.splits[input_cfg.train_split].num_examples
+  else:
+    n = len(sources.open_split(input_cfg.dataset, input_cfg.train_split, input_cfg.data_dir))
+  if examples > n:
+    raise ValueError(f"config.calibration.examples={examples} exceeds the {n} examples of "
+                     f"{input_cfg.dataset}'s {input_cfg.train_split} split; use at most {n}.")
+
+
 def _calibrate(comp, model, state, state_shd, setup, log):
   """The plan's calibration stages on a few training batches, read by a separate iterator
   (the training order is untouched), through the compressed weights."""
-  it = pipeline.train_iterator(setup.input_cfg)
+  t0 = time.perf_counter()
+  examples, seed = comp.calibration
+  check_calibration_size(examples, setup.input_cfg, prepared_only=False)
+  it = pipeline.train_iterator(dataclasses.replace(setup.input_cfg, seed=seed))
   batches = [sharding.global_batch(model_inputs(next(it), setup.model_cfg.modalities),
                                    sharding.batch_sharding(setup.mesh))
-             for _ in range(comp.calibration_batches)]
-  cstate = comp.plan.calibrate(lambda p, b: model.apply({"params": p}, b), state.params,
-                               state.cstate, batches)
-  log(f"[compress] calibrated {comp.plan.name} on {len(batches)} batches")
-  return state.replace(cstate=jax.device_put(cstate, state_shd.cstate))
+             for _ in range(examples // setup.input_cfg.batch_size)]
+  params, cstate = comp.plan.calibrate(lambda p, b: model.apply({"params": p}, b),
+                                       state.params, state.cstate, batches)
+  log(f"[compress] calibrated {comp.plan.name} on {examples} examples ({len(batches)} "
+      f"batches, seed {seed}) in {time.perf_counter() - t0:.1f} s")
+  return state.replace(params=jax.device_put(params, state_shd.params),
+                       cstate=jax.device_put(cstate, state_shd.cstate))
 
 
 # ============================================================================ the loop

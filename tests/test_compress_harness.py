@@ -295,6 +295,38 @@ def test_ptq_without_training_and_int8_qat(procedural_dir, dense_dir, tmp_path):
   assert np.isfinite(summary["eval_loss"])
 
 
+def test_post_training_one_shot_runs(procedural_dir, dense_dir, tmp_path):
+  """GPTQ 3-bit (group 32) and SparseGPT 2:4 + 4-bit, calibrated and exported, no training."""
+  from experiments.configs import post_training
+  for arg in ("tiny,method=gptq,bits=3", "tiny,method=sparsegpt,nm=2:4,joint,parallel"):
+    workdir = str(tmp_path / arg.replace(",", "_").replace(":", ""))
+    logs = []
+    summary = train.train_and_evaluate(_cfg(post_training, arg, procedural_dir, dense_dir),
+                                       workdir, log=logs.append)
+    assert summary["step"] == 0 and np.isfinite(summary["eval_loss"])
+    assert any("calibrated" in l and "128 examples" in l for l in logs), logs
+    report = json.load(open(os.path.join(workdir, "compression_report.json")))
+    blocks = [r for r in report["leaves"] if "/block_" in r["path"] and
+              r["path"].endswith("kernel")]
+    assert blocks and all(r["bits"] == (3 if "gptq" in arg else 4) for r in blocks)
+    if "sparsegpt" in arg:
+      assert all(abs(r["sparsity"] - 0.5) < 0.01 and r["n_m"] == [2, 4] for r in blocks)
+    assert report["post_training"]["method"] in arg and report["calibration"]["examples"] == 128
+    assert os.path.isdir(os.path.join(workdir, "export"))
+
+
+@pytest.mark.parametrize("examples, needle", [(10 ** 7, "exceeds the"),
+                                              (100, "not a multiple of")])
+def test_bad_calibration_size_fails_before_any_work(procedural_dir, dense_dir, tmp_path,
+                                                    examples, needle):
+  from experiments.configs import post_training
+  c = _cfg(post_training, "tiny", procedural_dir, dense_dir)
+  c.calibration.examples = examples
+  with pytest.raises(ValueError, match=needle):
+    train.train_and_evaluate(c, str(tmp_path / "w"), log=_quiet)
+  assert not (tmp_path / "w").exists()
+
+
 def test_readme_user_transform_runs_through_the_harness(procedural_dir, tmp_path):
   """The README's "How to add a transform" example, on the tiny config."""
   import jax.numpy as jnp

@@ -39,9 +39,30 @@ ACTIVATIONS = {
     "bits": ("8", 8),
     "mode": ("int8", "int8"),
     "int8_grads": ("false", False),
-    "calibration_batches": ("4", 4),
+    "format": ("fp8_e4m3", "fp8_e4m3"),
     "percentile": ("99.9", 99.9),
     "pattern": (r"text/.*/kernel", r"text/.*/kernel"),
+}
+POST_TRAINING = {
+    "method": ("sparsegpt", "sparsegpt"),
+    "format": ("nf4", "nf4"),
+    "bits": ("3", 3),
+    "symmetric": ("false", False),
+    "granularity": ("channel", "channel"),
+    "group_size": ("64", 64),
+    "sparsity": ("0.7", 0.7),
+    "n": ("2", 2),
+    "m": ("4", 4),
+    "joint_quant": ("true", True),
+    "damp": ("0.1", 0.1),
+    "block": ("64", 64),
+    "act_order": ("true", True),
+    "mode": ("parallel", "parallel"),
+    "alpha": ("0.8", 0.8),
+    "act_mode": ("int8", "int8"),
+    "n_grid": ("10", 10),
+    "pattern": (r"image/.*/kernel", r"image/.*/kernel"),
+    "rules": ("(('image/.*', {'bits': 3}),)", (("image/.*", {"bits": 3}),)),
 }
 DISTILL = {
     "teacher": ("/tmp/teacher_run", "/tmp/teacher_run"),
@@ -58,6 +79,8 @@ COMMON = {
     "data.data_dir": ("/tmp/tfds", "/tmp/tfds"),
     "optimizer.lr": ("1e-3", 1e-3),
     "train.steps": ("7", 7),
+    "calibration.examples": ("256", 256),
+    "calibration.seed": ("1", 1),
 }
 
 
@@ -78,6 +101,9 @@ CASES = {
     "ptq.py:tiny": {**_fields("compress.quant", QUANT),
                     **_fields("compress.activations", ACTIVATIONS)},
     "ptq.py:tiny,percentile=99.5": _fields("compress.activations", ACTIVATIONS),
+    "post_training.py:tiny": _fields("compress.post_training", POST_TRAINING),
+    "post_training.py:tiny,w8a8": {**_fields("compress.post_training", POST_TRAINING),
+                                   **_fields("compress.activations", ACTIVATIONS)},
     "prune_qat.py:tiny": {**_fields("compress.prune", PRUNE),
                           **_fields("compress.quant", QUANT)},
     "distill.py:tiny": {**_fields("compress.distill", DISTILL),

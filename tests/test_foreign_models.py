@@ -137,7 +137,8 @@ def test_foreign_model_gets_the_whole_kit(name, tmp_path):
   student = jax.tree.map(jnp.copy, teacher.params)  # its own buffers: the step donates them
   state = steps.init(student, jax.random.PRNGKey(1), {"x": x[:2]}, frozen)
   calib = [{"x": x[i:i + 32]} for i in range(0, 128, 32)]
-  state = state.replace(cstate=plan.calibrate(fwd, state.params, state.cstate, calib))
+  params, cstate = plan.calibrate(fwd, state.params, state.cstate, calib)
+  state = state.replace(params=params, cstate=cstate)
   state, losses = _train(steps, state, _batches(x, y, 48, seed=2), frozen)
 
   assert np.mean(losses[20:23]) > np.mean(losses[-3:])  # it recovers once the ramp ends

@@ -57,6 +57,8 @@ def base_config(*, tiny: bool, modalities=None) -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=False)
   c.init = config_dict.placeholder(str)
   c.compress = ml_collections.ConfigDict()
+  # examples of the training split that calibrating methods see (first of a shuffle by seed)
+  c.calibration = dict(examples=128, seed=0)
   return c
 
 
@@ -83,10 +85,18 @@ def quant(**kw) -> dict:
 
 def activations(**kw) -> dict:
   """percentile: None clips at max|x|; a typed placeholder so that a flag can set a float."""
-  out = {**dict(bits=8, mode="fake", int8_grads=True, calibration_batches=8, percentile=None,
+  out = {**dict(bits=8, mode="fake", int8_grads=True, format="int", percentile=None,
                 pattern=ACT_PATTERN), **kw}
   out["percentile"] = config_dict.FieldReference(out["percentile"], field_type=float)
   return out
+
+
+def post_training(**kw) -> dict:
+  """Every field of config.compress.post_training (mmjax/compress_config.py)."""
+  return {**dict(method="gptq", format="int", bits=4, symmetric=True, granularity="group",
+                 group_size=128, sparsity=0.5, n=0, m=0, joint_quant=False, damp=0.01,
+                 block=128, act_order=False, mode="sequential", alpha=0.5, act_mode="fake",
+                 n_grid=20, pattern=PRUNE_PATTERN, rules=()), **kw}
 
 
 def distill(**kw) -> dict:

@@ -17,4 +17,5 @@ def get_config(arg=None):
   c.compress.quant = quant()
   c.compress.activations = activations(mode="int8" if args.get("int8") else "fake",
                                        percentile=args.get("percentile"))
+  c.calibration.examples = 8 * c.data.batch_size  # 8 batches, as published
   return c

@@ -24,7 +24,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from mmjax.compress import intercept, quant
+from mmjax.compress import formats, intercept, quant
 from mmjax.compress.core import Method
 
 MODES = ("fake", "int8")
@@ -176,10 +176,16 @@ def fake_quant_input(x, scale, bits):
   return quant.fake_quant_with_scale(x, scale, bits)
 
 
-def rewriter(scales: dict, bits: int = 8, mode: str = "fake", int8_grads: bool = True):
-  """The product rewrite for `intercept.dots`: fake-quant inputs, or int8 products."""
+def rewriter(scales: dict, bits: int = 8, mode: str = "fake", int8_grads: bool = True,
+             fmt: str = "int"):
+  """The product rewrite for `intercept.dots`: fake-quant inputs (an integer grid or fp8),
+  or int8 products."""
+  fp8 = formats.grid(fmt) if fmt != "int" else None
+
   def rewrite(d: intercept.Dot):
     s = scales[d.path]
+    if fp8 is not None:
+      return d.bind(fp8.fake(d.x, s, 0.0), d.w)
     if mode == "fake":
       return d.bind(fake_quant_input(d.x, s, bits), d.w)
     if _is_plain_matmul(d):
@@ -191,14 +197,16 @@ def rewriter(scales: dict, bits: int = 8, mode: str = "fake", int8_grads: bool =
 
 
 def apply_quantized(apply_fn, scales: dict, bits: int = 8, mode: str = "fake",
-                    int8_grads: bool = True):
+                    int8_grads: bool = True, fmt: str = "int"):
   """`apply_fn` with the inputs of the products consuming `scales`' paths quantized: what
   an exported model runs (`export.load_activation_scales` gives the scales)."""
-  return intercept.dots(apply_fn, list(scales), rewriter(scales, bits, mode, int8_grads))
+  return intercept.dots(apply_fn, list(scales), rewriter(scales, bits, mode, int8_grads, fmt))
 
 
-def scales_from_amax(amax: dict, bits: int = 8) -> dict:
-  return {k: jnp.float32(max(v, 1e-8) / quant.qmax(bits)) for k, v in amax.items()}
+def scales_from_amax(amax: dict, bits: int = 8, fmt: str = "int") -> dict:
+  top = quant.qmax(bits) if fmt == "int" else float(jnp.finfo(
+      getattr(jnp, formats._FP8[fmt])).max)
+  return {k: jnp.float32(max(v, 1e-8) / top) for k, v in amax.items()}
 
 
 def calibrate(apply_fn, params, batches, paths, percentile: float | None = None) -> dict:
@@ -218,10 +226,23 @@ def calibrate(apply_fn, params, batches, paths, percentile: float | None = None)
   return amax
 
 
+FORMATS = ("int", "fp8_e4m3", "fp8_e5m2")
+
+
 def inputs(bits: int = 8, mode: str = "fake", *, int8_grads: bool = True,
-           percentile: float | None = None, name: str | None = None) -> Method:
-  """Quantize the inputs of the products that consume the rule's weights (calibrated)."""
+           percentile: float | None = None, fmt: str = "int",
+           name: str | None = None) -> Method:
+  """Quantize the inputs of the products that consume the rule's weights (calibrated):
+  `fmt="int"` to `bits`-wide integers, or to fp8 ("fp8_e4m3", "fp8_e5m2"; fake-quant, one
+  per-tensor scale amax / fp8 max)."""
   quant.check_bits(bits, "activation bits")
+  if fmt not in FORMATS:
+    raise ValueError(f"activation format={fmt!r} is unknown; valid: {', '.join(FORMATS)}.")
+  if fmt != "int":
+    formats.grid(fmt)  # the backend can represent it
+    if mode != "fake":
+      raise ValueError(f"activation format {fmt} runs as fake-quant only (mode='fake'); the "
+                       "real integer path is int8.")
   if mode not in MODES:
     raise ValueError(f"activation quantization mode={mode!r} is unknown; valid: fake (fake-"
                      "quant inputs), int8 (real int8 x int8 -> int32 matmuls).")
@@ -234,15 +255,16 @@ def inputs(bits: int = 8, mode: str = "fake", *, int8_grads: bool = True,
     return {p: jnp.float32(1.0) for p in flat}
 
   def wrap(apply_fn, state, paths):
-    return intercept.dots(apply_fn, paths, rewriter(state, bits, mode, int8_grads),
+    return intercept.dots(apply_fn, paths, rewriter(state, bits, mode, int8_grads, fmt),
                           f"activation quantization {name or ''}".strip())
 
-  def calibrate_stage(state, calib):
+  def calibrate_stage(flat, state, calib):
     amax = calibrate(calib.apply_fn, calib.params, calib.batches, calib.paths, percentile)
-    return scales_from_amax(amax, bits)
+    return flat, scales_from_amax(amax, bits, fmt)
 
   def describe(flat, state):
-    return {p: {"act_scale": state[p], "act_bits": bits, "act_mode": mode} for p in flat}
+    return {p: {"act_scale": state[p], "act_bits": bits if fmt == "int" else 8,
+                "act_mode": mode, "act_format": fmt} for p in flat}
 
-  return Method(name or f"act{bits}_{mode}", init=init, wrap=wrap, calibrate=calibrate_stage,
+  return Method(name or (f"act{bits}_{mode}" if fmt == "int" else f"act_{fmt}"), init=init, wrap=wrap, calibrate=calibrate_stage,
                 describe=describe)

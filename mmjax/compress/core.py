@@ -18,9 +18,10 @@ dataclasses) and keeps its state as a pytree. Each stage is a place in a trainin
                                              after each optimizer step (`step` = steps
                                              taken) and once at step 0: schedules advance,
                                              masks are recomputed and applied
-  calibrate(state, calib: Calibration) -> state
-                                             statistics from batches handed in (activation
-                                             ranges; Hessians and norms for post-training)
+  calibrate(leaves, state, calib: Calibration) -> (leaves, state)
+                                             from batches handed in: statistics (activation
+                                             ranges) and, for post-training methods (GPTQ,
+                                             SparseGPT, AWQ, ...), new weights
   describe(leaves, state) -> {path: info}    what each leaf became, for the report and the
                                              export: `mask`, `n_m`, `codes` (+ `bits`,
                                              `scale_axes`, `clip_ratio`), `act_scale`,
@@ -362,19 +363,22 @@ class Plan:
     return any(e.method.calibrate is not None for e in self.entries(paths))
 
   def calibrate(self, apply_fn, params, state, batches):
-    """Each calibrating method in order, through the weights' view and the activation
-    stages of the methods before it."""
-    paths = list(flatten(params))
-    view = self.view(params, state)
+    """-> (params, state): each calibrating method in order, seeing the weights' view and
+    the activation stages of the methods before it, and the weights the methods before it
+    produced (a post-training method after pruning calibrates on the pruned model)."""
+    flat = flatten(params)
     state = dict(state)
     fn = apply_fn
-    for e in self.entries(paths):
+    for e in self.entries(list(flat)):
       if e.method.calibrate is not None:
-        state[e.method.name] = e.method.calibrate(
-            state[e.method.name], Calibration(fn, view, tuple(batches), e.paths))
+        view = jax.jit(self.view)(unflatten(flat, params), state)
+        new, state[e.method.name] = e.method.calibrate(
+            _sub(flat, e.paths), state[e.method.name],
+            Calibration(fn, view, tuple(batches), e.paths))
+        flat = {**flat, **new}
       if e.method.wrap is not None:
         fn = e.method.wrap(fn, state[e.method.name], e.paths)
-    return state
+    return unflatten(flat, params), state
 
   def describe(self, params, state) -> dict:
     """{path: info} merged over methods (views composed in order, as the forward sees)."""

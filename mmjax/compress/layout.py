@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 
+import jax.numpy as jnp
+
 FLAX_ATTENTION = {r".*/(query|key|value)/kernel": (0,), r".*/out/kernel": (0, 1)}
 
 
@@ -45,3 +47,22 @@ def check(spec, shapes: dict, what: str):
       raise ValueError(f"{what}: contraction axes {tuple(raw)} do not fit {path} of shape "
                        f"{tuple(shape)} (valid: distinct axes in -{ndim}..{ndim - 1}, leaving "
                        "at least one output axis).")
+
+
+def to_matrix(w, contract: tuple):
+  """w -> [K, N]: the contracted axes (ascending) flattened into rows, the rest into
+  columns. The post-training methods work on this view: row i is input feature i, in the
+  order the calibration statistics (`post_training.stats`) use."""
+  out = [a for a in range(w.ndim) if a not in contract]
+  k = 1
+  for a in contract:
+    k *= w.shape[a]
+  return jnp.transpose(w, tuple(contract) + tuple(out)).reshape(k, -1)
+
+
+def from_matrix(m, shape: tuple, contract: tuple):
+  """The inverse of `to_matrix` for a kernel of `shape`."""
+  out = [a for a in range(len(shape)) if a not in contract]
+  order = tuple(contract) + tuple(out)
+  t = m.reshape(tuple(shape[a] for a in order))
+  return jnp.transpose(t, tuple(order.index(a) for a in range(len(shape))))

@@ -1,0 +1,52 @@
+"""One-shot post-training compression of the dense run (train.steps=0): calibrate on
+config.calibration.examples training examples, compress, evaluate, export. No fine-tuning.
+
+  method=   rtn | gptq | awq | sparsegpt | wanda | smoothquant      (default gptq)
+  bits=     2..8 integer weights (default 4); group=<g> groups of g inputs, group=0 per
+            output channel (default 128)
+  format=   int | nf4 | fp8_e4m3 | fp8_e5m2 weights
+  sparsity= for sparsegpt / wanda (default 0.5); nm=2:4 for N:M instead
+  joint     sparsegpt: round the kept weights to the grid in the same pass
+  w8a8      also quantize every compressed layer's input to int8 (per tensor, calibrated);
+            with format=fp8_e4m3 the inputs go to fp8 e4m3 instead
+  parallel  every statistic from the dense model (default: sequential, block by block)
+  act_order GPTQ in order of decreasing Hessian diagonal
+  alpha=    SmoothQuant's migration strength (default 0.5); int8 runs its products as
+            real int8 x int8 -> int32
+
+Reproduce (after the dense run), e.g.:
+  ./launch.sh train --config=experiments/configs/post_training.py:method=gptq,bits=3 \\
+      --workdir=workdirs/pt_gptq_w3g128
+  ./launch.sh train --config=experiments/configs/post_training.py:method=sparsegpt,nm=2:4,joint
+"""
+from experiments.configs.common import activations, finetune_config, parse_arg, post_training
+from mmjax.compress_config import PRUNE_PATTERN
+
+
+def _nm(text: str) -> tuple:
+  n, sep, m = text.partition(":")
+  if not sep or not (n.isdigit() and m.isdigit()):
+    raise ValueError(f"config argument nm={text!r} must look like 2:4.")
+  return int(n), int(m)
+
+
+def get_config(arg=None):
+  args = parse_arg(arg, valid=("tiny", "joint", "w8a8", "parallel", "act_order", "int8"),
+                   values={"method": str, "bits": int, "group": int, "format": str,
+                           "sparsity": float, "nm": _nm, "alpha": float})
+  c = finetune_config(args)
+  c.train.steps = 0
+  group = args.get("group", 32 if args.get("tiny") else 128)  # tiny's kernels: 32, 64 inputs
+  n, m = args.get("nm", (0, 0))
+  fmt = args.get("format", "int")
+  c.compress.post_training = post_training(
+      method=args.get("method", "gptq"), format=fmt, bits=args.get("bits", 4),
+      granularity="group" if group else "channel", group_size=group or 128,
+      sparsity=args.get("sparsity", 0.5), n=n, m=m, joint_quant=bool(args.get("joint")),
+      act_order=bool(args.get("act_order")),
+      mode="parallel" if args.get("parallel") else "sequential",
+      alpha=args.get("alpha", 0.5), act_mode="int8" if args.get("int8") else "fake")
+  if args.get("w8a8"):
+    c.compress.activations = activations(
+        pattern=PRUNE_PATTERN, format=fmt if fmt.startswith("fp8") else "int")
+  return c

@@ -1,0 +1,27 @@
+"""GPTQ (Frantar et al. 2023): round to a grid one input row at a time, spreading each
+row's rounding error over the rows not yet rounded through the inverse Hessian (`obs`)."""
+from __future__ import annotations
+
+from mmjax.compress.formats import Grid
+from mmjax.compress.post_training import method as pt
+from mmjax.compress.post_training import obs
+
+
+def check_damp(damp):
+  if not 0.0 < float(damp) < 10.0:
+    raise ValueError(f"Hessian damping damp={damp} must be in (0, 10) (a fraction of the "
+                     "mean diagonal; 0.01 is the papers' default).")
+  return float(damp)
+
+
+def method(grid: Grid, *, damp: float = 0.01, block: int = 128, act_order: bool = False,
+           mode: str = "sequential", contract=None, group_by: str = pt.GROUP_BY,
+           name: str | None = None):
+  damp = check_damp(damp)
+
+  def solve(path, w, st):
+    r = obs.solve(w, st["gram"], grid=grid, damp=damp, block=block, act_order=act_order)
+    return pt.Solved(r.w, scale=r.scale, zero=r.zero, ok=r.ok)
+
+  return pt.build(name or f"gptq_{grid.name}", solve, ("gram",), grid=grid, mode=mode,
+                  contract=contract, group_by=group_by, damp=damp)

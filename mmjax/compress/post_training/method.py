@@ -1,0 +1,232 @@
+"""One `Method` shape for every post-training method: calibrate once, then an ordinary
+parameter tree plus masks and grid metadata, which fine-tunes and exports like any other.
+
+A method here is a `solve(path, w [K, N], stats) -> Solved` on each selected kernel's
+matrix view (`layout.to_matrix`) and the statistics it asks for (`stats.STATS`). This
+module turns it into a `Method`:
+
+  calibrate   statistics of the batches, the kernels solved, the new weights written into
+              the parameters (what a later fine-tuning step starts from)
+  view        with a grid: the weights rounded to it with the fixed scales the solver chose
+              (straight-through gradients); idempotent on the solved weights
+  update      with masks: the weights masked at step 0 and after every optimizer step, as
+              in `pruning` (fine-tuning keeps the sparsity)
+  describe    mask / N:M for the report, the grid's format, bits and bytes
+
+Calibration modes, as in the GPTQ and SparseGPT papers:
+  sequential  kernels are solved block by block in the order the forward consumes them;
+              each block's statistics come from the forward with every earlier block
+              already compressed (one compiled statistics program; each pass computes only
+              the active block's statistics, under `lax.cond`)
+  parallel    every statistic from the dense forward, one pass (faster; errors of earlier
+              layers are not seen by later ones)
+A block is what `group_by` (a regex, its first group the block's name) gives: by default
+the prefix up to `block_NN` / `layer_NN` / `layers_N`; other paths are blocks of their own.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from mmjax.compress import intercept, layout
+from mmjax.compress.core import Method, flatten, unflatten
+from mmjax.compress.formats import Grid
+from mmjax.compress.post_training import stats as statistics
+from mmjax.compress.pruning import apply_masks
+
+MODES = ("sequential", "parallel")
+GROUP_BY = r"(.*?(?:[Bb]lock|[Ll]ayers?)_?\d+)/.*"
+
+
+class Solved(NamedTuple):
+  w: jax.Array                    # [K, N] the new weights (what the layer computes with)
+  mask: Optional[jax.Array] = None  # [K, N] bool kept
+  scale: Optional[jax.Array] = None  # [G, N] grid scales (of diag(in_scale) W)
+  zero: Optional[jax.Array] = None
+  in_scale: Optional[jax.Array] = None  # [K] AWQ's per-input scales (ones otherwise)
+  ok: Optional[jax.Array] = None  # False: the damped Hessian was not positive definite
+
+
+def blocks(order, group_by: str = GROUP_BY):
+  """Paths in forward order -> [[paths of block 1], [block 2], ...] in first-use order."""
+  rx = re.compile(group_by)
+  out, index = [], {}
+  for p in order:
+    m = rx.fullmatch(p)
+    key = m.group(1) if m else p
+    if key not in index:
+      index[key] = len(out)
+      out.append([])
+    out[index[key]].append(p)
+  return out
+
+
+def _gated_program(apply_fn, paths, wanted, contract_of):
+  """-> (jitted f(params, batch, active {path: bool}) -> {path: stats}, order): the
+  statistics of the active paths (the others zero, not computed), and the paths in the
+  order the forward consumes them (filled when f is first traced)."""
+  order = []
+
+  def f(params, batch, active):
+    def stat(d: intercept.Dot):
+      x = statistics.rows(d, contract_of(d.path, d.w.ndim))
+      compute = lambda x: statistics._of(x, wanted)
+      zeros = lambda x: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                     jax.eval_shape(compute, x))
+      return jax.lax.cond(active[d.path], compute, zeros, x)
+
+    seen = intercept.observe(apply_fn, list(paths), stat)(params, batch)
+    order[:] = list(seen)
+    out = {}
+    for path, uses in seen.items():
+      acc = uses[0]
+      for u in uses[1:]:
+        acc = statistics._merge(acc, u)
+      out[path] = acc
+    return out
+
+  return jax.jit(f), order
+
+
+def calibrate_kernels(calib, flat, solve: Callable, wanted, mode: str, contract=None,
+                      group_by: str = GROUP_BY, log=None):
+  """-> {path: (w [K, N] solved, Solved)} for `calib.paths`, in sequential or parallel
+  mode. `flat` holds the method's master weights (solved from), `calib.params` the view
+  the forward computes with."""
+  contract_of = lambda path, ndim: layout.contract_axes(contract, path, ndim)
+  paths = list(calib.paths)
+  if not calib.batches:
+    raise ValueError("post-training calibration needs at least one batch.")
+  f, order = _gated_program(calib.apply_fn, paths, wanted, contract_of)
+  params = flatten(calib.params)
+  done = {}
+
+  def stats_of(active_paths):
+    active = {p: jnp.asarray(p in active_paths) for p in paths}
+    total = None
+    for batch in calib.batches:
+      s = f(unflatten(params, calib.params), batch, active)
+      total = s if total is None else {p: statistics._merge(total[p], s[p]) for p in s}
+    return statistics.finish({p: total[p] for p in active_paths})
+
+  def solve_block(block_paths, st):
+    for p in block_paths:
+      w = flat[p]
+      axes = contract_of(p, w.ndim)
+      res = solve(p, layout.to_matrix(w, axes), st[p])
+      done[p] = res
+      params[p] = layout.from_matrix(res.w, w.shape, axes).astype(w.dtype)
+
+  if mode == "parallel":
+    solve_block(paths, stats_of(paths))
+  else:
+    if not order:  # trace once to learn the order the forward consumes the kernels
+      jax.eval_shape(f, unflatten(params, calib.params), calib.batches[0],
+                     {p: jnp.asarray(True) for p in paths})
+    for block in blocks(list(order), group_by):
+      solve_block(block, stats_of(block))
+  return done
+
+
+def build(name: str, solve: Callable, wanted: tuple, *, grid: Optional[Grid] = None,
+          masks: bool = False, n_m: Optional[tuple] = None, mode: str = "sequential",
+          contract=None, group_by: str = GROUP_BY, damp: float | None = None,
+          in_scales: bool = False) -> Method:
+  """A post-training `Method` from a per-kernel solver (see the module docstring)."""
+  if mode not in MODES:
+    raise ValueError(f"post-training mode={mode!r} is unknown; valid: {', '.join(MODES)}.")
+  try:
+    re.compile(group_by)
+  except re.error as e:
+    raise ValueError(f"post-training group_by={group_by!r} is not a regex: {e}.") from None
+
+  def axes(path, w):
+    return layout.contract_axes(contract, path, w.ndim)
+
+  def check(shapes):
+    layout.check(contract, shapes, name)
+    for path, shape in shapes.items():
+      if len(shape) < 2:
+        raise ValueError(f"{path} has shape {tuple(shape)}: post-training methods work on "
+                         "matmul kernels; narrow the rule (e.g. '.*/kernel').")
+      k = 1
+      for a in layout.contract_axes(contract, path, len(shape)):
+        k *= shape[a]
+      if grid is not None:
+        grid.check(k, f"{path}: ")
+      if n_m and k % n_m[1]:
+        raise ValueError(f"{path}: the contraction size {k} is not divisible by M={n_m[1]} "
+                         "of N:M; narrow the rule or choose another M.")
+
+  def init(flat, rng):
+    state = {}
+    for p, w in flat.items():
+      s = {}
+      if grid is not None:
+        m = layout.to_matrix(w, axes(p, w))
+        s["scale"], s["zero"] = grid.fit(m)
+        s["in_scale"] = jnp.ones((m.shape[0],), jnp.float32)
+      if masks:
+        s["mask"] = jnp.ones(w.shape, bool)
+      state[p] = s
+    return state
+
+  def view(flat, state):
+    out = {}
+    for p, w in flat.items():
+      st, ax = state[p], axes(p, w)
+      m = layout.to_matrix(w, ax)
+      k = m.shape[0]
+      inv = st["in_scale"][:, None].astype(m.dtype)
+      q = grid.fake(m * inv, grid.expand(st["scale"], k), grid.expand(st["zero"], k)) / inv
+      out[p] = layout.from_matrix(q, w.shape, ax).astype(w.dtype)
+    return out
+
+  def update(flat, state, step):
+    return apply_masks(flat, {p: s["mask"] for p, s in state.items()}), state
+
+  def calibrate(flat, state, calib):
+    solved = calibrate_kernels(calib, flat, solve, wanted, mode, contract, group_by)
+    new_flat, new_state = {}, {}
+    for p, w in flat.items():
+      res, ax = solved[p], axes(p, w)
+      if res.ok is not None and not bool(res.ok):
+        raise ValueError(f"{name}: the Hessian of {p} is not positive definite even with "
+                         f"damping {damp}; raise the damping (e.g. damp={10 * (damp or 0.01):g})"
+                         " or give more calibration examples.")
+      s = dict(state[p])
+      if grid is not None:
+        s["scale"], s["zero"] = res.scale, res.zero
+        s["in_scale"] = (res.in_scale if res.in_scale is not None
+                         else jnp.ones((res.w.shape[0],), jnp.float32)).astype(jnp.float32)
+      if masks:
+        s["mask"] = layout.from_matrix(res.mask, w.shape, ax)
+      new_state[p] = s
+      new_flat[p] = layout.from_matrix(res.w, w.shape, ax).astype(w.dtype)
+    return new_flat, new_state
+
+  def describe(flat, state):
+    out = {}
+    for p, w in flat.items():
+      d = {}
+      if masks:
+        d["mask"] = state[p]["mask"]
+        if n_m:
+          d["n_m"] = tuple(n_m)
+      if grid is not None:
+        k = layout.to_matrix(w, axes(p, w)).shape[0]
+        kept = w.size if not masks else jnp.sum(state[p]["mask"])
+        nbytes = grid.nbytes(k, w.size // k) - w.size * grid.code_bits / 8
+        nbytes += kept * grid.code_bits / 8 + (-(-w.size // 8) if masks else 0)
+        if in_scales:  # AWQ's per-input scales, fp32
+          nbytes += 4 * k
+        d.update(codes="grid", format=grid.name, bits=grid.code_bits, bytes=nbytes)
+      out[p] = d
+    return out
+
+  return Method(name, init=init, view=view if grid is not None else None,
+                update=update if masks else None, calibrate=calibrate, describe=describe,
+                check=check)
