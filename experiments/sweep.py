@@ -67,6 +67,9 @@ _RUNS = flags.DEFINE_string("runs", "*", "comma-separated suite names or globs "
 _SEEDS = flags.DEFINE_integer("seeds", 3, "seeds per run (0 .. seeds-1), >= 1")
 _DIR = flags.DEFINE_string("sweep_dir", "workdirs/sweep", "where the runs' workdirs go")
 _DATA = flags.DEFINE_string("data_dir", None, "dataset directory (default: the configs')")
+_DATASET = flags.DEFINE_string("dataset", None, "every run's config.data.dataset (default: "
+                               "the configs', mm_arith/procedural); e.g. mm_arith/real, in a "
+                               "sweep_dir of its own")
 _TINY = flags.DEFINE_bool("tiny", False, "the configs' tiny variants (tests, smoke runs)")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "no training: tabulate what is there")
 _CACHE = flags.DEFINE_string("compile_cache", "<sweep_dir>/jax_cache",
@@ -93,7 +96,8 @@ def select(patterns: str) -> list:
   return [n for n in SUITE if n in chosen]
 
 
-def build_config(name: str, seed: int, sweep_dir: str, tiny: bool, data_dir: str | None):
+def build_config(name: str, seed: int, sweep_dir: str, tiny: bool, data_dir: str | None,
+                 dataset: str | None = None):
   from experiments.configs.common import DENSE_WORKDIR
   spec = SUITE[name]
   module, _, arg = spec.partition(":")
@@ -102,6 +106,8 @@ def build_config(name: str, seed: int, sweep_dir: str, tiny: bool, data_dir: str
   config.seed = seed
   if data_dir:
     config.data.data_dir = data_dir
+  if dataset:
+    config.data.dataset = dataset
   dense_dir = run_dir(sweep_dir, "dense", seed)
   if config.get("init") == DENSE_WORKDIR:
     config.init = dense_dir
@@ -130,7 +136,7 @@ def enable_compile_cache(path: str):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def run_all(names, seeds, sweep_dir, tiny, data_dir, log=print, adjust=None):
+def run_all(names, seeds, sweep_dir, tiny, data_dir, log=print, adjust=None, dataset=None):
   """Train every (name, seed) not yet complete; `adjust(config)` edits each config last."""
   from mmjax import train
   # seed-major: a complete one-seed table exists after the first pass over the suite
@@ -143,7 +149,7 @@ def run_all(names, seeds, sweep_dir, tiny, data_dir, log=print, adjust=None):
       continue
     log(f"[sweep {i}/{len(todo)}] {name} seed {seed} ({SUITE[name]}) -> {workdir} "
         f"[{time.perf_counter() - t0:.0f} s into this sweep]")
-    config = build_config(name, seed, sweep_dir, tiny, data_dir)
+    config = build_config(name, seed, sweep_dir, tiny, data_dir, dataset)
     if adjust is not None:
       adjust(config)
     os.makedirs(os.path.dirname(workdir), exist_ok=True)
@@ -194,7 +200,8 @@ def main(argv):
     names = select(_RUNS.value)
     if not _REPORT_ONLY.value:
       enable_compile_cache(_CACHE.value.replace("<sweep_dir>", _DIR.value))
-      run_all(names, _SEEDS.value, _DIR.value, _TINY.value, _DATA.value)
+      run_all(names, _SEEDS.value, _DIR.value, _TINY.value, _DATA.value,
+              dataset=_DATASET.value)
     report(names, _SEEDS.value, _DIR.value)
     if _PUBLISH.value:
       from experiments import results

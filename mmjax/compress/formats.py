@@ -169,11 +169,20 @@ class Grid:
   def fake(self, x, scale, zero):
     """`round` with the identity gradient (straight through), for fine-tuning."""
     scale, zero = jax.lax.stop_gradient(scale), jax.lax.stop_gradient(zero)
-    return x + jax.lax.stop_gradient(self.round(x, scale, zero) - x)
+    # forward value exactly `round` (x - x is 0), so an export's rebuilt view is identical
+    return jax.lax.stop_gradient(self.round(x, scale, zero)) + (x - jax.lax.stop_gradient(x))
+
+  def offset(self) -> int:
+    """What makes a stored code unsigned (symmetric integer codes start at -qmax)."""
+    return 2 ** (self.bits - 1) if self.kind == "int" and self.symmetric else 0
 
   def round_matrix(self, m, scale, zero):
     k = m.shape[0]
     return self.round(m, self.expand(scale, k), self.expand(zero, k))
+
+
+def from_dict(d: dict) -> Grid:
+  return Grid(**{f.name: d[f.name] for f in dataclasses.fields(Grid)})
 
 
 def grid(kind: str = "int", bits: int = 8, *, symmetric: bool = True,

@@ -223,7 +223,11 @@ def build(name: str, solve: Callable, wanted: tuple, *, grid: Optional[Grid] = N
         nbytes += kept * grid.code_bits / 8 + (-(-w.size // 8) if masks else 0)
         if in_scales:  # AWQ's per-input scales, fp32
           nbytes += 4 * k
-        d.update(codes="grid", format=grid.name, bits=grid.code_bits, bytes=nbytes)
+        d.update(codes="grid", format=grid.name, bits=grid.code_bits, bytes=nbytes,
+                 grid=grid, scale=state[p]["scale"], zero=state[p]["zero"],
+                 contract=list(axes(p, w)))
+        if in_scales:
+          d["in_scale"] = state[p]["in_scale"]
       out[p] = d
     return out
 

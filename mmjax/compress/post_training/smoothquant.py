@@ -98,9 +98,14 @@ def method(alpha: float = 0.5, *, mode: str = "fake", int8_grads: bool = True,
   def describe(flat, state):
     out = {}
     for p, w in flat.items():
-      k = state[p]["smooth"].shape[0]
+      s = state[p]["smooth"]
+      k = s.shape[0]
+      scale, zero = W8.fit(layout.to_matrix(w, axes(p, w)) * s[:, None])
+      # the export stores the weights (codes of diag(s) W, and s); the smoothed int8
+      # activations are served through the plan's wrap
       out[p] = {"codes": "grid", "format": "w8c_smoothed", "bits": 8,
-                "bytes": w.size + 4 * (w.size // k) + 4 * k, "act_bits": 8}
+                "bytes": w.size + 4 * (w.size // k) + 4 * k, "grid": W8, "scale": scale,
+                "zero": zero, "in_scale": s, "contract": list(axes(p, w))}
     return out
 
   return Method(name or f"smoothquant_{alpha:g}_{mode}", init=init, view=view, wrap=wrap,

@@ -1,0 +1,84 @@
+"""Weight-only low-bit inference from an export: the products that consume a post-training
+grid's weights compute from the stored codes (4-bit codes two per byte, fp8 bytes, group
+scales, zero points), unpacked and dequantized inside the jitted program, so the model's
+weights stay at their stored width in memory and the dense copy exists only per product.
+
+  served = lowbit.weight_only(apply_fn, export.load_grid_codes(dir))
+  logits = jax.jit(served)(params, codes, x)  # params: the export's other leaves
+
+`params` must still hold every leaf (the grid leaves' values are ignored: `placeholders`
+gives zeros of their shape). The result equals the fake-quant view's forward (tested).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mmjax.compress import formats, intercept, layout
+
+
+def unpack(packed, count: int, bits: int):
+  """Stored bytes -> unsigned codes (the export's layouts), in jnp."""
+  if bits == 8:
+    return packed[:count]
+  if bits == 4:
+    return jnp.stack([packed & 0xF, packed >> 4], axis=1).reshape(-1)[:count]
+  planes = jnp.unpackbits(packed, count=count * bits).reshape(count, bits)
+  return jnp.sum(planes.astype(jnp.uint16) << jnp.arange(bits, dtype=jnp.uint16),
+                 axis=1).astype(jnp.uint8)
+
+
+def dequantize(arrays: dict, meta: dict):
+  """One leaf's float weights (kernel shape) from its codes, in jnp."""
+  grid, shape, axes, count = meta["grid"], meta["shape"], meta["contract"], meta["count"]
+  k = math.prod(shape[a] for a in axes)
+  n = math.prod(shape) // k
+  u = unpack(arrays["packed"], count, grid.code_bits)
+  if arrays.get("mask") is not None:  # kept codes only: scatter into the matrix view
+    keep = layout.to_matrix(arrays["mask"], axes).reshape(-1)
+    idx = jnp.cumsum(keep) - 1
+    u = jnp.where(keep, u[jnp.clip(idx, 0, count - 1)], 0)
+  if grid.kind.startswith("fp8"):
+    codes = jax.lax.bitcast_convert_type(u, getattr(jnp, formats._FP8[grid.kind]))
+  elif grid.kind == "nf4":
+    codes = u
+  else:
+    codes = u.astype(jnp.int16) - grid.offset()
+  codes = codes.reshape(k, n)
+  w = grid.values(codes, grid.expand(arrays["scale"], k), grid.expand(arrays["zero"], k))
+  if arrays.get("in_scale") is not None:
+    w = w / arrays["in_scale"][:, None]
+  if arrays.get("mask") is not None:
+    w = jnp.where(layout.to_matrix(arrays["mask"], axes), w, 0.0)
+  return layout.from_matrix(w, shape, axes)
+
+
+def split(grid_codes: dict):
+  """`export.load_grid_codes(...)` -> (arrays: jit inputs, meta: static)."""
+  arrays, meta = {}, {}
+  for path, c in grid_codes.items():
+    arrays[path] = {k: jnp.asarray(c[k]) for k in ("packed", "scale", "zero", "in_scale",
+                                                   "mask") if c.get(k) is not None}
+    meta[path] = dict(grid=c["grid"], shape=c["shape"], contract=c["contract"],
+                      count=c["count"])
+  return arrays, meta
+
+
+def placeholders(params_flat: dict, grid_codes: dict) -> dict:
+  return {**params_flat, **{p: jnp.zeros(c["shape"], jnp.float32) for p, c in
+                            grid_codes.items()}}
+
+
+def weight_only(apply_fn, grid_codes: dict):
+  """-> f(params, arrays, *args): `apply_fn` with the grid leaves' products computed from
+  `arrays` (the first output of `split`)."""
+  _, meta = split(grid_codes)
+
+  def f(params, arrays, *args):
+    def rewrite(d: intercept.Dot):
+      w = dequantize(arrays[d.path], meta[d.path]).astype(d.w.dtype)
+      return d.bind(d.x, w)
+    return intercept.dots(apply_fn, list(meta), rewrite, "low-bit weights")(params, *args)
+  return f
