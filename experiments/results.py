@@ -16,6 +16,15 @@ README = os.path.normpath(os.path.join(RESULTS_DIR, os.pardir, os.pardir, "READM
 MARK_BEGIN, MARK_END = "<!-- sweep-results:begin -->", "<!-- sweep-results:end -->"
 
 
+def run_dir(sweep_dir, name, seed):
+  """A sweep run's workdir: <sweep_dir>/<name>/seed_<seed>."""
+  return os.path.join(os.path.abspath(sweep_dir), name, f"seed_{seed}")
+
+
+def is_complete(workdir: str) -> bool:
+  return os.path.exists(os.path.join(workdir, "summary.json"))
+
+
 def _read_json(path):
   if not os.path.exists(path):
     return None

@@ -38,6 +38,8 @@ import time
 
 from absl import app, flags
 
+from experiments.results import is_complete, run_dir  # noqa: F401 (the sweep's layout)
+
 # name -> config file[:args]; order is run order (dense first: the others start from it)
 SUITE = {
     "dense": "dense.py",
@@ -70,6 +72,14 @@ _DATA = flags.DEFINE_string("data_dir", None, "dataset directory (default: the c
 _DATASET = flags.DEFINE_string("dataset", None, "every run's config.data.dataset (default: "
                                "the configs', mm_arith/procedural); e.g. mm_arith/real, in a "
                                "sweep_dir of its own")
+_SECTION = flags.DEFINE_enum("section", "trained", ["trained", "post_training"],
+                             "trained: the suite above; post_training: the one-shot suite of "
+                             "experiments/post_training_suite.py on the dense runs")
+_CALIB_SEEDS = flags.DEFINE_integer("calib_seeds", 2, "post_training: calibration seeds per "
+                                    "dense seed, for the methods that read calibration data")
+_PT_ROWS = flags.DEFINE_string("pt_rows", "*", "post_training: rows (names or globs)")
+_TRAINED = flags.DEFINE_string("trained_results", "experiments/results/results.json",
+                               "post_training: the trained suite's results, drawn in its plot")
 _TINY = flags.DEFINE_bool("tiny", False, "the configs' tiny variants (tests, smoke runs)")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "no training: tabulate what is there")
 _CACHE = flags.DEFINE_string("compile_cache", "<sweep_dir>/jax_cache",
@@ -115,14 +125,6 @@ def build_config(name: str, seed: int, sweep_dir: str, tiny: bool, data_dir: str
   if distill and distill.get("teacher") == DENSE_WORKDIR:
     config.compress.distill.teacher = dense_dir
   return config
-
-
-def run_dir(sweep_dir, name, seed):
-  return os.path.join(os.path.abspath(sweep_dir), name, f"seed_{seed}")
-
-
-def is_complete(workdir: str) -> bool:
-  return os.path.exists(os.path.join(workdir, "summary.json"))
 
 
 def enable_compile_cache(path: str):
@@ -197,6 +199,8 @@ def main(argv):
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   try:
+    if _SECTION.value == "post_training":
+      return post_training_main()
     names = select(_RUNS.value)
     if not _REPORT_ONLY.value:
       enable_compile_cache(_CACHE.value.replace("<sweep_dir>", _DIR.value))
@@ -209,6 +213,24 @@ def main(argv):
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+
+
+def post_training_main():
+  from experiments import post_training_suite as pts
+  from experiments import results
+  if _CALIB_SEEDS.value < 1:
+    raise app.UsageError(f"--calib_seeds={_CALIB_SEEDS.value} must be >= 1.")
+  rows = pts.select(_PT_ROWS.value)
+  if not _REPORT_ONLY.value:
+    enable_compile_cache(_CACHE.value.replace("<sweep_dir>", _DIR.value))
+    run_all(["dense"], _SEEDS.value, _DIR.value, _TINY.value, _DATA.value,
+            dataset=_DATASET.value)
+    pts.run_all(rows, _SEEDS.value, _CALIB_SEEDS.value, _DIR.value, _TINY.value, _DATA.value,
+                _DATASET.value)
+  pts.report(rows, _SEEDS.value, _CALIB_SEEDS.value, _DIR.value, _DATASET.value,
+             _TRAINED.value)
+  if _PUBLISH.value:
+    pts.publish(_DIR.value, _DATASET.value or "mm_arith/procedural")
 
 
 if __name__ == "__main__":

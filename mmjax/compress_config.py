@@ -18,6 +18,8 @@ config time, before anything is compiled or written.
         method="gptq",                 # rtn | gptq | awq | sparsegpt | wanda | smoothquant
         format="int", bits=4, symmetric=True,   # int (2..8 bits) | fp8_e4m3 | fp8_e5m2 | nf4
         granularity="group", group_size=128,    # tensor | channel | group
+        ragged_groups=False,           # True: a shorter last group where group_size does not
+                                       # divide a kernel's inputs (else an error)
         sparsity=0.5, n=0, m=0,        # sparsegpt / wanda: unstructured, or N:M when m > 0
         joint_quant=False,             # sparsegpt: also round the kept weights to the grid
         damp=0.01, block=128, act_order=False,  # gptq / sparsegpt
@@ -62,7 +64,8 @@ QUANT_PATTERN = r".*"
 # are convolutions, whose inputs stay float
 ACT_PATTERN = r"(?!(image|audio)/patch_embed/).*/kernel"
 
-PT_KEYS = {"method", "format", "bits", "symmetric", "granularity", "group_size", "sparsity",
+PT_KEYS = {"method", "format", "bits", "symmetric", "granularity", "group_size",
+           "ragged_groups", "sparsity",
            "n", "m", "joint_quant", "damp", "block", "act_order", "mode", "alpha", "act_mode",
            "n_grid", "pattern", "rules"}
 PT_METHODS = ("rtn", "gptq", "awq", "sparsegpt", "wanda", "smoothquant")
@@ -183,8 +186,20 @@ def _activations(a: dict, shapes: dict):
   return rules([(a.get("pattern") or ACT_PATTERN, m)], list(shapes)), settings
 
 
-def post_training_method(s: dict, where: str = "config.compress.post_training"):
-  """One post-training method from its settings (see the module docstring)."""
+GRID_KEYS = ("format", "bits", "symmetric", "granularity", "group_size", "ragged_groups")
+
+
+def _grid(s: dict):
+  return formats.grid(s.get("format", "int"), int(s.get("bits", 4)),
+                      symmetric=bool(s.get("symmetric", True)),
+                      granularity=s.get("granularity", "group"),
+                      group_size=int(s.get("group_size", 128)),
+                      ragged=bool(s.get("ragged_groups", False)))
+
+
+def post_training_method(s: dict, where: str = "config.compress.post_training", grids=None):
+  """One post-training method from its settings (see the module docstring); `grids`
+  ({regex: Grid}) replaces the one grid the settings give: per-layer widths."""
   method = s.get("method", "gptq")
   if method not in PT_METHODS:
     raise ValueError(f"{where}.method={method!r} is unknown; valid: {', '.join(PT_METHODS)}.")
@@ -193,10 +208,7 @@ def post_training_method(s: dict, where: str = "config.compress.post_training"):
       s.get("block", 128))
   try:
     def grid():
-      return formats.grid(s.get("format", "int"), int(s.get("bits", 4)),
-                          symmetric=bool(s.get("symmetric", True)),
-                          granularity=s.get("granularity", "group"),
-                          group_size=int(s.get("group_size", 128)))
+      return grids if grids is not None else _grid(s)
     if method == "rtn":
       return rtn.method(grid())
     if method == "gptq":
@@ -220,11 +232,31 @@ def _post_training(p: dict, shapes: dict):
   pairs = [tuple(r) for r in (p.get("rules") or [])]
   if not pairs:
     return rules([(p.get("pattern", PRUNE_PATTERN), post_training_method(p))], paths)
-  built = []
+  overs = []
   for i, (pattern, over) in enumerate(pairs):
     over = _as_dict(over)
     where = f"config.compress.post_training.rules[{i}] ({pattern!r})"
     _check_keys(over, PT_KEYS - {"rules", "pattern"}, where)
+    overs.append((pattern, over, where))
+  if all(set(o) <= set(GRID_KEYS) for _, o, _ in overs):
+    # one method, a grid per rule: kernels are calibrated in the forward's order, block
+    # by block, whatever width each gets (an allocator's mixed precision)
+    grids = {}
+    for pattern, over, where in overs:
+      try:
+        grids[pattern] = _grid({**p, **over})
+      except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    for pattern, _, where in overs:
+      match_paths(pattern, paths, where)
+    union = "|".join(f"(?:{pattern})" for pattern in grids)
+    covered = set(match_paths(union, paths, "config.compress.post_training.rules"))
+    base = p.get("pattern", PRUNE_PATTERN)  # the short name, when the rules cover it all
+    base_hits = set(match_paths(base, paths, "config.compress.post_training.pattern"))
+    return rules([(base if base_hits == covered else union,
+                   post_training_method(p, grids=grids))], paths)
+  built = []
+  for i, (pattern, over, where) in enumerate(overs):
     m = post_training_method({**p, **over}, where)
     built.append((pattern, m.renamed(f"{m.name}_rule{i}")))
   return rules(built, paths)

@@ -50,6 +50,7 @@ POST_TRAINING = {
     "symmetric": ("false", False),
     "granularity": ("channel", "channel"),
     "group_size": ("64", 64),
+    "ragged_groups": ("true", True),
     "sparsity": ("0.7", 0.7),
     "n": ("2", 2),
     "m": ("4", 4),

@@ -100,6 +100,7 @@ CASES = {
     "gptq_w4_channel": dict(bits=4, block=16),
     "gptq_w3_group32_asym": dict(bits=3, symmetric=False, group=32, block=64, k=96),
     "gptq_w4_group32_act_order": dict(bits=4, group=32, block=32, act_order=True, k=96),
+    "gptq_w4_group32_ragged": dict(bits=4, group=32, block=32, ragged=True),  # 72 = 32+32+8
     "sparsegpt_50": dict(sparsity=0.5, block=16),
     "sparsegpt_2of4_w4": dict(nm=(2, 4), bits=4, block=16),
 }
@@ -109,13 +110,14 @@ CASES = {
 def test_obs_matches_float64_reference(case):
   c = dict(CASES[case])
   k = c.pop("k", 72)
+  ragged = c.pop("ragged", False)
   x, w = _problem(k=k)
   h = x.T @ x
   want, want_keep = np_obs(w, h, **c)
   bits, sym, group = c.get("bits"), c.get("symmetric", True), c.get("group")
   grid = None if bits is None else formats.grid(
       "int", bits, symmetric=sym, granularity="group" if group else "channel",
-      group_size=group or 128)
+      group_size=group or 128, ragged=ragged)
   with jax.enable_x64(True):
     got = obs.solve(jnp.asarray(w), jnp.asarray(h), grid=grid,
                     sparsity=c.get("sparsity", 0.0), n_m=c.get("nm"),

@@ -94,7 +94,7 @@ def activations(**kw) -> dict:
 def post_training(**kw) -> dict:
   """Every field of config.compress.post_training (mmjax/compress_config.py)."""
   return {**dict(method="gptq", format="int", bits=4, symmetric=True, granularity="group",
-                 group_size=128, sparsity=0.5, n=0, m=0, joint_quant=False, damp=0.01,
+                 group_size=128, ragged_groups=False, sparsity=0.5, n=0, m=0, joint_quant=False, damp=0.01,
                  block=128, act_order=False, mode="sequential", alpha=0.5, act_mode="fake",
                  n_grid=20, pattern=PRUNE_PATTERN, rules=()), **kw}
 

@@ -1,7 +1,8 @@
 """One-shot post-training compression of the dense run (train.steps=0): calibrate on
 config.calibration.examples training examples, compress, evaluate, export. No fine-tuning.
 
-  method=   rtn | gptq | awq | sparsegpt | wanda | smoothquant      (default gptq)
+  method=   rtn | gptq | awq | sparsegpt | wanda | smoothquant      (default gptq), or
+            magnitude: the pruning baseline (|w| per layer, one shot; sparsity= or nm=)
   bits=     2..8 integer weights (default 4); group=<g> groups of g inputs, group=0 per
             output channel (default 128)
   format=   int | nf4 | fp8_e4m3 | fp8_e5m2 weights
@@ -11,6 +12,8 @@ config.calibration.examples training examples, compress, evaluate, export. No fi
             with format=fp8_e4m3 the inputs go to fp8 e4m3 instead
   parallel  every statistic from the dense model (default: sequential, block by block)
   act_order GPTQ in order of decreasing Hessian diagonal
+  alloc=    a per-kernel allocation (experiments/sensitivity.py writes allocation_*.json):
+            GPTQ with each kernel at the width it was given
   alpha=    SmoothQuant's migration strength (default 0.5); int8 runs its products as
             real int8 x int8 -> int32
 
@@ -19,7 +22,11 @@ Reproduce (after the dense run), e.g.:
       --workdir=workdirs/pt_gptq_w3g128
   ./launch.sh train --config=experiments/configs/post_training.py:method=sparsegpt,nm=2:4,joint
 """
-from experiments.configs.common import activations, finetune_config, parse_arg, post_training
+import json
+import os
+
+from experiments.configs.common import (activations, finetune_config, parse_arg, post_training,
+                                        prune)
 from mmjax.compress_config import PRUNE_PATTERN
 
 
@@ -30,22 +37,41 @@ def _nm(text: str) -> tuple:
   return int(n), int(m)
 
 
+def _allocation(path: str) -> list:
+  if not os.path.exists(path):
+    raise ValueError(f"config argument alloc={path}: no such file; write one with "
+                     "python -m experiments.sensitivity --workdir=<dense run>.")
+  with open(path) as f:
+    rules = json.load(f).get("rules")
+  if not rules:
+    raise ValueError(f"alloc={path} holds no rules (not an allocation file).")
+  return rules
+
+
 def get_config(arg=None):
   args = parse_arg(arg, valid=("tiny", "joint", "w8a8", "parallel", "act_order", "int8"),
                    values={"method": str, "bits": int, "group": int, "format": str,
-                           "sparsity": float, "nm": _nm, "alpha": float})
+                           "sparsity": float, "nm": _nm, "alpha": float, "alloc": str})
   c = finetune_config(args)
   c.train.steps = 0
   group = args.get("group", 32 if args.get("tiny") else 128)  # tiny's kernels: 32, 64 inputs
   n, m = args.get("nm", (0, 0))
   fmt = args.get("format", "int")
+  if args.get("method") == "magnitude":  # the pruning baseline: |w|, per layer, one shot
+    c.compress.prune = prune(method="n_m" if m else "magnitude", sparsity=args.get(
+        "sparsity", 0.5), n=n or 2, m=m or 4)
+    return c
   c.compress.post_training = post_training(
       method=args.get("method", "gptq"), format=fmt, bits=args.get("bits", 4),
       granularity="group" if group else "channel", group_size=group or 128,
+      # small's MLP is 352 wide (2.75 x 128): its fc2 kernels get a last group of 96
+      ragged_groups=True,
       sparsity=args.get("sparsity", 0.5), n=n, m=m, joint_quant=bool(args.get("joint")),
       act_order=bool(args.get("act_order")),
       mode="parallel" if args.get("parallel") else "sequential",
       alpha=args.get("alpha", 0.5), act_mode="int8" if args.get("int8") else "fake")
+  if args.get("alloc"):
+    c.compress.post_training.rules = tuple(tuple(r) for r in _allocation(args["alloc"]))
   if args.get("w8a8"):
     c.compress.activations = activations(
         pattern=PRUNE_PATTERN, format=fmt if fmt.startswith("fp8") else "int")

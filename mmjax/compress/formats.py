@@ -8,6 +8,7 @@ N outputs) and keeps one scale (and, asymmetric, one zero point) per block of ro
   granularity="tensor"    one scale for the whole kernel           scale [1, 1]
   granularity="channel"   one per output column                    scale [1, N]
   granularity="group"     one per `group_size` rows of a column    scale [K / group_size, N]
+                          (`ragged`: ceil(K / group_size), the last group shorter)
 
 Formats (`kind`):
   int       `bits` in 2..8. Symmetric: codes -qmax..qmax, qmax = 2**(bits-1) - 1 (the range
@@ -61,6 +62,7 @@ class Grid:
   symmetric: bool = True
   granularity: str = "channel"
   group_size: int = 128
+  ragged: bool = False  # a last, shorter group where group_size does not divide the inputs
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -76,7 +78,8 @@ class Grid:
     if self.kind in _FP8:
       dtype = getattr(jnp, _FP8[self.kind], None)
       try:  # a backend without the type fails here, at config time, not inside a run
-        ok = dtype is not None and float(jnp.asarray(1.5, jnp.float32).astype(dtype)) == 1.5
+        with jax.ensure_compile_time_eval():  # also when a grid is made inside a trace
+          ok = dtype is not None and float(jnp.asarray(1.5, jnp.float32).astype(dtype)) == 1.5
       except Exception:  # noqa: BLE001 - whatever the backend raises, the answer is "no"
         ok = False
       if not ok:
@@ -99,15 +102,19 @@ class Grid:
     """Rows a scale covers, for a kernel of `k` contracted inputs."""
     return self.group_size if self.granularity == "group" else k
 
+  def num_groups(self, k: int) -> int:
+    return -(-k // self.group_size) if self.granularity == "group" else 1
+
   def check(self, k: int, where: str = ""):
-    if self.granularity == "group" and k % self.group_size:
+    if self.granularity == "group" and k % self.group_size and not self.ragged:
       raise ValueError(f"{where}group_size={self.group_size} does not divide the contraction "
                        f"dimension {k}; choose a divisor of {k} (e.g. "
-                       f"{math.gcd(k, self.group_size)}) or granularity='channel'.")
+                       f"{math.gcd(k, self.group_size)}), granularity='channel', or "
+                       "ragged groups (the last group shorter, AutoGPTQ's g_idx = i // g).")
 
   def nbytes(self, k: int, n: int) -> float:
     """Bytes of codes, scales (fp32) and zero points (1 byte) of a [k, n] kernel."""
-    groups = {"tensor": 1, "channel": n}.get(self.granularity, (k // self.group_size) * n)
+    groups = {"tensor": 1, "channel": n}.get(self.granularity, self.num_groups(k) * n)
     zero = 0 if self.symmetric or self.kind != "int" else groups
     return k * n * self.code_bits / 8 + 4 * groups + zero
 
@@ -125,7 +132,10 @@ class Grid:
     m = _float(m)
     k, n = m.shape
     g = self.blocks(k)
-    b = m.reshape(k // g, g, n)
+    groups = -(-k // g)
+    if groups * g != k:  # ragged: zero rows pad the last group (every range includes 0)
+      m = jnp.pad(m, ((0, groups * g - k), (0, 0)))
+    b = m.reshape(groups, g, n)
     axes = (1, 2) if self.granularity == "tensor" else (1,)
     if self.kind == "int" and not self.symmetric:
       lo = jnp.minimum(jnp.min(b, axis=axes), 0.0)
@@ -141,7 +151,11 @@ class Grid:
 
   def expand(self, a, k: int):
     """[G, N] -> [K, N] (each scale repeated over the rows it covers)."""
-    return jnp.repeat(a, k // a.shape[0], axis=0) if a.shape[0] != k else a
+    if a.shape[0] == k:
+      return a
+    if a.shape[0] == 1:
+      return jnp.broadcast_to(a, (k, a.shape[1]))
+    return jnp.repeat(a, self.group_size, axis=0)[:k]
 
   # ---- rounding (elementwise; scale and zero broadcast against x)
   def codes(self, x, scale, zero):
@@ -186,6 +200,6 @@ def from_dict(d: dict) -> Grid:
 
 
 def grid(kind: str = "int", bits: int = 8, *, symmetric: bool = True,
-         granularity: str = "channel", group_size: int = 128) -> Grid:
+         granularity: str = "channel", group_size: int = 128, ragged: bool = False) -> Grid:
   bits = {"nf4": 4}.get(kind, 8 if kind in _FP8 else bits)
-  return Grid(kind, bits, symmetric, granularity, group_size)
+  return Grid(kind, bits, symmetric, granularity, group_size, bool(ragged))

@@ -59,15 +59,17 @@ def search(w, h, absmean, grid: Grid, n_grid: int = 20) -> Result:
   return Result(wq, s, scale, zero, best)
 
 
-def method(grid: Grid, *, n_grid: int = 20, mode: str = "sequential", contract=None,
+def method(grid, *, n_grid: int = 20, mode: str = "sequential", contract=None,
            name: str | None = None):
   from mmjax.compress.post_training import method as pt
   if not (isinstance(n_grid, int) and n_grid >= 1):
     raise ValueError(f"AWQ n_grid={n_grid!r} must be a positive integer.")
 
+  of = pt.grid_map(grid)
+
   def solve(path, w, st):
-    r = search(w, st["gram"], st["absmean"], grid, n_grid)
+    r = search(w, st["gram"], st["absmean"], of(path), n_grid)
     return pt.Solved(r.w, scale=r.scale, zero=r.zero, in_scale=r.in_scale)
 
-  return pt.build(name or f"awq_{grid.name}", solve, ("gram", "absmean"), grid=grid,
+  return pt.build(name or f"awq_{pt.grid_name(grid)}", solve, ("gram", "absmean"), grid=grid,
                   mode=mode, contract=contract, in_scales=True)

@@ -2,7 +2,6 @@
 row's rounding error over the rows not yet rounded through the inverse Hessian (`obs`)."""
 from __future__ import annotations
 
-from mmjax.compress.formats import Grid
 from mmjax.compress.post_training import method as pt
 from mmjax.compress.post_training import obs
 
@@ -14,14 +13,16 @@ def check_damp(damp):
   return float(damp)
 
 
-def method(grid: Grid, *, damp: float = 0.01, block: int = 128, act_order: bool = False,
+def method(grid, *, damp: float = 0.01, block: int = 128, act_order: bool = False,
            mode: str = "sequential", contract=None, group_by: str = pt.GROUP_BY,
            name: str | None = None):
+  """`grid`: a `formats.Grid`, or {regex: Grid} per kernel (an allocator's mixed widths)."""
   damp = check_damp(damp)
+  of = pt.grid_map(grid)
 
   def solve(path, w, st):
-    r = obs.solve(w, st["gram"], grid=grid, damp=damp, block=block, act_order=act_order)
+    r = obs.solve(w, st["gram"], grid=of(path), damp=damp, block=block, act_order=act_order)
     return pt.Solved(r.w, scale=r.scale, zero=r.zero, ok=r.ok)
 
-  return pt.build(name or f"gptq_{grid.name}", solve, ("gram",), grid=grid, mode=mode,
+  return pt.build(name or f"gptq_{pt.grid_name(grid)}", solve, ("gram",), grid=grid, mode=mode,
                   contract=contract, group_by=group_by, damp=damp)

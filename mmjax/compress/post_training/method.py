@@ -131,7 +131,27 @@ def calibrate_kernels(calib, flat, solve: Callable, wanted, mode: str, contract=
   return done
 
 
-def build(name: str, solve: Callable, wanted: tuple, *, grid: Optional[Grid] = None,
+def grid_map(grid):
+  """A Grid, or {regex: Grid} (first full match; per-layer settings, e.g. an allocator's)
+  -> f(path) -> Grid or None."""
+  if grid is None or isinstance(grid, Grid):
+    return lambda path: grid
+  pairs = [(re.compile(k), g) for k, g in grid.items()]
+
+  def of(path):
+    for rx, g in pairs:
+      if rx.fullmatch(path):
+        return g
+    raise ValueError(f"no grid given for {path}; the per-path grids' patterns are "
+                     f"{[k for k in grid]}.")
+  return of
+
+
+def grid_name(grid) -> str:
+  return grid.name if isinstance(grid, Grid) else "mixed"
+
+
+def build(name: str, solve: Callable, wanted: tuple, *, grid=None,
           masks: bool = False, n_m: Optional[tuple] = None, mode: str = "sequential",
           contract=None, group_by: str = GROUP_BY, damp: float | None = None,
           in_scales: bool = False) -> Method:
@@ -142,6 +162,8 @@ def build(name: str, solve: Callable, wanted: tuple, *, grid: Optional[Grid] = N
     re.compile(group_by)
   except re.error as e:
     raise ValueError(f"post-training group_by={group_by!r} is not a regex: {e}.") from None
+
+  grid_of = grid_map(grid)
 
   def axes(path, w):
     return layout.contract_axes(contract, path, w.ndim)
@@ -156,7 +178,7 @@ def build(name: str, solve: Callable, wanted: tuple, *, grid: Optional[Grid] = N
       for a in layout.contract_axes(contract, path, len(shape)):
         k *= shape[a]
       if grid is not None:
-        grid.check(k, f"{path}: ")
+        grid_of(path).check(k, f"{path}: ")
       if n_m and k % n_m[1]:
         raise ValueError(f"{path}: the contraction size {k} is not divisible by M={n_m[1]} "
                          "of N:M; narrow the rule or choose another M.")
@@ -167,7 +189,7 @@ def build(name: str, solve: Callable, wanted: tuple, *, grid: Optional[Grid] = N
       s = {}
       if grid is not None:
         m = layout.to_matrix(w, axes(p, w))
-        s["scale"], s["zero"] = grid.fit(m)
+        s["scale"], s["zero"] = grid_of(p).fit(m)
         s["in_scale"] = jnp.ones((m.shape[0],), jnp.float32)
       if masks:
         s["mask"] = jnp.ones(w.shape, bool)
@@ -181,7 +203,8 @@ def build(name: str, solve: Callable, wanted: tuple, *, grid: Optional[Grid] = N
       m = layout.to_matrix(w, ax)
       k = m.shape[0]
       inv = st["in_scale"][:, None].astype(m.dtype)
-      q = grid.fake(m * inv, grid.expand(st["scale"], k), grid.expand(st["zero"], k)) / inv
+      g = grid_of(p)
+      q = g.fake(m * inv, g.expand(st["scale"], k), g.expand(st["zero"], k)) / inv
       out[p] = layout.from_matrix(q, w.shape, ax).astype(w.dtype)
     return out
 
@@ -217,14 +240,15 @@ def build(name: str, solve: Callable, wanted: tuple, *, grid: Optional[Grid] = N
         if n_m:
           d["n_m"] = tuple(n_m)
       if grid is not None:
+        g = grid_of(p)
         k = layout.to_matrix(w, axes(p, w)).shape[0]
         kept = w.size if not masks else jnp.sum(state[p]["mask"])
-        nbytes = grid.nbytes(k, w.size // k) - w.size * grid.code_bits / 8
-        nbytes += kept * grid.code_bits / 8 + (-(-w.size // 8) if masks else 0)
+        nbytes = g.nbytes(k, w.size // k) - w.size * g.code_bits / 8
+        nbytes += kept * g.code_bits / 8 + (-(-w.size // 8) if masks else 0)
         if in_scales:  # AWQ's per-input scales, fp32
           nbytes += 4 * k
-        d.update(codes="grid", format=grid.name, bits=grid.code_bits, bytes=nbytes,
-                 grid=grid, scale=state[p]["scale"], zero=state[p]["zero"],
+        d.update(codes="grid", format=g.name, bits=g.code_bits, bytes=nbytes,
+                 grid=g, scale=state[p]["scale"], zero=state[p]["zero"],
                  contract=list(axes(p, w)))
         if in_scales:
           d["in_scale"] = state[p]["in_scale"]

@@ -82,7 +82,7 @@ def solve(w, h, *, grid: Optional[Grid] = None, sparsity: float = 0.0,
   if grid is None:
     scale, zero = jnp.ones((1, n), dtype), jnp.zeros((1, n), dtype)
   elif dynamic_groups:  # filled as each group's first row is reached
-    scale, zero = jnp.ones((k // g, n), dtype), jnp.zeros((k // g, n), dtype)
+    scale, zero = jnp.ones((-(-k // g), n), dtype), jnp.zeros((-(-k // g), n), dtype)
   else:
     row_scale, row_zero, scale, zero = _static_scales(grid, w, k)
     row_scale, row_zero = row_scale[perm], row_zero[perm]

@@ -1,0 +1,59 @@
+"""The post-training suite: the allocator's choices and its bad budgets, and, on the tiny
+configs, sensitivity -> allocation -> a GPTQ run at the allocated widths through the
+harness -> the report (rows, families, orderings) and its README section."""
+import json
+import os
+
+import pytest
+
+from mmjax.compress import allocate
+
+
+def test_greedy_allocator_spends_bytes_where_loss_is_cheapest():
+  C = allocate.Candidate
+  cands = {"robust": [C("w8", 800, 0.0), C("w4", 400, 0.01), C("w2", 200, 0.02)],
+           "fragile": [C("w8", 800, 0.0), C("w4", 400, 0.50), C("w2", 200, 3.00)]}
+  got = allocate.greedy(cands, budget=1000, dense_bytes=3200)
+  assert got["robust"].setting == "w2" and got["fragile"].setting == "w8"
+  assert sum(c.bytes for c in got.values()) <= 1000
+  assert {c.setting for c in allocate.greedy(cands, 1600).values()} == {"w8"}
+  with pytest.raises(ValueError, match="below the smallest reachable size 400"):
+    allocate.greedy(cands, 399)
+  with pytest.raises(ValueError, match="not below the dense size"):
+    allocate.greedy(cands, 3200, dense_bytes=3200)
+
+
+def test_suite_sensitivity_allocation_and_report(procedural_dir, tmp_path):
+  from experiments import post_training_suite as pts
+  from experiments import results, sweep
+  sweep_dir = str(tmp_path / "s")
+  one_device = lambda c: setattr(c.mesh, "data", 1)
+  sweep.run_all(["dense"], 1, sweep_dir, True, procedural_dir, log=lambda *_: None,
+                adjust=one_device)
+  rows = ["magnitude_50", "alloc_at_w3g128"]
+  logs = []
+  pts.run_all(rows, 1, 1, sweep_dir, True, procedural_dir, None, log=logs.append,
+              settings=("w2g32", "w4g32"), budgets=("w3g32",), adjust=one_device)
+  sens = json.load(open(os.path.join(pts.sensitivity_dir(sweep_dir, 0), "sensitivity.json")))
+  assert set(sens["towers"]) == {"text", "image", "audio", "fusion"}
+  assert set(sens["w8a8"]) == set(sens["towers"]) and len(sens["layers"]) == 42
+  alloc = sens["allocations"][0]
+  assert alloc["bytes"] <= alloc["budget_bytes"] and sum(alloc["counts"].values()) == 42
+  assert os.path.getsize(os.path.join(pts.sensitivity_dir(sweep_dir, 0), "heatmap.png")) > 0
+  # the allocated run stores each kernel at the width it was given
+  report = json.load(open(os.path.join(pts.run_dir(sweep_dir, "alloc_at_w3g128", 0, 0),
+                                       "compression_report.json")))
+  bits = {r["path"]: r["bits"] for r in report["leaves"]}
+  assert all(bits[p] == int(s[1]) for p, s in alloc["choice"].items())
+  out = pts.report(rows, 1, 1, sweep_dir, None, log=lambda *_: None)
+  names = [r["name"] for r in out["rows"]]
+  assert names == ["dense", "magnitude_50", "alloc_at_w3g128"]
+  md = open(os.path.join(sweep_dir, "post_training.md")).read()
+  assert "| magnitude_50 | `method=magnitude,sparsity=0.5` |" in md and "(n=1)" in md
+  readme = tmp_path / "README.md"
+  readme.write_text("a\n<!-- post-training:procedural:begin -->\nold\n"
+                    "<!-- post-training:procedural:end -->\nb\n")
+  pts.publish(sweep_dir, "mm_arith/procedural", readme=str(readme),
+              results_dir=str(tmp_path / "results"), log=lambda *_: None)
+  text = readme.read_text()
+  assert "old" not in text and "| alloc_at_w3g128 |" in text and text.endswith("b\n")
