@@ -76,7 +76,7 @@ class Session:
 
   def compress(self, plan: Plan):
     """-> (params, cstate): `plan` started and calibrated on the calibration batches."""
-    params, cstate = plan.start(self.params, jax.random.PRNGKey(0))
+    params, cstate = jax.jit(plan.start)(self.params, jax.random.PRNGKey(0))
     return plan.calibrate(self.apply, params, cstate, self.calibration)
 
   def evaluate_plan(self, plan: Plan, params, cstate) -> dict:

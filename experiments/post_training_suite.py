@@ -51,6 +51,8 @@ ROWS = {
     "wanda_2:4": ("method=wanda,nm=2:4", True),
     "sparsegpt_2:4": ("method=sparsegpt,nm=2:4", True),
     "sparsegpt_2:4+gptq_w4": ("method=sparsegpt,nm=2:4,joint,bits=4", True),
+    "gptq_w3c_parallel": ("method=gptq,bits=3,group=0,parallel", True),
+    "sparsegpt_70_parallel": ("method=sparsegpt,sparsity=0.7,parallel", True),
     "alloc_at_w3g128": ("alloc=<sensitivity>/allocation_w3g128.json", True),
     "alloc_at_w4g128": ("alloc=<sensitivity>/allocation_w4g128.json", True),
 }
@@ -65,6 +67,8 @@ FAMILIES = {
     "70% unstructured": ["magnitude_70", "wanda_70", "sparsegpt_70"],
     "90% unstructured": ["magnitude_90", "wanda_90", "sparsegpt_90"],
     "2:4": ["magnitude_2:4", "wanda_2:4", "sparsegpt_2:4"],
+    "GPTQ 3-bit, sequential vs parallel": ["gptq_w3c", "gptq_w3c_parallel"],
+    "SparseGPT 70%, sequential vs parallel": ["sparsegpt_70", "sparsegpt_70_parallel"],
     "mixed widths at 3-bit g128's size": ["gptq_w3g128", "alloc_at_w3g128"],
     "mixed widths at 4-bit g128's size": ["gptq_w4g128", "alloc_at_w4g128"],
 }

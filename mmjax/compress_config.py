@@ -326,11 +326,12 @@ def _distill(config, d: dict):
   return method, Frozen(method.name, "teacher", ckpt_dir, abstract)
 
 
-def build(config, model_cfg: ModelConfig) -> Compression:
-  """config.compress -> Compression (an empty plan when nothing is set)."""
+def build(config, model_cfg: ModelConfig, shapes: dict | None = None) -> Compression:
+  """config.compress -> Compression (an empty plan when nothing is set); `shapes`: the
+  model's `param_shapes`, when the caller has them."""
   c = _as_dict(config.get("compress"))
   _check_keys(c, COMPRESS_KEYS, "config.compress")
-  shapes = param_shapes(model_cfg)
+  shapes = shapes or param_shapes(model_cfg)
   parts, frozen, settings = [], [], {}
   if c.get("prune"):
     parts.append(_prune(_as_dict(c["prune"]), shapes, model_cfg.num_heads))

@@ -33,4 +33,4 @@ def cpu_devices():
   return devices
 
 
-from data_fixtures import procedural_dir  # noqa: E402,F401  (shared fixture)
+from data_fixtures import procedural_dir, tiny_dense_dir  # noqa: E402,F401  (shared)

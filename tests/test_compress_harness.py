@@ -19,15 +19,9 @@ def _quiet(*_):
   pass
 
 
-@pytest.fixture(scope="module")
-def dense_dir(procedural_dir, tmp_path_factory):
-  from experiments.configs import dense
-  c = dense.get_config("tiny")
-  c.data.data_dir = procedural_dir
-  c.mesh.data = 1
-  workdir = str(tmp_path_factory.mktemp("dense"))
-  train.train_and_evaluate(c, workdir, log=_quiet)
-  return workdir
+@pytest.fixture
+def dense_dir(tiny_dense_dir):
+  return tiny_dense_dir
 
 
 def _cfg(module, arg, data_dir, init):

@@ -23,13 +23,14 @@ def test_greedy_allocator_spends_bytes_where_loss_is_cheapest():
     allocate.greedy(cands, 3200, dense_bytes=3200)
 
 
-def test_suite_sensitivity_allocation_and_report(procedural_dir, tmp_path):
+def test_suite_sensitivity_allocation_and_report(procedural_dir, tiny_dense_dir, tmp_path):
+  import shutil
   from experiments import post_training_suite as pts
-  from experiments import results, sweep
+  from experiments import results
   sweep_dir = str(tmp_path / "s")
   one_device = lambda c: setattr(c.mesh, "data", 1)
-  sweep.run_all(["dense"], 1, sweep_dir, True, procedural_dir, log=lambda *_: None,
-                adjust=one_device)
+  # the sweep's dense run of seed 0 is the shared tiny dense run (same config, same seed)
+  shutil.copytree(tiny_dense_dir, results.run_dir(sweep_dir, "dense", 0))
   rows = ["magnitude_50", "alloc_at_w3g128"]
   logs = []
   pts.run_all(rows, 1, 1, sweep_dir, True, procedural_dir, None, log=logs.append,
@@ -57,3 +58,22 @@ def test_suite_sensitivity_allocation_and_report(procedural_dir, tmp_path):
               results_dir=str(tmp_path / "results"), log=lambda *_: None)
   text = readme.read_text()
   assert "old" not in text and "| alloc_at_w3g128 |" in text and text.endswith("b\n")
+
+
+def test_every_suite_row_builds_a_plan_on_tiny():
+  """Config -> plan -> shape checks for each row (the harness runs some for real)."""
+  from experiments import post_training_suite as pts
+  from experiments.configs import post_training
+  from mmjax import compress_config
+  from mmjax.models import ModelConfig
+  shapes = None
+  for row, (arg, calibrates) in pts.ROWS.items():
+    if row.startswith("alloc"):
+      continue
+    c = post_training.get_config(f"{arg},tiny")
+    model_cfg = ModelConfig.from_dict(c.model.to_dict())
+    shapes = shapes or compress_config.param_shapes(model_cfg)
+    comp = compress_config.build(c, model_cfg, shapes)
+    assert not comp.plan.is_identity, row
+    if calibrates:  # the rows said to read calibration data do calibrate
+      assert comp.calibration == (128, 0), row

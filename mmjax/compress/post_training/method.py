@@ -120,7 +120,9 @@ def calibrate_kernels(calib, flat, solve: Callable, wanted, mode: str, contract=
       done[p] = res
       params[p] = layout.from_matrix(res.w, w.shape, axes).astype(w.dtype)
 
-  if mode == "parallel":
+  if not wanted:  # round-to-nearest: the weights alone, no forward
+    solve_block(paths, {p: {} for p in paths})
+  elif mode == "parallel":
     solve_block(paths, stats_of(paths))
   else:
     if not order:  # trace once to learn the order the forward consumes the kernels
