@@ -8,6 +8,8 @@ config.calibration.examples training examples, compress, evaluate, export. No fi
   format=   int | nf4 | fp8_e4m3 | fp8_e5m2 weights
   sparsity= for sparsegpt / wanda (default 0.5); nm=2:4 for N:M instead
   joint     sparsegpt: round the kept weights to the grid in the same pass
+  asym      integer grids with a zero point (2**bits levels; symmetric grids have
+            2**bits - 1, so 2-bit symmetric is the three levels -1, 0, 1)
   w8a8      also quantize every compressed layer's input to int8 (per tensor, calibrated);
             with format=fp8_e4m3 the inputs go to fp8 e4m3 instead
   parallel  every statistic from the dense model (default: sequential, block by block)
@@ -49,7 +51,8 @@ def _allocation(path: str) -> list:
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, valid=("tiny", "joint", "w8a8", "parallel", "act_order", "int8"),
+  args = parse_arg(arg, valid=("tiny", "joint", "w8a8", "parallel", "act_order", "int8",
+                              "asym"),
                    values={"method": str, "bits": int, "group": int, "format": str,
                            "sparsity": float, "nm": _nm, "alpha": float, "alloc": str})
   c = finetune_config(args)
@@ -63,6 +66,7 @@ def get_config(arg=None):
     return c
   c.compress.post_training = post_training(
       method=args.get("method", "gptq"), format=fmt, bits=args.get("bits", 4),
+      symmetric=not args.get("asym"),
       granularity="group" if group else "channel", group_size=group or 128,
       # small's MLP is 352 wide (2.75 x 128): its fc2 kernels get a last group of 96
       ragged_groups=True,
