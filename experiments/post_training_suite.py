@@ -129,7 +129,7 @@ def build_config(row, seed, calib, sweep_dir, tiny, data_dir, dataset):
 
 
 def run_all(rows, seeds, calib_seeds, sweep_dir, tiny, data_dir, dataset, log=print,
-            settings=None, budgets=None, adjust=None):
+            settings=None, budgets=None, adjust=None, w8a8_towers=None):
   """Every (row, dense seed, calibration seed) not yet complete, seed-major. `settings` and
   `budgets`: the sensitivity's candidate widths and the uniform settings it allocates at;
   `adjust(config)` edits each run's config last."""
@@ -153,7 +153,8 @@ def run_all(rows, seeds, calib_seeds, sweep_dir, tiny, data_dir, dataset, log=pr
                                               ("w2g32", "w3g128", "w4g128", "w8c")),
                         budgets=budgets or (("w3g32", "w4g32") if tiny else
                                             ("w3g128", "w4g128")),
-                        val_examples=128 if tiny else 512, log=lambda m: log("  " + m))
+                        val_examples=128 if tiny else 512, w8a8_towers=w8a8_towers,
+                        log=lambda m: log("  " + m))
     log(f"[pt {i}/{len(todo)}] {row} dense seed {seed} calibration seed {calib} -> "
         f"{workdir}")
     config = build_config(row, seed, calib, sweep_dir, tiny, data_dir, dataset)

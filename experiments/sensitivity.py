@@ -90,11 +90,12 @@ def measure(session, solved, units: dict) -> dict:
   return res
 
 
-def w8a8_towers(session, paths) -> dict:
+def w8a8_by_tower(session, paths, towers=None) -> dict:
+  """W8A8 of each tower alone (`towers`: a subset; default all)."""
   from mmjax.compress import Plan, activations, formats, rules
   from mmjax.compress.post_training import rtn
   out = {}
-  for tower in sorted({tower_of(p) for p in paths}):
+  for tower in sorted(towers or {tower_of(p) for p in paths}):
     pattern = rf"{tower}/.*/(attn|cross_attn|mlp)/\w+/kernel"
     plan = Plan(rules([(pattern, rtn.method(formats.grid("int", 8, granularity="channel")))]),
                 rules([(pattern, activations.inputs(8))]))
@@ -172,7 +173,7 @@ def table_md(result) -> str:
 
 def run(workdir, out, method="gptq", settings=("w2g32", "w3g128", "w4g128", "w8c"),
         budgets=("w3g128", "w4g128"), data_dir=None, calib_examples=128, calib_seed=0,
-        val_examples=512, log=print) -> dict:
+        val_examples=512, w8a8_towers=None, log=print) -> dict:
   from experiments.one_shot import Session
   from mmjax.compress import flatten
   from mmjax.compress_config import PRUNE_PATTERN
@@ -199,7 +200,7 @@ def run(workdir, out, method="gptq", settings=("w2g32", "w3g128", "w4g128", "w8c
                 towers=measure(session, solved, towers), types=measure(session, solved, types),
                 blocks=measure(session, solved, blocks),
                 layers=measure(session, solved, {p: [p] for p in paths}),
-                w8a8=w8a8_towers(session, paths), allocations=[])
+                w8a8=w8a8_by_tower(session, paths, w8a8_towers), allocations=[])
   from experiments.one_shot import kernel_bytes
   for b in budgets:
     choice, budget = allocate(result["layers"], shapes, grids, budget_grids[b])

