@@ -31,7 +31,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from mmjax.compress import intercept, layout
+from mmjax.compress import layout
 from mmjax.compress.core import Method, flatten, unflatten
 from mmjax.compress.formats import Grid
 from mmjax.compress.post_training import stats as statistics
@@ -64,33 +64,6 @@ def blocks(order, group_by: str = GROUP_BY):
   return out
 
 
-def _gated_program(apply_fn, paths, wanted, contract_of):
-  """-> (jitted f(params, batch, active {path: bool}) -> {path: stats}, order): the
-  statistics of the active paths (the others zero, not computed), and the paths in the
-  order the forward consumes them (filled when f is first traced)."""
-  order = []
-
-  def f(params, batch, active):
-    def stat(d: intercept.Dot):
-      x = statistics.rows(d, contract_of(d.path, d.w.ndim))
-      compute = lambda x: statistics._of(x, wanted)
-      zeros = lambda x: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                     jax.eval_shape(compute, x))
-      return jax.lax.cond(active[d.path], compute, zeros, x)
-
-    seen = intercept.observe(apply_fn, list(paths), stat)(params, batch)
-    order[:] = list(seen)
-    out = {}
-    for path, uses in seen.items():
-      acc = uses[0]
-      for u in uses[1:]:
-        acc = statistics._merge(acc, u)
-      out[path] = acc
-    return out
-
-  return jax.jit(f), order
-
-
 def calibrate_kernels(calib, flat, solve: Callable, wanted, mode: str, contract=None,
                       group_by: str = GROUP_BY, log=None):
   """-> {path: (w [K, N] solved, Solved)} for `calib.paths`, in sequential or parallel
@@ -100,16 +73,13 @@ def calibrate_kernels(calib, flat, solve: Callable, wanted, mode: str, contract=
   paths = list(calib.paths)
   if not calib.batches:
     raise ValueError("post-training calibration needs at least one batch.")
-  f, order = _gated_program(calib.apply_fn, paths, wanted, contract_of)
+  f, order = statistics.program(calib.apply_fn, paths, wanted, contract_of)
   params = flatten(calib.params)
   done = {}
 
   def stats_of(active_paths):
     active = {p: jnp.asarray(p in active_paths) for p in paths}
-    total = None
-    for batch in calib.batches:
-      s = f(unflatten(params, calib.params), batch, active)
-      total = s if total is None else {p: statistics._merge(total[p], s[p]) for p in s}
+    total = statistics.accumulate(f, unflatten(params, calib.params), calib.batches, active)
     return statistics.finish({p: total[p] for p in active_paths})
 
   def solve_block(block_paths, st):

@@ -65,31 +65,46 @@ def _merge(a, b):
 
 def program(apply_fn: Callable, paths: Sequence[str], wanted: Sequence[str],
             contract_of: Callable[[str, int], tuple]):
-  """-> (jitted f(params, batch) -> {path: stats}, order): `order` lists the paths in the
-  order the forward consumes them (filled when f is first traced)."""
+  """-> (jitted f(params, batch, active=None) -> {path: stats}, order). `active` ({path:
+  bool}, traced) computes only those paths' statistics, the others zero (under `lax.cond`:
+  sequential calibration reuses one compiled program block after block); `order` lists
+  the paths in the order the forward consumes them (filled when f is first traced)."""
   bad = sorted(set(wanted) - set(STATS))
   if bad:
     raise ValueError(f"unknown statistics {bad}; valid: {', '.join(STATS)}.")
   order = []
 
-  def stat(d: intercept.Dot):
-    if d.path not in order:
-      order.append(d.path)
-    return _of(rows(d, contract_of(d.path, d.w.ndim)), wanted)
+  def f(params, batch, active=None):
+    def stat(d: intercept.Dot):
+      x = rows(d, contract_of(d.path, d.w.ndim))
+      compute = lambda x: _of(x, wanted)
+      if active is None:
+        return compute(x)
+      zeros = lambda x: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                     jax.eval_shape(compute, x))
+      return jax.lax.cond(active[d.path], compute, zeros, x)
 
-  observed = intercept.observe(apply_fn, list(paths), stat)
-
-  def f(params, batch):
-    seen = observed(params, batch)
-    out = {}
-    for path, uses in seen.items():
-      acc = uses[0]
-      for u in uses[1:]:
-        acc = _merge(acc, u)
-      out[path] = acc
-    return out
+    seen = intercept.observe(apply_fn, list(paths), stat)(params, batch)
+    order[:] = list(seen)
+    return {path: merge_uses(uses) for path, uses in seen.items()}
 
   return jax.jit(f), order
+
+
+def merge_uses(uses):
+  acc = uses[0]
+  for u in uses[1:]:
+    acc = _merge(acc, u)
+  return acc
+
+
+def accumulate(f, params, batches, active=None):
+  """f's statistics summed over `batches`."""
+  total = None
+  for batch in batches:
+    s = f(params, batch, active)
+    total = s if total is None else {p: _merge(total[p], s[p]) for p in s}
+  return total
 
 
 def collect(apply_fn, params, batches, paths, wanted, contract_of=None):
@@ -99,11 +114,7 @@ def collect(apply_fn, params, batches, paths, wanted, contract_of=None):
     raise ValueError("post-training calibration needs at least one batch.")
   contract_of = contract_of or (lambda path, ndim: layout.contract_axes(None, path, ndim))
   f, order = program(apply_fn, paths, wanted, contract_of)
-  total = None
-  for batch in batches:
-    s = f(params, batch)
-    total = s if total is None else {p: _merge(total[p], s[p]) for p in s}
-  return finish(total), list(order)
+  return finish(accumulate(f, params, batches)), list(order)
 
 
 def finish(total):
