@@ -44,7 +44,8 @@ setup(
         ],
         # Optional: only tf.data and some TFDS builders need TensorFlow.
         "tf": ["tensorflow-cpu>=2.16"],
-        # Benchmarks only: the PyTorch twin of bench/train_step.py --vs_torch (CPU wheel).
-        "bench": ["torch==2.13.0"],
+        # Benchmarks only: the PyTorch twin of bench/train_step.py --vs_torch (CPU wheel), and
+        # Qwix, the peer that bench/post_training.py --qwix compares GPTQ against.
+        "bench": ["torch==2.13.0", "qwix==0.1.8"],
     },
 )

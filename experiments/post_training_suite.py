@@ -128,21 +128,63 @@ def build_config(row, seed, calib, sweep_dir, tiny, data_dir, dataset):
   return config
 
 
+def load_carried(path) -> dict:
+  """The run records of an earlier publish (`runs` of post_training_<tag>.json): {"dense":
+  [...], row: [...]}. A sweep given them skips those runs and reports them with its own, so
+  a suite too long for one machine's life accumulates across machines; the published JSON
+  is the state that survives."""
+  if not path:
+    return {}
+  if not os.path.exists(path):
+    raise ValueError(f"--pt_carry={path}: no such file; give an earlier publish's "
+                     "post_training_<tag>.json, or '' to carry nothing.")
+  with open(path) as f:
+    try:
+      runs = json.load(f).get("runs")
+    except (json.JSONDecodeError, AttributeError):
+      runs = None
+  if not isinstance(runs, dict) or not isinstance(runs.get("dense"), list):
+    raise ValueError(f"--pt_carry={path}: not a post-training results file (no 'runs' with "
+                     "a 'dense' list); give experiments/results/post_training_<tag>.json.")
+  unknown = set(runs) - set(ROWS) - {"dense"}
+  if unknown:
+    raise ValueError(f"--pt_carry={path}: rows {sorted(unknown)} are not rows of the suite.")
+  return runs
+
+
+def _carried_keys(carried) -> set:
+  return {(row, str(r["seed"])) for row, rs in carried.items() for r in rs}
+
+
+def pending_seeds(rows, seeds, calib_seeds, sweep_dir, carried=None) -> list:
+  """Dense seeds with at least one run of `rows` neither carried nor complete: the dense
+  seeds that must be (re)trained. Dense training is deterministic, so a retrained seed
+  gives the carried runs' starting point again."""
+  from experiments.results import is_complete
+  have = _carried_keys(carried or {})
+  return sorted({s for r in rows for s, c in runs_of(r, seeds, calib_seeds)
+                 if (r, f"{s}.{c}") not in have
+                 and not is_complete(run_dir(sweep_dir, r, s, c))})
+
+
 def run_all(rows, seeds, calib_seeds, sweep_dir, tiny, data_dir, dataset, log=print,
-            settings=None, budgets=None, adjust=None, w8a8_towers=None):
-  """Every (row, dense seed, calibration seed) not yet complete, seed-major. `settings` and
-  `budgets`: the sensitivity's candidate widths and the uniform settings it allocates at;
-  `adjust(config)` edits each run's config last."""
+            settings=None, budgets=None, adjust=None, w8a8_towers=None, carried=None,
+            only_seeds=None):
+  """Every (row, dense seed, calibration seed) not yet complete nor carried, seed-major
+  (only the dense seeds in `only_seeds`, when given). `settings` and `budgets`: the
+  sensitivity's candidate widths and the uniform settings it allocates at; `adjust(config)`
+  edits each run's config last."""
   from experiments import sensitivity
   from experiments.results import is_complete
   from experiments.results import run_dir as dense_run_dir
   from mmjax import train
   todo = [(r, s, c) for s in range(seeds) for r in rows for (s2, c) in runs_of(r, seeds,
                                                                                 calib_seeds)
-          if s2 == s]
+          if s2 == s and (only_seeds is None or s in only_seeds)]
+  have = _carried_keys(carried or {})
   for i, (row, seed, calib) in enumerate(todo, 1):
     workdir = run_dir(sweep_dir, row, seed, calib)
-    if is_complete(workdir):
+    if is_complete(workdir) or (row, f"{seed}.{calib}") in have:
       continue
     if row.startswith("alloc_"):
       out = sensitivity_dir(sweep_dir, seed)
@@ -172,19 +214,29 @@ def _mean_std(xs):
   return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def records(rows, seeds, calib_seeds, sweep_dir, log=print) -> dict:
+def records(rows, seeds, calib_seeds, sweep_dir, log=print, carried=None) -> dict:
+  """Each row's run records (and the dense runs'), in seed order: the sweep dir's complete
+  runs, else the carried record of the same run."""
   from experiments import results
   from experiments.results import is_complete
   from experiments.results import run_dir as dense_run_dir
-  out = {"dense": [results.run_record("dense", s, dense_run_dir(sweep_dir, "dense", s),
-                                      "dense.py")
-                   for s in range(seeds) if is_complete(dense_run_dir(sweep_dir, "dense", s))]}
+  carried = carried or {}
+  old = {(row, str(r["seed"])): r for row, rs in carried.items() for r in rs}
+  out = {"dense": []}
+  for s in range(seeds):
+    wd = dense_run_dir(sweep_dir, "dense", s)
+    if is_complete(wd):
+      out["dense"].append(results.run_record("dense", s, wd, "dense.py"))
+    elif ("dense", str(s)) in old:
+      out["dense"].append(old["dense", str(s)])
   for row in rows:
     out[row] = []
     for s, c in runs_of(row, seeds, calib_seeds):
       wd = run_dir(sweep_dir, row, s, c)
       if is_complete(wd):
         out[row].append(results.run_record(row, f"{s}.{c}", wd, ROWS[row][0]))
+      elif (row, f"{s}.{c}") in old:
+        out[row].append(old[row, f"{s}.{c}"])
   return out
 
 
@@ -297,8 +349,9 @@ def plot(rows, trained_rows, path, title):
   plt.close(fig)
 
 
-def report(rows, seeds, calib_seeds, sweep_dir, dataset, trained_results=None, log=print):
-  recs = records(rows, seeds, calib_seeds, sweep_dir, log)
+def report(rows, seeds, calib_seeds, sweep_dir, dataset, trained_results=None, log=print,
+           carried=None, carried_from=None):
+  recs = records(rows, seeds, calib_seeds, sweep_dir, log, carried)
   summary = summarize(recs)
   if not summary:
     raise ValueError(f"no complete run under {sweep_dir}: run the sweep first.")
@@ -306,12 +359,17 @@ def report(rows, seeds, calib_seeds, sweep_dir, dataset, trained_results=None, l
   n = sum(len(v) for v in recs.values())
   meta = (f"{dataset or 'mm_arith/procedural'}: {n} runs ({len(recs['dense'])} dense seeds; "
           f"calibrating methods × {calib_seeds} calibration seeds of 128 training examples; "
-          "one-shot, no fine-tuning), sweep dir `" + sweep_dir + "`.")
+          "one-shot, no fine-tuning), sweep dir `" + sweep_dir + "`")
+  old_ids = {id(r) for rs in (carried or {}).values() for r in rs}
+  n_old = sum(1 for rs in recs.values() for r in rs if id(r) in old_ids)
+  meta += (f", {n_old} of them carried from `{carried_from}`." if n_old and carried_from
+           else ".")
   trained = None
   if trained_results and os.path.exists(trained_results):
     with open(trained_results) as f:
       trained = json.load(f)["methods"]
   md = table_md(summary, seps, ords, meta)
+  os.makedirs(sweep_dir, exist_ok=True)
   with open(os.path.join(sweep_dir, "post_training.md"), "w") as f:
     f.write(md)
   with open(os.path.join(sweep_dir, "post_training.json"), "w") as f:
@@ -345,7 +403,9 @@ def publish(sweep_dir, dataset, readme=None, results_dir=None, log=print):
                 os.path.join(results_dir, f"sensitivity_{tag}.png"))
     shutil.copy(os.path.join(sens, "sensitivity.md"),
                 os.path.join(results_dir, f"sensitivity_{tag}.md"))
-    with open(os.path.join(sens, "sensitivity.md")) as f:
+  # a sweep that carried seed 0's runs keeps the sensitivity published with them
+  if os.path.exists(os.path.join(results_dir, f"sensitivity_{tag}.md")):
+    with open(os.path.join(results_dir, f"sensitivity_{tag}.md")) as f:
       extra = (f"\n\nSensitivity of dense seed 0 ({rel}/sensitivity_{tag}.md), one unit "
                f"compressed at a time, everything else dense:\n\n{f.read()}\n"
                f"![loss increase per kernel]({rel}/sensitivity_{tag}.png)")

@@ -26,6 +26,12 @@ uncompressed run (dense, modality baselines, students) its final weights written
 the same writer. The compression ratio is against the dense run's raw fp32 export (4 bytes
 a parameter). Step-time ratios come from each run's logged steps/s (median), so unlike
 bench/compress_overhead.py they compare different processes: indicative only.
+
+`--section=post_training` runs the one-shot suite of experiments/post_training_suite.py
+instead, dense seed by dense seed (each dense run, then its rows). `--pt_carry=<an earlier
+publish's post_training_<tag>.json>` counts the runs recorded there as done and reports them
+with this sweep's, so the suite, longer than one machine's life here, accumulates in the
+published file; `--pt_seeds=1,2` limits one invocation to some dense seeds.
 """
 from __future__ import annotations
 
@@ -78,6 +84,13 @@ _SECTION = flags.DEFINE_enum("section", "trained", ["trained", "post_training"],
 _CALIB_SEEDS = flags.DEFINE_integer("calib_seeds", 2, "post_training: calibration seeds per "
                                     "dense seed, for the methods that read calibration data")
 _PT_ROWS = flags.DEFINE_string("pt_rows", "*", "post_training: rows (names or globs)")
+_PT_CARRY = flags.DEFINE_string("pt_carry", "", "post_training: an earlier publish's "
+                                "post_training_<tag>.json; its runs count as done and are "
+                                "reported with this sweep's (a suite longer than one machine's "
+                                "life accumulates in the published file)")
+_PT_SEEDS = flags.DEFINE_string("pt_seeds", "", "post_training: comma-separated dense seeds to "
+                                "work on in this invocation (default: all pending); the report "
+                                "still covers seeds 0 .. seeds-1")
 _TRAINED = flags.DEFINE_string("trained_results", "experiments/results/results.json",
                                "post_training: the trained suite's results, drawn in its plot")
 _TINY = flags.DEFINE_bool("tiny", False, "the configs' tiny variants (tests, smoke runs)")
@@ -139,10 +152,12 @@ def enable_compile_cache(path: str):
 
 
 def run_all(names, seeds, sweep_dir, tiny, data_dir, log=print, adjust=None, dataset=None):
-  """Train every (name, seed) not yet complete; `adjust(config)` edits each config last."""
+  """Train every (name, seed) not yet complete (`seeds`: a count, or the seeds themselves);
+  `adjust(config)` edits each config last."""
   from mmjax import train
   # seed-major: a complete one-seed table exists after the first pass over the suite
-  todo = [(n, s) for s in range(seeds) for n in names]
+  seeds = range(seeds) if isinstance(seeds, int) else seeds
+  todo = [(n, s) for s in seeds for n in names]
   t0 = time.perf_counter()
   for i, (name, seed) in enumerate(todo, 1):
     workdir = run_dir(sweep_dir, name, seed)
@@ -221,14 +236,27 @@ def post_training_main():
   if _CALIB_SEEDS.value < 1:
     raise app.UsageError(f"--calib_seeds={_CALIB_SEEDS.value} must be >= 1.")
   rows = pts.select(_PT_ROWS.value)
+  carried = pts.load_carried(_PT_CARRY.value)
+  try:
+    only = sorted({int(s) for s in _PT_SEEDS.value.split(",") if s.strip()})
+  except ValueError:
+    raise ValueError(f"--pt_seeds={_PT_SEEDS.value!r}: give dense seeds as integers, e.g. "
+                     "--pt_seeds=1,2.") from None
+  if any(not 0 <= s < _SEEDS.value for s in only):
+    raise ValueError(f"--pt_seeds={_PT_SEEDS.value!r}: seeds must lie in 0 .. "
+                     f"{_SEEDS.value - 1} (--seeds={_SEEDS.value}).")
   if not _REPORT_ONLY.value:
     enable_compile_cache(_CACHE.value.replace("<sweep_dir>", _DIR.value))
-    run_all(["dense"], _SEEDS.value, _DIR.value, _TINY.value, _DATA.value,
-            dataset=_DATASET.value)
-    pts.run_all(rows, _SEEDS.value, _CALIB_SEEDS.value, _DIR.value, _TINY.value, _DATA.value,
-                _DATASET.value)
+    pending = [s for s in pts.pending_seeds(rows, _SEEDS.value, _CALIB_SEEDS.value, _DIR.value,
+                                            carried) if not only or s in only]
+    # dense seed by seed, each followed by its rows: a seed's rows exist before the next
+    # dense run starts, so an interrupted session still leaves whole seeds behind
+    for s in pending:
+      run_all(["dense"], [s], _DIR.value, _TINY.value, _DATA.value, dataset=_DATASET.value)
+      pts.run_all(rows, _SEEDS.value, _CALIB_SEEDS.value, _DIR.value, _TINY.value,
+                  _DATA.value, _DATASET.value, carried=carried, only_seeds={s})
   pts.report(rows, _SEEDS.value, _CALIB_SEEDS.value, _DIR.value, _DATASET.value,
-             _TRAINED.value)
+             _TRAINED.value, carried=carried, carried_from=_PT_CARRY.value or None)
   if _PUBLISH.value:
     pts.publish(_DIR.value, _DATASET.value or "mm_arith/procedural")
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.configs import nm, prune, prune_qat, qat
+from experiments.configs import nm, prune, qat
 from experiments.configs import structured as structured_cfg
 from mmjax import checkpointing, train
 from mmjax.compress import flatten
@@ -61,21 +61,14 @@ def test_gradual_pruning_run_reaches_its_sparsity_and_reports_it(procedural_dir,
     assert (np.asarray(params[path])[~np.asarray(mask)] == 0).all()
 
 
-def test_two_four_and_int8_runs(procedural_dir, dense_dir, tmp_path):
-  for module, arg, name in ((nm, "tiny", "nm"), (prune_qat, "tiny,sparsity=0.5", "pq")):
-    workdir = str(tmp_path / name)
-    train.train_and_evaluate(_cfg(module, arg, procedural_dir, dense_dir), workdir,
-                             log=_quiet)
-    report = json.load(open(os.path.join(workdir, "compression_report.json")))
-    rows = {r["path"]: r for r in report["leaves"]}
-    k = rows["image/block_00/mlp/fc1/kernel"]
-    if name == "nm":
-      assert k["n_m"] == [2, 4] and abs(k["sparsity"] - 0.5) < 1e-9
-    else:
-      assert k["bits"] == 8 and k["sparsity"] >= 0.5 - 1 / k["size"]
-      assert rows["head/kernel"]["bits"] == 8 and not rows["head/kernel"]["masked"]
-      assert rows["image/block_00/ln_mlp/scale"]["bits"] == 8  # int8 everywhere
-      assert report["total"]["ratio"] > 3.0
+def test_two_four_run(procedural_dir, dense_dir, tmp_path):
+  """(Pruning + int8 QAT through the harness: test_train's resume-after-the-final-checkpoint
+  test checks that run's report.)"""
+  workdir = str(tmp_path / "nm")
+  train.train_and_evaluate(_cfg(nm, "tiny", procedural_dir, dense_dir), workdir, log=_quiet)
+  report = json.load(open(os.path.join(workdir, "compression_report.json")))
+  k = {r["path"]: r for r in report["leaves"]}["image/block_00/mlp/fc1/kernel"]
+  assert k["n_m"] == [2, 4] and abs(k["sparsity"] - 0.5) < 1e-9
 
 
 def test_structured_run_writes_a_physically_smaller_model(procedural_dir, dense_dir, tmp_path):

@@ -59,6 +59,20 @@ def test_suite_sensitivity_allocation_and_report(procedural_dir, tiny_dense_dir,
               results_dir=str(tmp_path / "results"), log=lambda *_: None)
   text = readme.read_text()
   assert "old" not in text and "| alloc_at_w3g128 |" in text and text.endswith("b\n")
+  # a later machine: the published runs, carried into an empty sweep dir, need no training
+  # and report the same rows; a second dense seed is what is left to run
+  published = str(tmp_path / "results" / "post_training_procedural.json")
+  carried = pts.load_carried(published)
+  fresh = str(tmp_path / "fresh")
+  assert pts.pending_seeds(rows, 1, 1, fresh, carried) == []
+  assert pts.pending_seeds(rows, 2, 1, fresh, carried) == [1]
+  again = pts.report(rows, 1, 1, fresh, None, log=lambda *_: None, carried=carried,
+                     carried_from=published)
+  assert [(r["name"], r["accuracy"]) for r in again["rows"]] == [
+      (r["name"], r["accuracy"]) for r in out["rows"]]
+  assert "3 of them carried from" in open(os.path.join(fresh, "post_training.md")).read()
+  with pytest.raises(ValueError, match="not a post-training results file"):
+    pts.load_carried(os.path.join(pts.sensitivity_dir(sweep_dir, 0), "sensitivity.json"))
 
 
 def test_every_suite_row_builds_a_plan_on_tiny():
