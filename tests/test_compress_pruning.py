@@ -20,7 +20,7 @@ def _tree(seed=0):
           "b": {"kernel": jnp.asarray(3.0 * r.normal(size=(24, 8)), jnp.float32)}}
 
 
-@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.settings(max_examples=20, deadline=None)
 @hypothesis.given(n=st.integers(1, 300), k=st.integers(0, 300), ties=st.booleans(),
                   seed=st.integers(0, 10_000))
 def test_top_k_keeps_exactly_the_k_largest(n, k, ties, seed):
@@ -40,7 +40,7 @@ def test_top_k_ranks_several_arrays_together():
   assert int(m[0].sum()) == 0 and np.asarray(m[1]).tolist() == [False] * 5 + [True] * 5
 
 
-@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.settings(max_examples=12, deadline=None)
 @hypothesis.given(nm=st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 8), (2, 8)]),
                   groups=st.integers(1, 6), out=st.integers(1, 9), seed=st.integers(0, 999))
 def test_n_m_every_group_valid(nm, groups, out, seed):
@@ -238,7 +238,7 @@ def test_bad_input(bad, match):
     bad()
 
 
-@hypothesis.settings(max_examples=15, deadline=None)
+@hypothesis.settings(max_examples=8, deadline=None)
 @hypothesis.given(shapes=st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9)), min_size=1,
                                   max_size=5),
                   sparsity=st.floats(0.0, 0.95), bits=st.integers(2, 8),

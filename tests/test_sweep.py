@@ -22,7 +22,8 @@ def test_pareto_front_keeps_only_undominated_points():
   assert results.pareto_front(pts) == [2, 1, 4]
 
 
-def test_sweep_runs_resumes_and_reports(procedural_dir, tmp_path):
+def test_sweep_runs_resumes_and_reports(procedural_dir, tiny_dense_dir, tmp_path):
+  import shutil
   sweep_dir = str(tmp_path / "sweep")
   names = sweep.select("ptq_int8,only_image")
   assert names == ["dense", "only_image", "ptq_int8"]
@@ -31,10 +32,13 @@ def test_sweep_runs_resumes_and_reports(procedural_dir, tmp_path):
   def one_device(config):
     config.mesh.data = 1
 
+  # dense seed 0 is the shared tiny dense run (the same config and seed): complete, skipped
+  shutil.copytree(tiny_dense_dir, sweep.run_dir(sweep_dir, "dense", 0))
   sweep.run_all(names, 2, sweep_dir, True, procedural_dir, log=logs.append, adjust=one_device)
   # seed-major: the whole suite for seed 0, then seed 1
   started = [m.split("] ", 1)[1].split(" (")[0] for m in logs if m.startswith("[sweep ")]
-  assert started == [f"{n} seed {s}" for s in (0, 1) for n in names], started
+  assert started == ["dense seed 0: complete, skipped"] + [
+      f"{n} seed {s}" for s in (0, 1) for n in names][1:], started
   for name in names:
     for seed in (0, 1):
       assert sweep.is_complete(sweep.run_dir(sweep_dir, name, seed))
