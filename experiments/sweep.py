@@ -231,8 +231,8 @@ def main(argv):
 
 
 def post_training_main():
+  from experiments import post_training_report as ptr
   from experiments import post_training_suite as pts
-  from experiments import results
   if _CALIB_SEEDS.value < 1:
     raise app.UsageError(f"--calib_seeds={_CALIB_SEEDS.value} must be >= 1.")
   rows = pts.select(_PT_ROWS.value)
@@ -255,10 +255,10 @@ def post_training_main():
       run_all(["dense"], [s], _DIR.value, _TINY.value, _DATA.value, dataset=_DATASET.value)
       pts.run_all(rows, _SEEDS.value, _CALIB_SEEDS.value, _DIR.value, _TINY.value,
                   _DATA.value, _DATASET.value, carried=carried, only_seeds={s})
-  pts.report(rows, _SEEDS.value, _CALIB_SEEDS.value, _DIR.value, _DATASET.value,
+  ptr.report(rows, _SEEDS.value, _CALIB_SEEDS.value, _DIR.value, _DATASET.value,
              _TRAINED.value, carried=carried, carried_from=_PT_CARRY.value or None)
   if _PUBLISH.value:
-    pts.publish(_DIR.value, _DATASET.value or "mm_arith/procedural")
+    ptr.publish(_DIR.value, _DATASET.value or "mm_arith/procedural")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ def test_greedy_allocator_spends_bytes_where_loss_is_cheapest():
 
 def test_suite_sensitivity_allocation_and_report(procedural_dir, tiny_dense_dir, tmp_path):
   import shutil
+  from experiments import post_training_report as ptr
   from experiments import post_training_suite as pts
   from experiments import results
   sweep_dir = str(tmp_path / "s")
@@ -47,7 +48,7 @@ def test_suite_sensitivity_allocation_and_report(procedural_dir, tiny_dense_dir,
                                        "compression_report.json")))
   bits = {r["path"]: r["bits"] for r in report["leaves"]}
   assert all(bits[p] == int(s[1]) for p, s in alloc["choice"].items())
-  out = pts.report(rows, 1, 1, sweep_dir, None, log=lambda *_: None)
+  out = ptr.report(rows, 1, 1, sweep_dir, None, log=lambda *_: None)
   names = [r["name"] for r in out["rows"]]
   assert names == ["dense", "magnitude_50", "alloc_at_w3g128"]
   md = open(os.path.join(sweep_dir, "post_training.md")).read()
@@ -55,7 +56,7 @@ def test_suite_sensitivity_allocation_and_report(procedural_dir, tiny_dense_dir,
   readme = tmp_path / "README.md"
   readme.write_text("a\n<!-- post-training:procedural:begin -->\nold\n"
                     "<!-- post-training:procedural:end -->\nb\n")
-  pts.publish(sweep_dir, "mm_arith/procedural", readme=str(readme),
+  ptr.publish(sweep_dir, "mm_arith/procedural", readme=str(readme),
               results_dir=str(tmp_path / "results"), log=lambda *_: None)
   text = readme.read_text()
   assert "old" not in text and "| alloc_at_w3g128 |" in text and text.endswith("b\n")
@@ -66,7 +67,7 @@ def test_suite_sensitivity_allocation_and_report(procedural_dir, tiny_dense_dir,
   fresh = str(tmp_path / "fresh")
   assert pts.pending_seeds(rows, 1, 1, fresh, carried) == []
   assert pts.pending_seeds(rows, 2, 1, fresh, carried) == [1]
-  again = pts.report(rows, 1, 1, fresh, None, log=lambda *_: None, carried=carried,
+  again = ptr.report(rows, 1, 1, fresh, None, log=lambda *_: None, carried=carried,
                      carried_from=published)
   assert [(r["name"], r["accuracy"]) for r in again["rows"]] == [
       (r["name"], r["accuracy"]) for r in out["rows"]]
