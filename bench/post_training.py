@@ -181,18 +181,53 @@ def base_timing(modes, log):
   g4 = formats.grid("int", 4, granularity="group", group_size=128)
   out = {"kernels": sum(1 for _ in __import__("mmjax.compress", fromlist=["flatten"]).flatten(
       params) if re.fullmatch(P, _))}
-  for mode in modes:
-    for name, m in (("gptq w4 g128", gptq.method(g4, mode=mode)),
-                    ("sparsegpt 50%", sparsegpt.method(0.5, mode=mode))):
+  if "parallel" in modes:
+    for name, m in (("gptq w4 g128", gptq.method(g4, mode="parallel")),
+                    ("sparsegpt 50%", sparsegpt.method(0.5, mode="parallel"))):
       plan = Plan(rules([(P, m)]))
       t0 = time.perf_counter()
       p, cs = plan.start(params, jax.random.PRNGKey(0))
       p, cs = plan.calibrate(apply, p, cs, batches)
       jax.block_until_ready((p, cs))
       s = time.perf_counter() - t0
-      out[f"{name} ({mode})"] = dict(s=s, peak_rss_gib=peak_rss_gib())
-      log(f"  base {name} ({mode}): {s:.0f} s, peak RSS {peak_rss_gib():.2f} GiB")
+      out[f"{name} (parallel)"] = dict(s=s, peak_rss_gib=peak_rss_gib())
+      log(f"  base {name} (parallel): {s:.0f} s, peak RSS {peak_rss_gib():.2f} GiB")
+  if "sequential" in modes:
+    out["sequential"] = sequential_passes(apply, params, batches, P, log)
   return out
+
+
+def sequential_passes(apply, params, batches, pattern, log):
+  """What sequential mode adds on `base`: one statistics pass per level of the schedule
+  (`schedule.levels`) instead of parallel's one. Measured: the schedule, and the compiled
+  pass over one calibration batch (x len(batches) for the pass; the whole sequential run,
+  about 15 full forwards of 128 base examples on 2 cores, is too long to time here)."""
+  from mmjax.compress import flatten, layout
+  from mmjax.compress.post_training import method as ptm, schedule, stats
+  paths = [p for p in flatten(params) if re.fullmatch(pattern, p)]
+  contract_of = lambda path, ndim: layout.contract_axes(None, path, ndim)
+  f, order = stats.program(apply, paths, ("gram",), contract_of)
+  t0 = time.perf_counter()
+  groups = ptm.blocks(list(schedule.dependencies(apply, params, batches[0],
+                                                 {p: 0 for p in paths})))
+  block_of = {p: i for i, g in enumerate(groups) for p in g}
+  levels = schedule.levels(groups, schedule.dependencies(apply, params, batches[0], block_of))
+  schedule_s = time.perf_counter() - t0
+  active = {p: jnp.asarray(p in set(levels[0])) for p in paths}
+  times = []
+  for _ in range(2):  # the first call compiles
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(params, batches[0], active))
+    times.append(time.perf_counter() - t0)
+  res = dict(blocks=len(groups), levels=len(levels), schedule_s=schedule_s,
+             pass_first_call_s=times[0] * len(batches), pass_compiled_s=times[1] * len(batches),
+             extra_passes_s=(len(levels) - 1) * times[1] * len(batches),
+             peak_rss_gib=peak_rss_gib())
+  log(f"  base sequential: {len(groups)} blocks in {len(levels)} levels (schedule "
+      f"{schedule_s:.1f} s); one statistics pass over {len(batches)} batches "
+      f"{res['pass_compiled_s']:.0f} s compiled ({res['pass_first_call_s']:.0f} s first); "
+      f"sequential adds {len(levels) - 1} passes, {res['extra_passes_s']:.0f} s, to parallel")
+  return res
 
 
 def main():

@@ -102,6 +102,69 @@ def test_sequential_statistics_come_from_the_compressed_earlier_blocks():
   assert order == ["block_1/w", "block_0/w", "head"]  # first-use order, kept
 
 
+def test_independent_towers_share_a_pass_and_keep_the_block_by_block_weights():
+  """Two towers of two blocks and a join: the towers' blocks are solved level by level
+  (a0 with b0, a1 with b1, then the join), and each block's weights are exactly those of
+  block-by-block calibration, computed here by hand from the compressed earlier blocks."""
+  from mmjax.compress.post_training import method as ptm, schedule
+  r = np.random.default_rng(1)
+  w = lambda: jnp.asarray(r.normal(size=(32, 32)) / 5, jnp.float32)
+  params = {"a": {"block_0": {"w": w()}, "block_1": {"w": w()}},
+            "b": {"block_0": {"w": w()}, "block_1": {"w": w()}}, "join": {"w": w()}}
+
+  def apply(p, x):
+    ha = jnp.tanh(jnp.tanh(x @ p["a"]["block_0"]["w"]) @ p["a"]["block_1"]["w"])
+    hb = jnp.tanh(jnp.tanh(x[:, ::-1] @ p["b"]["block_0"]["w"]) @ p["b"]["block_1"]["w"])
+    return jax.jit(lambda h: h @ p["join"]["w"])(ha * hb)  # through a nested jit
+  mix = r.normal(size=(32, 32))
+  batches = [jnp.asarray(r.normal(size=(64, 32)) @ mix, jnp.float32) for _ in range(2)]
+  paths = ["a/block_0/w", "a/block_1/w", "b/block_0/w", "b/block_1/w", "join/w"]
+  groups = ptm.blocks(paths)
+  block_of = {p: i for i, g in enumerate(groups) for p in g}
+  deps = schedule.dependencies(apply, params, batches[0], block_of)
+  assert deps["a/block_1/w"] == {0} and deps["b/block_0/w"] == set()
+  assert deps["join/w"] == {0, 1, 2, 3}
+  assert schedule.levels(groups, deps) == [["a/block_0/w", "b/block_0/w"],
+                                           ["a/block_1/w", "b/block_1/w"], ["join/w"]]
+  # a block that depends on one the forward uses later: one block per level, in order
+  assert schedule.levels([["x"], ["y"]], {"x": {1}}) == [["x"], ["y"]]
+
+  grid = formats.grid("int", 3, granularity="group", group_size=16)
+  got, _ = _calibrated(Plan(rules([(r".*w", gptq.method(grid))])), params, apply, batches)
+  x = jnp.concatenate(batches)
+  solve = lambda w, h: obs.solve(w, h.T @ h, grid=grid).w
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for t, xin in (("a", x), ("b", x[:, ::-1])):
+    close(got[t]["block_0"]["w"], solve(params[t]["block_0"]["w"], xin))
+    h = jnp.tanh(xin @ got[t]["block_0"]["w"])
+    close(got[t]["block_1"]["w"], solve(params[t]["block_1"]["w"], h))
+  hj = (jnp.tanh(jnp.tanh(x @ got["a"]["block_0"]["w"]) @ got["a"]["block_1"]["w"]) *
+        jnp.tanh(jnp.tanh(x[:, ::-1] @ got["b"]["block_0"]["w"]) @ got["b"]["block_1"]["w"]))
+  close(got["join"]["w"], solve(params["join"]["w"], hj))
+
+
+def test_mmjax_towers_are_calibrated_together():
+  """On mmjax's own model the three towers' blocks share levels; the fusion comes after."""
+  from mmjax.compress.post_training import method as ptm, schedule
+  from mmjax.compress_config import PRUNE_PATTERN
+  from mmjax.models import MultimodalModel, get_preset, random_inputs
+  import re
+  cfg = get_preset("tiny")
+  model = MultimodalModel(cfg)
+  batch = random_inputs(cfg, 2)
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch)["params"])
+  apply = lambda p, b: model.apply({"params": p}, b)
+  paths = [p for p in flatten(params) if re.fullmatch(PRUNE_PATTERN, p)]
+  every = {p: 0 for p in paths}  # one block: only the first-use order is wanted here
+  groups = ptm.blocks(list(schedule.dependencies(apply, params, batch, every)))
+  block_of = {p: i for i, g in enumerate(groups) for p in g}
+  lv = schedule.levels(groups, schedule.dependencies(apply, params, batch, block_of))
+  prefixes = [sorted({"/".join(p.split("/")[:2]) for p in level}) for level in lv]
+  assert prefixes == [["audio/block_00", "image/block_00", "text/block_00"],
+                      ["fusion/layer_00"]] + prefixes[2:], prefixes
+  assert len(lv) == len(groups) - 2
+
+
 def test_statistics_do_not_depend_on_the_device_count(cpu_devices):
   params, apply, batches = _two_blocks()
   paths = ["block_0/w", "block_1/w", "head"]

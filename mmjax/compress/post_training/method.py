@@ -17,7 +17,9 @@ Calibration modes, as in the GPTQ and SparseGPT papers:
   sequential  kernels are solved block by block in the order the forward consumes them;
               each block's statistics come from the forward with every earlier block
               already compressed (one compiled statistics program; each pass computes only
-              the active block's statistics, under `lax.cond`)
+              the active blocks' statistics, under `lax.cond`); blocks whose inputs do not
+              depend on each other (the towers of a multimodal model) share a pass
+              (`schedule.levels`: the same weights in fewer forwards)
   parallel    every statistic from the dense forward, one pass (faster; errors of earlier
               layers are not seen by later ones)
 A block is what `group_by` (a regex, its first group the block's name) gives: by default
@@ -34,7 +36,7 @@ import jax.numpy as jnp
 from mmjax.compress import layout
 from mmjax.compress.core import Method, flatten, unflatten
 from mmjax.compress.formats import Grid
-from mmjax.compress.post_training import stats as statistics
+from mmjax.compress.post_training import schedule, stats as statistics
 from mmjax.compress.pruning import apply_masks
 
 MODES = ("sequential", "parallel")
@@ -98,8 +100,12 @@ def calibrate_kernels(calib, flat, solve: Callable, wanted, mode: str, contract=
     if not order:  # trace once to learn the order the forward consumes the kernels
       jax.eval_shape(f, unflatten(params, calib.params), calib.batches[0],
                      {p: jnp.asarray(True) for p in paths})
-    for block in blocks(list(order), group_by):
-      solve_block(block, stats_of(block))
+    groups = blocks(list(order), group_by)
+    block_of = {p: i for i, block in enumerate(groups) for p in block}
+    deps = schedule.dependencies(calib.apply_fn, unflatten(params, calib.params),
+                                 calib.batches[0], block_of)
+    for level in schedule.levels(groups, deps):  # independent blocks from one forward
+      solve_block(level, stats_of(level))
   return done
 
 

@@ -1,0 +1,92 @@
+"""Which blocks sequential calibration may solve from one forward: those whose inputs do not
+depend on each other's kernels.
+
+Sequential calibration (the GPTQ and SparseGPT papers) takes a block's statistics from the
+forward in which every earlier block is already compressed. Only the earlier blocks that
+the block's inputs depend on can change those statistics, and in a multimodal model the
+towers are independent until the fusion: text block 3 and image block 3 can be measured in
+one pass. `levels` groups the blocks so: a block's level is one more than the highest level
+among the blocks its inputs depend on. Solving level by level gives exactly the weights of
+block by block (tested) in fewer forwards: `base` (3 towers x 12 blocks, 2 fusion layers,
+the head) needs 15 passes instead of 39.
+
+The dependence is read off the traced program, for any model: a dataflow pass over the
+jaxpr of `apply_fn(params, batch)`, following nested jits as the interceptor does. What it
+cannot look into (scan, while, cond, custom derivatives) is taken conservatively: each
+output depends on every input. If a block's inputs depend on a block the forward first
+uses later (a weight used twice), the blocks are kept one per level, in order.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+from jax import lax
+from jax.extend import core as jcore
+
+from mmjax.compress.core import flatten
+from mmjax.compress.intercept import _CALLS, _CASTS
+
+_NONE = frozenset()
+
+
+def _walk(jaxpr, deps_in, tags_in, found):
+  """Deps of jaxpr's outputs; `found[path]` |= deps of every input x of path's products."""
+  dep, tag = {}, {}
+  for v, d, t in zip(jaxpr.invars, deps_in, tags_in):
+    dep[v] = d
+    if t is not None:
+      tag[v] = t
+  lit = lambda v: isinstance(v, jcore.Literal)
+  for eqn in jaxpr.eqns:
+    ds = [_NONE if lit(v) else dep.get(v, _NONE) for v in eqn.invars]
+    ts = [None if lit(v) else tag.get(v) for v in eqn.invars]
+    name = eqn.primitive.name
+    out_tags = [None] * len(eqn.outvars)
+    if eqn.primitive is lax.dot_general_p and (ts[0] is None) != (ts[1] is None):
+      path, x_dep = (ts[1], ds[0]) if ts[1] is not None else (ts[0], ds[1])
+      found[path] = found.get(path, _NONE) | x_dep
+      outs = [ds[0] | ds[1]]
+    elif name in _CASTS:
+      outs, out_tags = [ds[0]], [ts[0]]
+    elif name in _CALLS and ("jaxpr" in eqn.params or "call_jaxpr" in eqn.params):
+      sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+      outs = _walk(getattr(sub, "jaxpr", sub), ds, ts, found)
+    else:
+      u = _NONE.union(*ds)
+      outs = [u] * len(eqn.outvars)
+    for v, d, t in zip(eqn.outvars, outs, out_tags):
+      dep[v] = d
+      if t is not None:
+        tag[v] = t
+  return [_NONE if lit(v) else dep.get(v, _NONE) for v in jaxpr.outvars]
+
+
+def dependencies(apply_fn: Callable, params, batch, block_of: dict) -> dict:
+  """{path: the blocks (values of `block_of`) whose kernels the inputs of path's products
+  depend on}, for the kernels in `block_of` ({path: block})."""
+  closed = jax.make_jaxpr(apply_fn)(params, batch)
+  flat = flatten(params)
+  n = len(jax.tree.leaves((params, batch)))
+  tags = [p if p in block_of else None for p in flat]
+  deps = [frozenset([block_of[p]]) if p in block_of else _NONE for p in flat]
+  found = {}
+  _walk(closed.jaxpr, deps + [_NONE] * (n - len(deps)), tags + [None] * (n - len(tags)),
+        found)
+  return found
+
+
+def levels(groups: Sequence[Sequence[str]], deps: dict) -> list:
+  """Blocks (lists of paths, in first-use order) -> levels (lists of paths): each block one
+  level above the highest of the blocks its inputs depend on."""
+  level_of, out = {}, []
+  for i, block in enumerate(groups):
+    needs = set().union(*(deps.get(p, _NONE) for p in block)) - {i}
+    if any(j not in level_of for j in needs):  # depends on a later-used block: keep order
+      return [list(b) for b in groups]
+    lv = 1 + max((level_of[j] for j in needs), default=-1)
+    level_of[i] = lv
+    if lv == len(out):
+      out.append([])
+    out[lv].extend(block)
+  return out
