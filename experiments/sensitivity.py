@@ -19,6 +19,9 @@ heatmap.png (loss increase per kernel at the lowest setting: rows tower/block, c
 kernel), and for each budget allocation_<budget>.json: the per-kernel widths the greedy
 allocator (`mmjax.compress.allocate`) chose within the bytes of the uniform setting named,
 usable as `--config=experiments/configs/post_training.py:alloc=<that file>`.
+The units are mmjax's (tower names text / image / audio / fusion, 2-D Dense kernels, a
+trained run's workdir); for another model, `mmjax.compress.allocate.greedy` takes any
+{layer: [Candidate(setting, bytes, loss increase)]} measured however that model is run.
 """
 from __future__ import annotations
 

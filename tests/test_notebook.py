@@ -9,8 +9,9 @@ from nbclient import NotebookClient
 NOTEBOOK = os.path.join(os.path.dirname(__file__), os.pardir, "notebooks", "new_transform.ipynb")
 
 
-def test_new_transform_notebook_runs(procedural_dir, tmp_path, monkeypatch):
+def test_new_transform_notebook_runs(procedural_dir, tiny_dense_dir, tmp_path, monkeypatch):
   monkeypatch.setenv("MMJAX_NOTEBOOK_WORKDIR", str(tmp_path))
+  monkeypatch.setenv("MMJAX_NOTEBOOK_DENSE", tiny_dense_dir)  # the shared run: not trained again
   monkeypatch.setenv("MMJAX_DATA_DIR", procedural_dir)
   monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")  # as conftest: fast compiles
   monkeypatch.setenv("PYTHONPATH", os.path.abspath(os.path.join(os.path.dirname(NOTEBOOK),
