@@ -201,17 +201,14 @@ def sequential_passes(apply, params, batches, pattern, log):
   """What sequential mode adds on `base`: one statistics pass per level of the schedule
   (`schedule.levels`) instead of parallel's one. Measured: the schedule, and the compiled
   pass over one calibration batch (x len(batches) for the pass; the whole sequential run,
-  about 15 full forwards of 128 base examples on 2 cores, is too long to time here)."""
+  14 full forwards of 128 base examples on 2 cores, is too long to time here)."""
   from mmjax.compress import flatten, layout
-  from mmjax.compress.post_training import method as ptm, schedule, stats
+  from mmjax.compress.post_training import schedule, stats
   paths = [p for p in flatten(params) if re.fullmatch(pattern, p)]
   contract_of = lambda path, ndim: layout.contract_axes(None, path, ndim)
-  f, order = stats.program(apply, paths, ("gram",), contract_of)
+  f, _ = stats.program(apply, paths, ("gram",), contract_of)
   t0 = time.perf_counter()
-  groups = ptm.blocks(list(schedule.dependencies(apply, params, batches[0],
-                                                 {p: 0 for p in paths})))
-  block_of = {p: i for i, g in enumerate(groups) for p in g}
-  levels = schedule.levels(groups, schedule.dependencies(apply, params, batches[0], block_of))
+  groups, levels = schedule.solve_order(apply, params, batches[0], paths)
   schedule_s = time.perf_counter() - t0
   active = {p: jnp.asarray(p in set(levels[0])) for p in paths}
   times = []

@@ -22,8 +22,8 @@ Calibration modes, as in the GPTQ and SparseGPT papers:
               (`schedule.levels`: the same weights in fewer forwards)
   parallel    every statistic from the dense forward, one pass (faster; errors of earlier
               layers are not seen by later ones)
-A block is what `group_by` (a regex, its first group the block's name) gives: by default
-the prefix up to `block_NN` / `layer_NN` / `layers_N`; other paths are blocks of their own.
+A block is what `group_by` (a regex, its first group the block's name) gives
+(`schedule.blocks`): by default the prefix up to `block_NN` / `layer_NN` / `layers_N`.
 """
 from __future__ import annotations
 
@@ -37,10 +37,10 @@ from mmjax.compress import layout
 from mmjax.compress.core import Method, flatten, unflatten
 from mmjax.compress.formats import Grid
 from mmjax.compress.post_training import schedule, stats as statistics
+from mmjax.compress.post_training.schedule import GROUP_BY, blocks  # noqa: F401 (API)
 from mmjax.compress.pruning import apply_masks
 
 MODES = ("sequential", "parallel")
-GROUP_BY = r"(.*?(?:[Bb]lock|[Ll]ayers?)_?\d+)/.*"
 
 
 class Solved(NamedTuple):
@@ -52,20 +52,6 @@ class Solved(NamedTuple):
   ok: Optional[jax.Array] = None  # False: the damped Hessian was not positive definite
 
 
-def blocks(order, group_by: str = GROUP_BY):
-  """Paths in forward order -> [[paths of block 1], [block 2], ...] in first-use order."""
-  rx = re.compile(group_by)
-  out, index = [], {}
-  for p in order:
-    m = rx.fullmatch(p)
-    key = m.group(1) if m else p
-    if key not in index:
-      index[key] = len(out)
-      out.append([])
-    out[index[key]].append(p)
-  return out
-
-
 def calibrate_kernels(calib, flat, solve: Callable, wanted, mode: str, contract=None,
                       group_by: str = GROUP_BY, log=None):
   """-> {path: (w [K, N] solved, Solved)} for `calib.paths`, in sequential or parallel
@@ -75,7 +61,7 @@ def calibrate_kernels(calib, flat, solve: Callable, wanted, mode: str, contract=
   paths = list(calib.paths)
   if not calib.batches:
     raise ValueError("post-training calibration needs at least one batch.")
-  f, order = statistics.program(calib.apply_fn, paths, wanted, contract_of)
+  f, _ = statistics.program(calib.apply_fn, paths, wanted, contract_of)
   params = flatten(calib.params)
   done = {}
 
@@ -97,14 +83,11 @@ def calibrate_kernels(calib, flat, solve: Callable, wanted, mode: str, contract=
   elif mode == "parallel":
     solve_block(paths, stats_of(paths))
   else:
-    if not order:  # trace once to learn the order the forward consumes the kernels
-      jax.eval_shape(f, unflatten(params, calib.params), calib.batches[0],
-                     {p: jnp.asarray(True) for p in paths})
-    groups = blocks(list(order), group_by)
-    block_of = {p: i for i, block in enumerate(groups) for p in block}
-    deps = schedule.dependencies(calib.apply_fn, unflatten(params, calib.params),
-                                 calib.batches[0], block_of)
-    for level in schedule.levels(groups, deps):  # independent blocks from one forward
+    # independent blocks (the towers) share a forward; a kernel no product consumes is
+    # named by the statistics program's error on the first pass
+    _, levels = schedule.solve_order(calib.apply_fn, unflatten(params, calib.params),
+                                     calib.batches[0], paths, group_by)
+    for level in levels:
       solve_block(level, stats_of(level))
   return done
 

@@ -18,6 +18,7 @@ uses later (a weight used twice), the blocks are kept one per level, in order.
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, Sequence
 
 import jax
@@ -28,6 +29,23 @@ from mmjax.compress.core import flatten
 from mmjax.compress.intercept import _CALLS, _CASTS
 
 _NONE = frozenset()
+GROUP_BY = r"(.*?(?:[Bb]lock|[Ll]ayers?)_?\d+)/.*"
+
+
+def blocks(order, group_by: str = GROUP_BY):
+  """Paths in forward order -> [[paths of block 1], [block 2], ...] in first-use order; a
+  block is what `group_by` (a regex, its first group the block's name) gives: by default
+  the prefix up to `block_NN` / `layer_NN` / `layers_N`; other paths are blocks of their own."""
+  rx = re.compile(group_by)
+  out, index = [], {}
+  for p in order:
+    m = rx.fullmatch(p)
+    key = m.group(1) if m else p
+    if key not in index:
+      index[key] = len(out)
+      out.append([])
+    out[index[key]].append(p)
+  return out
 
 
 def _walk(jaxpr, deps_in, tags_in, found):
@@ -62,14 +80,15 @@ def _walk(jaxpr, deps_in, tags_in, found):
   return [_NONE if lit(v) else dep.get(v, _NONE) for v in jaxpr.outvars]
 
 
-def dependencies(apply_fn: Callable, params, batch, block_of: dict) -> dict:
-  """{path: the blocks (values of `block_of`) whose kernels the inputs of path's products
-  depend on}, for the kernels in `block_of` ({path: block})."""
+def dependencies(apply_fn: Callable, params, batch, paths: Sequence[str]) -> dict:
+  """{path: the kernels among `paths` that the inputs of path's products depend on}, in the
+  order the forward first uses each path (one trace of `apply_fn(params, batch)`)."""
+  wanted = set(paths)
   closed = jax.make_jaxpr(apply_fn)(params, batch)
   flat = flatten(params)
   n = len(jax.tree.leaves((params, batch)))
-  tags = [p if p in block_of else None for p in flat]
-  deps = [frozenset([block_of[p]]) if p in block_of else _NONE for p in flat]
+  tags = [p if p in wanted else None for p in flat]
+  deps = [frozenset([p]) if p in wanted else _NONE for p in flat]
   found = {}
   _walk(closed.jaxpr, deps + [_NONE] * (n - len(deps)), tags + [None] * (n - len(tags)),
         found)
@@ -77,11 +96,12 @@ def dependencies(apply_fn: Callable, params, batch, block_of: dict) -> dict:
 
 
 def levels(groups: Sequence[Sequence[str]], deps: dict) -> list:
-  """Blocks (lists of paths, in first-use order) -> levels (lists of paths): each block one
-  level above the highest of the blocks its inputs depend on."""
+  """Blocks (lists of paths, in first-use order) and `dependencies` -> levels (lists of
+  paths): each block one level above the highest of the blocks its inputs depend on."""
+  block_of = {p: i for i, block in enumerate(groups) for p in block}
   level_of, out = {}, []
   for i, block in enumerate(groups):
-    needs = set().union(*(deps.get(p, _NONE) for p in block)) - {i}
+    needs = {block_of[q] for p in block for q in deps.get(p, _NONE) if q in block_of} - {i}
     if any(j not in level_of for j in needs):  # depends on a later-used block: keep order
       return [list(b) for b in groups]
     lv = 1 + max((level_of[j] for j in needs), default=-1)
@@ -90,3 +110,11 @@ def levels(groups: Sequence[Sequence[str]], deps: dict) -> list:
       out.append([])
     out[lv].extend(block)
   return out
+
+
+def solve_order(apply_fn: Callable, params, batch, paths: Sequence[str],
+                group_by: str = GROUP_BY) -> tuple:
+  """-> (blocks, levels) of `paths` for sequential calibration, from one trace."""
+  deps = dependencies(apply_fn, params, batch, paths)
+  groups = blocks(list(deps), group_by)
+  return groups, levels(groups, deps)
