@@ -18,7 +18,8 @@ interleaved rounds, ratios to fp32.
 
 `--base`: random weights of the `base` preset (3 towers x 12 blocks, fusion 2 layers: 294
 kernels), random inputs, 128 examples: GPTQ 4-bit g128 and SparseGPT 50% on every kernel,
-wall time and peak RSS (run it in a process of its own: RSS is the process's peak).
+in each of `--modes`, wall time of the whole calibration and peak RSS (run it in a process
+of its own: RSS is the process's peak).
 """
 from __future__ import annotations
 
@@ -167,8 +168,10 @@ def inference(session, reps, log):
 
 
 def base_timing(modes, log):
-  """GPTQ and SparseGPT on every kernel of `base` (random weights and inputs)."""
-  from mmjax.compress import Plan, formats, rules
+  """GPTQ and SparseGPT on every kernel of `base` (random weights and inputs), each whole
+  calibration (statistics and solves) timed in each mode; sequential also reports its cut
+  (`staged`): levels, and the equations its passes run in forwards' worth."""
+  from mmjax.compress import Plan, flatten, formats, rules
   from mmjax.compress.post_training import gptq, sparsegpt
   from mmjax.compress_config import PRUNE_PATTERN as P
   from mmjax.models import MultimodalModel, get_preset, random_inputs
@@ -179,51 +182,44 @@ def base_timing(modes, log):
   batches = [random_inputs(cfg, 32, seed=s) for s in range(4)]  # 128 examples
   apply = lambda p, b: model.apply({"params": p}, b)
   g4 = formats.grid("int", 4, granularity="group", group_size=128)
-  out = {"kernels": sum(1 for _ in __import__("mmjax.compress", fromlist=["flatten"]).flatten(
-      params) if re.fullmatch(P, _))}
-  if "parallel" in modes:
-    for name, m in (("gptq w4 g128", gptq.method(g4, mode="parallel")),
-                    ("sparsegpt 50%", sparsegpt.method(0.5, mode="parallel"))):
+  out = {"kernels": sum(1 for p in flatten(params) if re.fullmatch(P, p))}
+  if "sequential" in modes:
+    out["sequential_cut"] = sequential_cut(apply, params, batches, P, log)
+  for mode in modes:
+    for name, m in (("gptq w4 g128", gptq.method(g4, mode=mode)),
+                    ("sparsegpt 50%", sparsegpt.method(0.5, mode=mode))):
       plan = Plan(rules([(P, m)]))
       t0 = time.perf_counter()
       p, cs = plan.start(params, jax.random.PRNGKey(0))
       p, cs = plan.calibrate(apply, p, cs, batches)
       jax.block_until_ready((p, cs))
       s = time.perf_counter() - t0
-      out[f"{name} (parallel)"] = dict(s=s, peak_rss_gib=peak_rss_gib())
-      log(f"  base {name} (parallel): {s:.0f} s, peak RSS {peak_rss_gib():.2f} GiB")
-  if "sequential" in modes:
-    out["sequential"] = sequential_passes(apply, params, batches, P, log)
+      out[f"{name} ({mode})"] = dict(s=s, peak_rss_gib=peak_rss_gib())
+      log(f"  base {name} ({mode}): {s:.0f} s, peak RSS {peak_rss_gib():.2f} GiB")
   return out
 
 
-def sequential_passes(apply, params, batches, pattern, log):
-  """What sequential mode adds on `base`: one statistics pass per level of the schedule
-  (`schedule.levels`) instead of parallel's one. Measured: the schedule, and the compiled
-  pass over one calibration batch (x len(batches) for the pass; the whole sequential run,
-  14 full forwards of 128 base examples on 2 cores, is too long to time here)."""
+def sequential_cut(apply, params, batches, pattern, log):
+  """The schedule and the cut forward of sequential mode on `base`: levels, and how many
+  equations the passes run together against one forward (1.0) and against re-running the
+  whole forward per level (levels x 1.0)."""
   from mmjax.compress import flatten, layout
-  from mmjax.compress.post_training import schedule, stats
+  from mmjax.compress.post_training import schedule, staged
   paths = [p for p in flatten(params) if re.fullmatch(pattern, p)]
-  contract_of = lambda path, ndim: layout.contract_axes(None, path, ndim)
-  f, _ = stats.program(apply, paths, ("gram",), contract_of)
   t0 = time.perf_counter()
-  groups, levels = schedule.solve_order(apply, params, batches[0], paths)
-  schedule_s = time.perf_counter() - t0
-  active = {p: jnp.asarray(p in set(levels[0])) for p in paths}
-  times = []
-  for _ in range(2):  # the first call compiles
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(params, batches[0], active))
-    times.append(time.perf_counter() - t0)
-  res = dict(blocks=len(groups), levels=len(levels), schedule_s=schedule_s,
-             pass_first_call_s=times[0] * len(batches), pass_compiled_s=times[1] * len(batches),
-             extra_passes_s=(len(levels) - 1) * times[1] * len(batches),
-             peak_rss_gib=peak_rss_gib())
-  log(f"  base sequential: {len(groups)} blocks in {len(levels)} levels (schedule "
-      f"{schedule_s:.1f} s); one statistics pass over {len(batches)} batches "
-      f"{res['pass_compiled_s']:.0f} s compiled ({res['pass_first_call_s']:.0f} s first); "
-      f"sequential adds {len(levels) - 1} passes, {res['extra_passes_s']:.0f} s, to parallel")
+  closed = jax.make_jaxpr(apply)(params, batches[0])
+  groups, levels = schedule.solve_order(apply, params, batches[0], paths, closed=closed)
+  cut = staged.build(apply, params, list(flatten(params)), batches[:1], paths, levels,
+                     ("gram",), lambda path, ndim: layout.contract_axes(None, path, ndim),
+                     closed)
+  plan_s = time.perf_counter() - t0
+  pl = cut.pl
+  forwards = sum(len(r) for r in pl.runs) / len(pl.ops)
+  res = dict(blocks=len(groups), levels=len(levels), equations=len(pl.ops),
+             forwards_run=forwards, plan_s=plan_s)
+  log(f"  base sequential: {len(groups)} blocks in {len(levels)} levels; the cut passes "
+      f"run {forwards:.2f} forwards' worth of the {len(pl.ops)} equations (uncut: "
+      f"{len(levels)}); schedule and cut {plan_s:.1f} s")
   return res
 
 

@@ -100,6 +100,13 @@ def _eval(jaxpr, consts, args, tags_in, rewrite, found):
   return [read(v) for v in jaxpr.outvars]
 
 
+def unseen_message(what: str, unseen: Sequence[str]) -> str:
+  return (f"{what}: {unseen[0]} (and {len(unseen) - 1} more) is consumed by no dot_general "
+          "the interceptor can see (a conv kernel, a bias, or a matmul inside scan/remat); "
+          "narrow the rule to matmul weights, e.g. '.*/kernel' of Dense/DenseGeneral/Einsum "
+          "layers.")
+
+
 def dots(apply_fn: Callable, paths: Sequence[str], rewrite: Callable[[Dot], Any],
          what: str = "activation rule") -> Callable:
   """`apply_fn(params, *args)` with the products consuming `paths` computed by `rewrite`."""
@@ -120,10 +127,7 @@ def dots(apply_fn: Callable, paths: Sequence[str], rewrite: Callable[[Dot], Any]
     outs = _eval(closed.jaxpr, closed.consts, leaves, tags, rewrite, found)
     unseen = sorted(wanted - found)
     if unseen:
-      raise ValueError(f"{what}: {unseen[0]} (and {len(unseen) - 1} more) is consumed by no "
-                       "dot_general the interceptor can see (a conv kernel, a bias, or a "
-                       "matmul inside scan/remat); narrow the rule to matmul weights, e.g. "
-                       "'.*/kernel' of Dense/DenseGeneral/Einsum layers.")
+      raise ValueError(unseen_message(what, unseen))
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
   return wrapped

@@ -16,10 +16,10 @@ module turns it into a `Method`:
 Calibration modes, as in the GPTQ and SparseGPT papers:
   sequential  kernels are solved block by block in the order the forward consumes them;
               each block's statistics come from the forward with every earlier block
-              already compressed (one compiled statistics program; each pass computes only
-              the active blocks' statistics, under `lax.cond`); blocks whose inputs do not
-              depend on each other (the towers of a multimodal model) share a pass
-              (`schedule.levels`: the same weights in fewer forwards)
+              already compressed; blocks whose inputs do not depend on each other (the
+              towers of a multimodal model) share a pass (`schedule.levels`), and each
+              pass runs only the part of the forward not computed for good by an earlier
+              one (`staged`: about two forwards in all instead of one per level)
   parallel    every statistic from the dense forward, one pass (faster; errors of earlier
               layers are not seen by later ones)
 A block is what `group_by` (a regex, its first group the block's name) gives
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from mmjax.compress import layout
 from mmjax.compress.core import Method, flatten, unflatten
 from mmjax.compress.formats import Grid
-from mmjax.compress.post_training import schedule, stats as statistics
+from mmjax.compress.post_training import schedule, staged, stats as statistics
 from mmjax.compress.post_training.schedule import GROUP_BY, blocks  # noqa: F401 (API)
 from mmjax.compress.pruning import apply_masks
 
@@ -61,14 +61,8 @@ def calibrate_kernels(calib, flat, solve: Callable, wanted, mode: str, contract=
   paths = list(calib.paths)
   if not calib.batches:
     raise ValueError("post-training calibration needs at least one batch.")
-  f, _ = statistics.program(calib.apply_fn, paths, wanted, contract_of)
   params = flatten(calib.params)
   done = {}
-
-  def stats_of(active_paths):
-    active = {p: jnp.asarray(p in active_paths) for p in paths}
-    total = statistics.accumulate(f, unflatten(params, calib.params), calib.batches, active)
-    return statistics.finish({p: total[p] for p in active_paths})
 
   def solve_block(block_paths, st):
     for p in block_paths:
@@ -81,14 +75,21 @@ def calibrate_kernels(calib, flat, solve: Callable, wanted, mode: str, contract=
   if not wanted:  # round-to-nearest: the weights alone, no forward
     solve_block(paths, {p: {} for p in paths})
   elif mode == "parallel":
-    solve_block(paths, stats_of(paths))
+    f, _ = statistics.program(calib.apply_fn, paths, wanted, contract_of)
+    solve_block(paths, statistics.finish(statistics.accumulate(f, calib.params,
+                                                               calib.batches)))
   else:
-    # independent blocks (the towers) share a forward; a kernel no product consumes is
-    # named by the statistics program's error on the first pass
-    _, levels = schedule.solve_order(calib.apply_fn, unflatten(params, calib.params),
-                                     calib.batches[0], paths, group_by)
-    for level in levels:
-      solve_block(level, stats_of(level))
+    # independent blocks (the towers) share a pass; each pass runs only the part of the
+    # forward its statistics need that earlier passes have not computed for good (`staged`)
+    tree = calib.params
+    closed = jax.make_jaxpr(calib.apply_fn)(tree, calib.batches[0])
+    _, levels = schedule.solve_order(calib.apply_fn, tree, calib.batches[0], paths,
+                                     group_by, closed)
+    cut = staged.build(calib.apply_fn, tree, list(params), calib.batches, paths, levels,
+                       wanted, contract_of, closed)
+    leaves_of = lambda batch: jax.tree.leaves((unflatten(params, calib.params), batch))
+    for lv, level in enumerate(levels):
+      solve_block(level, statistics.finish(cut.stats(lv, leaves_of)))
   return done
 
 

@@ -7,8 +7,9 @@ the block's inputs depend on can change those statistics, and in a multimodal mo
 towers are independent until the fusion: text block 3 and image block 3 can be measured in
 one pass. `levels` groups the blocks so: a block's level is one more than the highest level
 among the blocks its inputs depend on. Solving level by level gives exactly the weights of
-block by block (tested) in fewer forwards: `base` (3 towers x 12 blocks, 2 fusion layers)
-needs 14 passes instead of 38 (measured, bench/README.md).
+block by block (tested) in fewer passes: `base` (3 towers x 12 blocks, 2 fusion layers)
+needs 14 passes instead of 38; `staged` then runs in each pass only the part of the forward
+that pass needs (1.5 forwards in all on `base`, bench/README.md).
 
 The dependence is read off the traced program, for any model: a dataflow pass over the
 jaxpr of `apply_fn(params, batch)`, following nested jits as the interceptor does. What it
@@ -80,11 +81,13 @@ def _walk(jaxpr, deps_in, tags_in, found):
   return [_NONE if lit(v) else dep.get(v, _NONE) for v in jaxpr.outvars]
 
 
-def dependencies(apply_fn: Callable, params, batch, paths: Sequence[str]) -> dict:
+def dependencies(apply_fn: Callable, params, batch, paths: Sequence[str],
+                 closed=None) -> dict:
   """{path: the kernels among `paths` that the inputs of path's products depend on}, in the
-  order the forward first uses each path (one trace of `apply_fn(params, batch)`)."""
+  order the forward first uses each path (one trace of `apply_fn(params, batch)`, or
+  `closed`, its jaxpr, if already traced)."""
   wanted = set(paths)
-  closed = jax.make_jaxpr(apply_fn)(params, batch)
+  closed = closed or jax.make_jaxpr(apply_fn)(params, batch)
   flat = flatten(params)
   n = len(jax.tree.leaves((params, batch)))
   tags = [p if p in wanted else None for p in flat]
@@ -113,8 +116,8 @@ def levels(groups: Sequence[Sequence[str]], deps: dict) -> list:
 
 
 def solve_order(apply_fn: Callable, params, batch, paths: Sequence[str],
-                group_by: str = GROUP_BY) -> tuple:
+                group_by: str = GROUP_BY, closed=None) -> tuple:
   """-> (blocks, levels) of `paths` for sequential calibration, from one trace."""
-  deps = dependencies(apply_fn, params, batch, paths)
+  deps = dependencies(apply_fn, params, batch, paths, closed)
   groups = blocks(list(deps), group_by)
   return groups, levels(groups, deps)

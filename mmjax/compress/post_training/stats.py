@@ -46,7 +46,7 @@ def rows(d: intercept.Dot, contract: tuple):
   return x.reshape(-1, k)
 
 
-def _of(x, wanted):
+def of(x, wanted):
   out = {"count": jnp.float32(x.shape[0])}
   if "gram" in wanted:
     out["gram"] = jnp.einsum("tk,tl->kl", x, x, precision=jax.lax.Precision.HIGHEST)
@@ -59,31 +59,20 @@ def _of(x, wanted):
   return out
 
 
-def _merge(a, b):
+def merge(a, b):
   return {k: (jnp.maximum(a[k], b[k]) if k == "amax" else a[k] + b[k]) for k in a}
 
 
 def program(apply_fn: Callable, paths: Sequence[str], wanted: Sequence[str],
             contract_of: Callable[[str, int], tuple]):
-  """-> (jitted f(params, batch, active=None) -> {path: stats}, order). `active` ({path:
-  bool}, traced) computes only those paths' statistics, the others zero (under `lax.cond`:
-  sequential calibration reuses one compiled program block after block); `order` lists
-  the paths in the order the forward consumes them (filled when f is first traced)."""
-  bad = sorted(set(wanted) - set(STATS))
-  if bad:
-    raise ValueError(f"unknown statistics {bad}; valid: {', '.join(STATS)}.")
+  """-> (jitted f(params, batch) -> {path: stats}, order): every path's statistics from
+  one forward; `order` lists the paths in the order the forward consumes them (filled when
+  f is first traced). Sequential calibration cuts the forward instead (`staged`)."""
+  check(wanted)
   order = []
 
-  def f(params, batch, active=None):
-    def stat(d: intercept.Dot):
-      x = rows(d, contract_of(d.path, d.w.ndim))
-      compute = lambda x: _of(x, wanted)
-      if active is None:
-        return compute(x)
-      zeros = lambda x: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                                     jax.eval_shape(compute, x))
-      return jax.lax.cond(active[d.path], compute, zeros, x)
-
+  def f(params, batch):
+    stat = lambda d: of(rows(d, contract_of(d.path, d.w.ndim)), wanted)
     seen = intercept.observe(apply_fn, list(paths), stat)(params, batch)
     order[:] = list(seen)
     return {path: merge_uses(uses) for path, uses in seen.items()}
@@ -91,19 +80,25 @@ def program(apply_fn: Callable, paths: Sequence[str], wanted: Sequence[str],
   return jax.jit(f), order
 
 
+def check(wanted):
+  bad = sorted(set(wanted) - set(STATS))
+  if bad:
+    raise ValueError(f"unknown statistics {bad}; valid: {', '.join(STATS)}.")
+
+
 def merge_uses(uses):
   acc = uses[0]
   for u in uses[1:]:
-    acc = _merge(acc, u)
+    acc = merge(acc, u)
   return acc
 
 
-def accumulate(f, params, batches, active=None):
+def accumulate(f, params, batches):
   """f's statistics summed over `batches`."""
   total = None
   for batch in batches:
-    s = f(params, batch, active)
-    total = s if total is None else {p: _merge(total[p], s[p]) for p in s}
+    s = f(params, batch)
+    total = s if total is None else {p: merge(total[p], s[p]) for p in s}
   return total
 
 
