@@ -151,14 +151,47 @@ def load_carried(path) -> dict:
   return runs
 
 
+def _dense_seed(record) -> str:
+  return str(record["seed"]).split(".")[0]
+
+
+def consistent_carried(carried, seeds, sweep_dir, log=print) -> dict:
+  """`carried` less the runs of every dense seed that this sweep dir trained again to a
+  different model. Dense training repeats bit for bit on one machine, not across machines
+  (XLA's CPU code differs with the processor: procedural seed 0 gave 99.00% on one and
+  98.55% on another), and a seed's rows must all start from one dense model, so a seed
+  retrained to another model has its carried runs dropped and rerun. Compared: the test
+  accuracy and, where both records have it, the test loss."""
+  from experiments import results
+  from experiments.results import is_complete
+  from experiments.results import run_dir as dense_run_dir
+  old = {_dense_seed(r): r for r in carried.get("dense", [])}
+  for s in range(seeds):
+    wd = dense_run_dir(sweep_dir, "dense", s)
+    if str(s) not in old or not is_complete(wd):
+      continue
+    here, there = results.run_record("dense", s, wd), old[str(s)]
+    same = here["accuracy"] == there["accuracy"] and (
+        here.get("loss") is None or there.get("loss") is None or here["loss"] == there["loss"])
+    if same:
+      continue
+    n = sum(1 for rs in carried.values() for r in rs if _dense_seed(r) == str(s))
+    log(f"[pt] dense seed {s} trained here reaches {here['accuracy']:.2%}, the carried one "
+        f"{there['accuracy']:.2%}: another dense model (training repeats bit for bit only on "
+        f"one machine), so its {n} carried runs are dropped and run again from this one.")
+    carried = {row: [r for r in rs if _dense_seed(r) != str(s)] for row, rs in carried.items()}
+  return carried
+
+
 def _carried_keys(carried) -> set:
   return {(row, str(r["seed"])) for row, rs in carried.items() for r in rs}
 
 
 def pending_seeds(rows, seeds, calib_seeds, sweep_dir, carried=None) -> list:
   """Dense seeds with at least one run of `rows` neither carried nor complete: the dense
-  seeds that must be (re)trained. Dense training is deterministic, so a retrained seed
-  gives the carried runs' starting point again."""
+  seeds that must be (re)trained (or, already trained here, have rows to run). A seed
+  retrained on another machine may be another model: `consistent_carried` then drops its
+  carried runs."""
   from experiments.results import is_complete
   have = _carried_keys(carried or {})
   return sorted({s for r in rows for s, c in runs_of(r, seeds, calib_seeds)

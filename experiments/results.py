@@ -66,7 +66,8 @@ def run_record(name, seed, workdir, config="") -> dict:
   summary = _read_json(os.path.join(workdir, "summary.json"))
   report = _read_json(os.path.join(workdir, "compression_report.json"))
   rec = dict(name=name, seed=seed, config=config, workdir=workdir,
-             accuracy=summary.get("eval_accuracy"), parameters=summary.get("parameters"),
+             accuracy=summary.get("eval_accuracy"), loss=summary.get("eval_loss"),
+             parameters=summary.get("parameters"),
              wall_s=summary.get("wall_s"), steps=summary.get("step"),
              steps_per_s=_median_steps_per_s(workdir))
   if report:

@@ -245,6 +245,7 @@ def post_training_main():
   if any(not 0 <= s < _SEEDS.value for s in only):
     raise ValueError(f"--pt_seeds={_PT_SEEDS.value!r}: seeds must lie in 0 .. "
                      f"{_SEEDS.value - 1} (--seeds={_SEEDS.value}).")
+  carried = pts.consistent_carried(carried, _SEEDS.value, _DIR.value)
   if not _REPORT_ONLY.value:
     enable_compile_cache(_CACHE.value.replace("<sweep_dir>", _DIR.value))
     pending = [s for s in pts.pending_seeds(rows, _SEEDS.value, _CALIB_SEEDS.value, _DIR.value,
@@ -253,6 +254,7 @@ def post_training_main():
     # dense run starts, so an interrupted session still leaves whole seeds behind
     for s in pending:
       run_all(["dense"], [s], _DIR.value, _TINY.value, _DATA.value, dataset=_DATASET.value)
+      carried = pts.consistent_carried(carried, _SEEDS.value, _DIR.value)
       pts.run_all(rows, _SEEDS.value, _CALIB_SEEDS.value, _DIR.value, _TINY.value,
                   _DATA.value, _DATASET.value, carried=carried, only_seeds={s})
   ptr.report(rows, _SEEDS.value, _CALIB_SEEDS.value, _DIR.value, _DATASET.value,

@@ -72,6 +72,16 @@ def test_suite_sensitivity_allocation_and_report(procedural_dir, tiny_dense_dir,
   assert [(r["name"], r["accuracy"]) for r in again["rows"]] == [
       (r["name"], r["accuracy"]) for r in out["rows"]]
   assert "3 of them carried from" in open(os.path.join(fresh, "post_training.md")).read()
+  # the same dense run here keeps the carried runs; a dense seed 0 retrained here to another
+  # model (as on another machine) drops them: its rows are run again from the new one
+  shutil.copytree(results.run_dir(sweep_dir, "dense", 0), results.run_dir(fresh, "dense", 0))
+  assert pts.consistent_carried(carried, 1, fresh, log=logs.append) == carried
+  summary = os.path.join(results.run_dir(fresh, "dense", 0), "summary.json")
+  s = json.load(open(summary))
+  json.dump(dict(s, eval_accuracy=s["eval_accuracy"] + 0.01), open(summary, "w"))
+  kept = pts.consistent_carried(carried, 1, fresh, log=logs.append)
+  assert all(rs == [] for rs in kept.values()) and "its 3 carried runs are dropped" in logs[-1]
+  assert pts.pending_seeds(rows, 1, 1, fresh, kept) == [0]
   with pytest.raises(ValueError, match="not a post-training results file"):
     pts.load_carried(os.path.join(pts.sensitivity_dir(sweep_dir, 0), "sensitivity.json"))
 
