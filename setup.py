@@ -32,6 +32,8 @@ setup(
         "scikit-learn>=1.3",
         # TensorBoard event files without TensorFlow.
         "tensorboardX>=2.6",
+        # jax.export's serialization (deployable artifacts, python -m mmjax.deploy).
+        "flatbuffers>=24",
     ],
     extras_require={
         "test": [

@@ -117,16 +117,19 @@ def _validate(query, key, value, mask, bias, implementation):
   for name, x in (("mask", mask), ("bias", bias)):
     if x is None:
       continue
-    try:
-      ok = np.ndim(x) <= 4 and np.broadcast_shapes(np.shape(x), full) == full
-    except ValueError:
-      ok = False
-    if not ok:
+    if not _broadcasts_to(np.shape(x), full):
       raise ValueError(f"{name} of shape {_shape_str(x)} does not broadcast to [batch, heads, "
                        f"q_len, kv_len] = {full}.")
   if mask is not None and jnp.asarray(mask).dtype != jnp.bool_:
     raise ValueError(f"mask must be boolean (True = may attend), got dtype {mask.dtype}; "
                      "pass additive masks as `bias`.")
+
+
+def _broadcasts_to(shape, full) -> bool:
+  """Whether `shape` broadcasts to `full`, dimension by dimension (symbolic dimensions of a
+  shape-polymorphic export compare too, which np.broadcast_shapes cannot)."""
+  return len(shape) <= len(full) and all(
+      s == 1 or s == f for s, f in zip(reversed(shape), reversed(full)))
 
 
 def _as_4d(x):

@@ -31,6 +31,17 @@ def test_quickstart_end_to_end_then_reuses_its_stages(procedural_dir, tmp_path):
   assert config["init"] == os.path.join(workdir, "dense")
   with open(os.path.join(workdir, "pareto.png"), "rb") as f:
     assert f.read(4) == b"\x89PNG"
+  # the compressed run as an artifact for cpu, cuda and tpu; on this CPU, loaded by its own
+  # serve.py, it classifies the test split exactly as the run did
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+  d = subprocess.run([sys.executable, "-m", "mmjax.deploy", f"--workdir={workdir}/compressed",
+                      f"--out={workdir}/artifact", "--evaluate", f"--data_dir={procedural_dir}"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert d.returncode == 0, d.stderr[-3000:]
+  manifest = json.load(open(os.path.join(workdir, "artifact", "manifest.json")))
+  assert manifest["platforms"] == ["cpu", "cuda", "tpu"]
+  acc = f"{report['accuracy']:.2%}"
+  assert f"artifact test accuracy {acc} on 1000 examples (the run: {acc})" in d.stdout, d.stdout
   again = _quickstart(workdir, procedural_dir)
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.count("already done") == 2 and "dense vs compressed" in again.stdout

@@ -174,7 +174,7 @@ def export(params, out_dir: str, plan: Plan | None = None, cstate=None,
       w = np.where(keep.reshape(w.shape), w, 0.0)  # as `update` leaves them (Plan.start)
     if "act_scale" in d:
       entry["act"] = {"scale": float(np.float32(d["act_scale"])), "bits": int(d["act_bits"]),
-                      "mode": d.get("act_mode", "fake")}
+                      "mode": d.get("act_mode", "fake"), "format": d.get("act_format", "int")}
     if d.get("codes") == "grid" and "grid" in d:
       entry.update(_grid_entry(w, d, keep, put))
     elif d.get("codes") == "symmetric":

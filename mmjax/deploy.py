@@ -1,0 +1,156 @@
+"""A trained or compressed run as a deployable artifact (`mmjax/compress/artifact.py`).
+
+  python -m mmjax.deploy --workdir=<run> --out=<dir> [--platforms=cpu,cuda,tpu] [--evaluate]
+
+The run's model (its config.json) and its weights: the compressed export (<run>/export:
+low-bit codes, scales, zero points, packed masks, activation scales) when the run wrote
+one, else the latest checkpoint's float parameters (a dense run). The artifact takes the
+model's inputs (each modality and its padding mask, any batch size) and returns the logits;
+`<dir>/serve.py` runs it with only jax and numpy. Prints the artifact's bytes next to the
+export's and the dense fp32 model's, and records them in the run's compression report.
+`--evaluate`: the artifact's accuracy on the test split beside the run's own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "a finished run (dense or compressed)")
+_OUT = flags.DEFINE_string("out", None, "the artifact directory to write")
+_PLATFORMS = flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"],
+                               "platforms to lower for: cpu, cuda, rocm, tpu")
+_DATA = flags.DEFINE_string("data_dir", None, "--evaluate: the dataset directory (default: "
+                            "the run's)")
+_EVALUATE = flags.DEFINE_bool("evaluate", False, "run the artifact on the test split")
+
+
+def _read_config(workdir):
+  import ml_collections
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"--workdir={workdir} is not a run directory (no config.json); give a "
+                     "finished run's workdir.")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _weights(workdir):
+  """-> (bufs, meta, source): the export if the run wrote one, else its checkpoint."""
+  from mmjax import checkpointing
+  from mmjax.compress import artifact, flatten
+  export_dir = os.path.join(workdir, "export")
+  if os.path.isdir(export_dir):
+    bufs, meta = artifact.weights_from_export(export_dir)
+    return bufs, meta, export_dir
+  reader = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), read_only=True)
+  try:
+    step = reader.latest_step()
+    if step is None:
+      raise ValueError(f"--workdir={workdir} has neither an export nor a checkpoint; "
+                       "finish the run first.")
+    import jax
+    params = jax.device_get(reader.restore_local(step)["params"])
+  finally:
+    reader.close()
+  bufs, meta = artifact.weights_from_params(flatten(params))
+  return bufs, meta, f"{workdir} (checkpoint step {step})"
+
+
+def build(workdir: str, out: str, platforms=("cpu", "cuda", "tpu"), log=print) -> dict:
+  """Write the artifact of run `workdir` into `out`; -> its manifest."""
+  import numpy as np
+  from mmjax import train
+  from mmjax.compress import artifact, export
+  from mmjax.models import MultimodalModel, random_inputs
+  platforms = artifact.check_platforms(platforms)
+  workdir = os.path.abspath(workdir)
+  config = _read_config(workdir)
+  cfg = train.model_config(config)
+  input_cfg = train.input_config(config)
+  model = MultimodalModel(cfg)
+  bufs, meta, source = _weights(workdir)
+  example = random_inputs(cfg, 1, text_len=input_cfg.text_len, with_labels=False)
+  apply = lambda p, b: model.apply({"params": p}, b)[0]
+  labels = ([str(i) for i in range(cfg.head.num_classes)] if cfg.head.kind == "classify"
+            else None)
+  dense_bytes = 4 * sum(int(np.prod(m["shape"])) for m in meta.values())
+  manifest = artifact.write(out, apply, bufs, meta, example, platforms, extra=dict(
+      source=source, modalities=list(cfg.modalities), labels=labels,
+      output_meaning="logits over the labels" if labels else "logits"))
+  files = manifest["files"]
+  sizes = dict(artifact_bytes=manifest["bytes"], program_bytes=files[artifact.PROGRAM]["bytes"],
+               weights_bytes=files[artifact.WEIGHTS]["bytes"], dense_fp32_bytes=dense_bytes)
+  if os.path.isdir(os.path.join(workdir, "export")):
+    sizes["export_bytes"] = export.disk_bytes(os.path.join(workdir, "export"))
+  log(f"[deploy] {os.path.abspath(out)}: {', '.join(platforms)}; weights from {source}")
+  log(f"[deploy] bytes: artifact {sizes['artifact_bytes']:,} (program "
+      f"{sizes['program_bytes']:,}, weights {sizes['weights_bytes']:,})"
+      + (f", export {sizes['export_bytes']:,}" if "export_bytes" in sizes else "")
+      + f", dense fp32 {dense_bytes:,} ({dense_bytes / sizes['artifact_bytes']:.2f}x the "
+      "artifact)")
+  report_path = os.path.join(workdir, "compression_report.json")
+  if os.path.exists(report_path):
+    with open(report_path) as f:
+      rep = json.load(f)
+    rep["artifact"] = dict(dir=os.path.abspath(out), platforms=list(platforms), **sizes)
+    with open(report_path + ".tmp", "w") as f:
+      json.dump(rep, f, indent=1)
+    os.replace(report_path + ".tmp", report_path)
+  return dict(manifest=manifest, sizes=sizes)
+
+
+def evaluate(workdir: str, out: str, data_dir=None, log=print) -> dict:
+  """The artifact's accuracy on the run's test split (loaded by its own serve.py)."""
+  import importlib.util
+  import numpy as np
+  from mmjax import train
+  from mmjax.data import pipeline
+  config = _read_config(os.path.abspath(workdir))
+  if data_dir:
+    config.data.data_dir = data_dir
+  input_cfg = train.input_config(config)
+  spec = importlib.util.spec_from_file_location("mmjax_artifact_serve",
+                                                os.path.join(out, "serve.py"))
+  serve = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(serve)
+  model = serve.load(out)
+  correct = count = 0.0
+  for batch in pipeline.eval_batches(input_cfg):
+    logits = np.asarray(model(batch))
+    keep = np.asarray(batch.get("example_mask", np.ones(len(logits), bool)), bool)
+    correct += float(((logits.argmax(-1) == batch["label"]) & keep).sum())
+    count += float(keep.sum())
+  acc = correct / max(count, 1)
+  run = None
+  summary = os.path.join(workdir, "summary.json")
+  if os.path.exists(summary):
+    with open(summary) as f:
+      run = json.load(f).get("eval_accuracy")
+  log(f"[deploy] artifact test accuracy {acc:.2%} on {int(count)} examples"
+      + (f" (the run: {run:.2%})" if run is not None else ""))
+  return dict(accuracy=acc, examples=count, run_accuracy=run)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  if not _WORKDIR.value or not _OUT.value:
+    print("error: --workdir=<a finished run> and --out=<artifact dir> are required.",
+          file=sys.stderr)
+    return 2
+  try:
+    build(_WORKDIR.value, _OUT.value, _PLATFORMS.value)
+    if _EVALUATE.value:
+      evaluate(_WORKDIR.value, _OUT.value, _DATA.value)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)
