@@ -289,13 +289,15 @@ def _teacher_run_dir(config, teacher):
   return teacher, run_dir
 
 
-def _distill(config, d: dict):
+def _distill(config, d: dict, read_checkpoints: bool = True):
   """-> (method, Frozen): every check done here: the teacher checkpoint exists and fits the
-  teacher's model config."""
+  teacher's model config (unless `read_checkpoints` is False: shapes only, for lowering)."""
   _check_keys(d, DISTILL_KEYS, "config.compress.distill")
   teacher, run_dir = _teacher_run_dir(config, d.get("teacher") or "")
   if d.get("teacher_model"):
     model_dict = d["teacher_model"]
+  elif not read_checkpoints and not os.path.exists(os.path.join(run_dir, "config.json")):
+    model_dict = config.model  # shapes only, no run on disk: the student's model
   else:
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
@@ -311,13 +313,15 @@ def _distill(config, d: dict):
       features=tuple(d.get("features") or ()), feature_weight=float(d.get("feature_weight", 0.0)),
       where="config.compress.distill")
   ckpt_dir = checkpointing.checkpoint_dir(teacher)
+  abstract = abstract_params(teacher_cfg)
+  if not read_checkpoints:
+    return method, Frozen(method.name, "teacher", ckpt_dir, abstract)
   reader = checkpointing.Checkpointer(ckpt_dir, read_only=True)
   step = reader.latest_step()
   if step is None:
     reader.close()
     raise ValueError(f"config.compress.distill.teacher={teacher} holds no checkpoint; point "
                      "it at a trained run's workdir.")
-  abstract = abstract_params(teacher_cfg)
   try:
     reader.check_params_fit(step, abstract,
                             what="the teacher (config.compress.distill.teacher): params in")
@@ -326,7 +330,8 @@ def _distill(config, d: dict):
   return method, Frozen(method.name, "teacher", ckpt_dir, abstract)
 
 
-def build(config, model_cfg: ModelConfig, shapes: dict | None = None) -> Compression:
+def build(config, model_cfg: ModelConfig, shapes: dict | None = None,
+          read_checkpoints: bool = True) -> Compression:
   """config.compress -> Compression (an empty plan when nothing is set); `shapes`: the
   model's `param_shapes`, when the caller has them."""
   c = _as_dict(config.get("compress"))
@@ -344,7 +349,7 @@ def build(config, model_cfg: ModelConfig, shapes: dict | None = None) -> Compres
     part, settings["activations"] = _activations(_as_dict(c["activations"]), shapes)
     parts.append(part)
   if c.get("distill"):
-    method, teacher = _distill(config, _as_dict(c["distill"]))
+    method, teacher = _distill(config, _as_dict(c["distill"]), read_checkpoints)
     parts.append(method)
     frozen.append(teacher)
   plan = Plan(*parts).check(shapes)

@@ -14,7 +14,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -117,9 +117,10 @@ class Setup:
   compression: compress_config.Compression
 
 
-def validate(config, plan=None) -> Setup:
+def validate(config, plan=None, read_checkpoints: bool = True) -> Setup:
   """All config errors, raised before compilation and before the workdir is touched;
-  `plan` replaces the plan config.compress builds (a method written in a notebook)."""
+  `plan` replaces the plan config.compress builds (a method written in a notebook);
+  `read_checkpoints=False`: shapes only, no teacher checkpoint read (`mmjax.lowering`)."""
   model_cfg, input_cfg, t = model_config(config), input_config(config), config.train
   for field in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     if int(t[field]) <= 0 and not (field == "steps" and int(t[field]) == 0
@@ -137,7 +138,8 @@ def validate(config, plan=None) -> Setup:
                      "config.mesh.data to a divisor of it.")
   pipeline.host_batch_size(input_cfg.batch_size, jax.process_count())
   pipeline._prep_fn(input_cfg)  # modality / adapter checks
-  compression = compress_config.build(config, model_cfg)
+  compression = compress_config.build(config, model_cfg,
+                                     read_checkpoints=read_checkpoints)
   if plan is not None:
     shapes = param_shapes(model_cfg)
     compression = dataclasses.replace(
@@ -280,6 +282,25 @@ def _write_summary(workdir, summary, log):
       f"{os.path.join(workdir, 'tensorboard')}\n" + "=" * 72)
 
 
+class Programs(NamedTuple):
+  model: Any
+  steps: step_lib.Steps
+  init_fn: Callable  # (params, frozen) -> TrainState
+  fresh: Callable    # () -> freshly initialised params
+
+
+def programs(config, setup: Setup) -> Programs:
+  """The model and its pure step functions for a validated config (what is jitted: the
+  trainer runs them, `mmjax.lowering` lowers them for other platforms)."""
+  model, cfg = MultimodalModel(setup.model_cfg), setup.model_cfg
+  tx, schedule = optim.make_optimizer(config.optimizer, setup.total_steps)
+  steps = make_steps(model, cfg, tx, schedule, setup.compression.plan)
+  seed, sample = int(config.seed), random_inputs(cfg, 1, seed=0)
+  init_fn = lambda params, frozen: steps.init(params, jax.random.PRNGKey(seed), sample, frozen)
+  fresh = lambda: model.init(jax.random.fold_in(jax.random.PRNGKey(seed), 1), sample)["params"]
+  return Programs(model, steps, init_fn, fresh)
+
+
 def train_and_evaluate(config, workdir: str, log=print, plan=None) -> dict:
   """Train, evaluate and checkpoint one experiment; returns the final summary. `plan`
   replaces the compression plan config.compress builds (a method written in a notebook)."""
@@ -288,16 +309,11 @@ def train_and_evaluate(config, workdir: str, log=print, plan=None) -> dict:
   comp, cfg, mesh = setup.compression, setup.model_cfg, setup.mesh
   workdir, fsdp = os.path.abspath(workdir), bool(config.mesh.get("fsdp", False))
   check_workdir(workdir)
-  model = MultimodalModel(cfg)
-  tx, schedule = optim.make_optimizer(config.optimizer, setup.total_steps)
-  steps = make_steps(model, cfg, tx, schedule, comp.plan)
-  batch_shd, seed = sharding.batch_sharding(mesh), int(config.seed)
-  sample = random_inputs(cfg, 1, seed=0)
+  model, steps, init_fn, fresh = programs(config, setup)
+  batch_shd = sharding.batch_sharding(mesh)
 
   # ---- state: abstract first (nothing allocated); frozen inputs (a teacher) outside it
   frozen_abs = {f.name: sharding.sharded_abstract(f.abstract, mesh, fsdp) for f in comp.frozen}
-  init_fn = lambda params, frozen: steps.init(params, jax.random.PRNGKey(seed), sample, frozen)
-  fresh = lambda: model.init(jax.random.fold_in(jax.random.PRNGKey(seed), 1), sample)["params"]
   abstract, state_shd = sharding.sharded_abstract(jax.eval_shape(
       init_fn, jax.eval_shape(fresh), {k: a for k, (a, _) in frozen_abs.items()}), mesh, fsdp)
   ckpt_path, init_dir = os.path.join(workdir, "checkpoints"), config.get("init")

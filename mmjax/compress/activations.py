@@ -79,13 +79,15 @@ def _transposed(a):
   row-major [M, K] x [K, N] operands: a transposed int8 operand falls back to an int32
   matmul 6x slower than float (measured: dW 10.2 ms int8 vs 1.6 ms fp32 at T=5056, k=128,
   n=352; through the gather 2.6 ms, and the whole int8 step 0.90x dense instead of 1.38x).
-  Other backends get the plain transpose (the gather would also defeat batch sharding)."""
-  if jax.default_backend() != "cpu":
-    return a.T
-  r, c = a.shape
-  idx = (jnp.arange(r, dtype=jnp.int32)[None, :] * c
-         + jnp.arange(c, dtype=jnp.int32)[:, None]).reshape(-1)
-  return jnp.take(a.reshape(-1), idx, unique_indices=True).reshape(c, r)
+  Other platforms get the plain transpose (the gather would also defeat batch sharding):
+  chosen where the program is lowered (`lax.platform_dependent`), so a program exported
+  from this CPU for cuda or tpu carries the transpose, not the CPU trick (tested)."""
+  def gather(a):
+    r, c = a.shape
+    idx = (jnp.arange(r, dtype=jnp.int32)[None, :] * c
+           + jnp.arange(c, dtype=jnp.int32)[:, None]).reshape(-1)
+    return jnp.take(a.reshape(-1), idx, unique_indices=True).reshape(c, r)
+  return jax.lax.platform_dependent(a, cpu=gather, default=lambda a: a.T)
 
 
 def _int8_bwd(int8_grads, res, g):
