@@ -16,11 +16,15 @@ Implementations:
     Lengths need not divide the block sizes (inputs are padded, padding masked out).
     With ``is_causal``, key blocks entirely above the diagonal are skipped.
   * ``"xla"`` / ``"cudnn"``: delegate to `jax.nn.dot_product_attention`.
+  * ``"pallas"``: JAX's own Pallas kernels (`pallas_attention.py`): the TPU flash
+    attention when lowered for TPU, the GPU (Triton) attention when lowered for CUDA,
+    xla elsewhere (and on GPU for a bias or a mask other than key padding).
   * ``None``: automatic, decided at trace time from static shapes (see
     `choose_implementation`): cuDNN flash attention on GPU for fp16/bf16 when it accepts
-    the shapes (falling back to xla when it does not), chunked when
+    the shapes (falling back to xla when it does not); when
     ``q_len * kv_len >= CHUNKED_MIN_LOGITS`` (where the logits no longer fit in cache and
-    the materialised matrix dominates memory), xla otherwise.
+    the materialised matrix dominates memory) pallas on TPU and on GPU (key-padding masks
+    only), chunked elsewhere; xla otherwise.
 
 Every implementation returns zeros (never NaN) for a query row whose keys are all masked.
 All argument errors are `ValueError`s raised at trace time, before compilation.
@@ -36,7 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-IMPLEMENTATIONS = ("reference", "chunked", "xla", "cudnn")
+from mmjax import pallas_attention
+
+IMPLEMENTATIONS = ("reference", "chunked", "xla", "cudnn", "pallas")
 # Automatic choice: chunked once a head's logit matrix has this many entries (on this
 # 2-core CPU chunked ties xla below 512² and wins above; bench/README.md).
 CHUNKED_MIN_LOGITS = 512 * 512
@@ -53,7 +59,9 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal=
   b, q_len, h, d = query.shape
   kv_len = key.shape[1]
   scale = float(1.0 / math.sqrt(d) if scale is None else scale)
-  impl = implementation or choose_implementation(q_len, kv_len, d, query.dtype)
+  general = bias is not None or (mask is not None and
+                                 pallas_attention.key_padding(_as_4d(mask)) is None)
+  impl = implementation or choose_implementation(q_len, kv_len, d, query.dtype, general)
   if impl == "reference":
     return _reference(query, key, value, mask, bias, is_causal, scale)
   if impl == "chunked":
@@ -67,6 +75,11 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal=
     raise ValueError(f"implementation={impl!r} needs value head_dim == query head_dim, got "
                      f"value {value.shape} and query {query.shape}; use 'reference' or "
                      "'chunked' for differing head dims.")
+  if impl == "pallas":
+    xla = lambda q, k, v: _via_jax_nn(q, k, v, mask, bias, is_causal, scale, "xla")
+    out = pallas_attention.pallas(query, key, value, _as_4d(mask), _as_4d(bias), is_causal,
+                                  scale, xla)
+    return _zero_empty_rows(out, mask, is_causal, kv_len)
   if implementation is None and impl == "cudnn":
     try:
       return _via_jax_nn(query, key, value, mask, bias, is_causal, scale, "cudnn")
@@ -75,13 +88,17 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal=
   return _via_jax_nn(query, key, value, mask, bias, is_causal, scale, impl)
 
 
-def choose_implementation(q_len: int, kv_len: int, head_dim: int, dtype) -> str:
-  """The automatic choice, a pure function of static facts (documented above)."""
-  dtype = jnp.dtype(dtype)
-  if (jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
+def choose_implementation(q_len: int, kv_len: int, head_dim: int, dtype,
+                          general_mask: bool = False) -> str:
+  """The automatic choice, a pure function of static facts (documented above);
+  `general_mask`: a bias, or a mask that is not a key-padding one."""
+  dtype, backend = jnp.dtype(dtype), jax.default_backend()
+  if (backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
       and head_dim <= 128 and head_dim % 8 == 0):
     return "cudnn"
   if q_len * kv_len >= CHUNKED_MIN_LOGITS:
+    if backend == "tpu" or (backend == "gpu" and not general_mask):
+      return "pallas"
     return "chunked"
   return "xla"
 

@@ -13,7 +13,7 @@ from typing import Mapping, Optional
 TOWER_KINDS = ("text", "image", "audio")
 FUSION_KINDS = ("cross", "joint", "bottleneck")
 HEAD_KINDS = ("classify", "per_token")
-ATTENTION_IMPLS = (None, "reference", "chunked", "xla", "cudnn")
+ATTENTION_IMPLS = (None, "reference", "chunked", "xla", "cudnn", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
