@@ -62,7 +62,7 @@ def split(grid_codes: dict):
     arrays[path] = {k: jnp.asarray(c[k]) for k in ("packed", "scale", "zero", "in_scale",
                                                    "mask") if c.get(k) is not None}
     meta[path] = dict(grid=c["grid"], shape=c["shape"], contract=c["contract"],
-                      count=c["count"])
+                      count=c["count"], masked=c.get("mask") is not None)
   return arrays, meta
 
 
@@ -71,14 +71,43 @@ def placeholders(params_flat: dict, grid_codes: dict) -> dict:
                             grid_codes.items()}}
 
 
-def weight_only(apply_fn, grid_codes: dict):
+def kernel_eligible(meta: dict) -> bool:
+  """Leaves the Pallas low-bit matmul serves: unmasked 4- or 8-bit integer grids on a 2-D
+  [K, N] kernel (N even for 4-bit: two columns a byte)."""
+  grid, shape = meta["grid"], meta["shape"]
+  return (grid.kind == "int" and grid.bits in (4, 8) and len(shape) == 2
+          and tuple(meta["contract"]) == (0,) and not meta.get("masked")
+          and (grid.bits == 8 or shape[1] % 2 == 0))
+
+
+def _kernel_product(d: intercept.Dot, a: dict, m: dict):
+  """x @ W through `lowbit_matmul.product` (the Pallas kernel on GPU/TPU)."""
+  from mmjax.compress import lowbit_matmul
+  grid, (k, n) = m["grid"], m["shape"]
+  x = d.x.reshape(-1, k).astype(jnp.float32)
+  if a.get("in_scale") is not None:  # AWQ: x @ (Wq / s) = (x / s) @ Wq
+    x = x / a["in_scale"][None, :]
+  group = grid.blocks(k)
+  full = lambda v: jnp.broadcast_to(v.astype(jnp.float32), (-(-k // group), n))  # per tensor
+  y = lowbit_matmul.product(x, a["packed"], full(a["scale"]), full(a["zero"] + grid.offset()),
+                            bits=grid.bits, group=group, n=n)
+  return y.reshape(d.x.shape[:-1] + (n,)).astype(d.out_aval.dtype)
+
+
+def weight_only(apply_fn, grid_codes: dict, kernel: bool = True):
   """-> f(params, arrays, *args): `apply_fn` with the grid leaves' products computed from
-  `arrays` (the first output of `split`)."""
+  `arrays` (the first output of `split`). `kernel`: plain 2-D products of 4- and 8-bit
+  integer grids go through `lowbit_matmul.product` (the Pallas kernel where the program is
+  lowered for GPU or TPU; on CPU the same dequantize-then-matmul as the other leaves)."""
   _, meta = split(grid_codes)
 
   def f(params, arrays, *args):
     def rewrite(d: intercept.Dot):
-      w = dequantize(arrays[d.path], meta[d.path]).astype(d.w.dtype)
+      m = meta[d.path]
+      if (kernel and kernel_eligible(m) and d.w_is_rhs and d.dims == (
+          ((d.x.ndim - 1,), (0,)), ((), ()))):
+        return _kernel_product(d, arrays[d.path], m)
+      w = dequantize(arrays[d.path], m).astype(d.w.dtype)
       return d.bind(d.x, w)
     return intercept.dots(apply_fn, list(meta), rewrite, "low-bit weights")(params, *args)
   return f
