@@ -16,16 +16,6 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "a finished run (dense or compressed)")
-_OUT = flags.DEFINE_string("out", None, "the artifact directory to write")
-_PLATFORMS = flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"],
-                               "platforms to lower for: cpu, cuda, rocm, tpu")
-_DATA = flags.DEFINE_string("data_dir", None, "--evaluate: the dataset directory (default: "
-                            "the run's)")
-_EVALUATE = flags.DEFINE_bool("evaluate", False, "run the artifact on the test split")
-
 
 def _read_config(workdir):
   import ml_collections
@@ -134,18 +124,20 @@ def evaluate(workdir: str, out: str, data_dir=None, log=print) -> dict:
   return dict(accuracy=acc, examples=count, run_accuracy=run)
 
 
-def main(argv):
+def main(argv, flags_) -> int:
+  from absl import logging
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    return 2
   logging.set_verbosity(logging.WARNING)
-  if not _WORKDIR.value or not _OUT.value:
+  if not flags_.workdir or not flags_.out:
     print("error: --workdir=<a finished run> and --out=<artifact dir> are required.",
           file=sys.stderr)
     return 2
   try:
-    build(_WORKDIR.value, _OUT.value, _PLATFORMS.value)
-    if _EVALUATE.value:
-      evaluate(_WORKDIR.value, _OUT.value, _DATA.value)
+    build(flags_.workdir, flags_.out, flags_.platforms)
+    if flags_.evaluate:
+      evaluate(flags_.workdir, flags_.out, flags_.data_dir)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -153,4 +145,13 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  # flags only here: importing this module defines none (experiments own --data_dir etc.)
+  from absl import app, flags
+  flags.DEFINE_string("workdir", None, "a finished run (dense or compressed)")
+  flags.DEFINE_string("out", None, "the artifact directory to write")
+  flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"],
+                    "platforms to lower for: cpu, cuda, rocm, tpu")
+  flags.DEFINE_string("data_dir", None, "--evaluate: the dataset directory (default: the "
+                      "run's)")
+  flags.DEFINE_bool("evaluate", False, "run the artifact on the test split")
+  app.run(lambda argv: main(argv, flags.FLAGS))

@@ -26,7 +26,6 @@ bytes it ships are the export's, not a dense copy.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ import numpy as np
 
 from mmjax.compress import activations, export, formats, intercept, layout, lowbit, quant
 from mmjax.compress.core import unflatten
+from mmjax.compress.serve import sha256 as _sha256  # serve.py: jax and numpy only
 
 FORMAT = "mmjax-artifact-v1"
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -199,14 +199,6 @@ def forward(apply_fn, meta: dict, like=None):
 def _spec(x, batch_dim):
   x = np.asarray(x)
   return jax.ShapeDtypeStruct((batch_dim,) + x.shape[1:], x.dtype)
-
-
-def _sha256(path):
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def write(out_dir: str, apply_fn, bufs: dict, meta: dict, example_inputs: dict,

@@ -27,7 +27,7 @@ class ArtifactError(ValueError):
   pass
 
 
-def _sha256(path):
+def sha256(path) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -54,7 +54,7 @@ def _manifest(directory):
     p = os.path.join(directory, name)
     if not os.path.exists(p):
       raise ArtifactError(f"{p} is missing; copy the whole artifact directory.")
-    if os.path.getsize(p) != want["bytes"] or _sha256(p) != want["sha256"]:
+    if os.path.getsize(p) != want["bytes"] or sha256(p) != want["sha256"]:
       raise ArtifactError(f"{p} is truncated or changed ({os.path.getsize(p):,} bytes, the "
                           f"manifest says {want['bytes']:,}); copy it again or write the "
                           "artifact again with `python -m mmjax.deploy`.")
