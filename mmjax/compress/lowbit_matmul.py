@@ -26,6 +26,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 
 def _pow2(n: int, at_least: int = 1) -> int:
@@ -51,24 +53,19 @@ def _kernel(x_ref, u_ref, s_ref, c_ref, *o_refs, bits, group, groups):
   accs = [jnp.zeros((bm, bn), jnp.float32) for _ in o_refs]
 
   def body(g, accs):
-    x = x_ref[:, pl_ds(g * group, group)].astype(jnp.float32)
-    u = u_ref[pl_ds(g * group, group), :].astype(jnp.int32)  # bit ops on 32-bit (Triton)
+    x = x_ref[:, pl.ds(g * group, group)].astype(jnp.float32)
+    u = u_ref[pl.ds(g * group, group), :].astype(jnp.int32)  # bit ops on 32-bit (Triton)
     halves = [u] if bits == 8 else [u & 0xF, u >> 4]
     out = []
     for i, (acc, h) in enumerate(zip(accs, halves)):
-      s = s_ref[i, pl_ds(g, 1), :]  # [1, bn]: this group's scales (even or odd columns)
-      c = c_ref[i, pl_ds(g, 1), :]
+      s = s_ref[i, pl.ds(g, 1), :]  # [1, bn]: this group's scales (even or odd columns)
+      c = c_ref[i, pl.ds(g, 1), :]
       w = (h.astype(jnp.float32) - c) * s
       out.append(acc + jnp.dot(x, w, preferred_element_type=jnp.float32))
     return out
   accs = jax.lax.fori_loop(0, groups, body, accs)
   for o, acc in zip(o_refs, accs):
     o[...] = acc
-
-
-def pl_ds(start, size):
-  from jax.experimental import pallas as pl
-  return pl.ds(start, size)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "n", "block_m", "block_n",
@@ -78,8 +75,6 @@ def matmul(x, packed, scale, center, *, bits: int, group: int, n: int, block_m: 
   """x [M, K] @ W [K, n] from stored codes (see the module docstring) -> [M, n] float32.
   `scale`/`center` [G, n] (G = 1: per channel, `group` = K). `platform`: "gpu" compiles
   with Triton, "tpu" with Mosaic."""
-  from jax.experimental import pallas as pl
-  from jax.experimental.pallas import triton as pltriton
   if bits not in (4, 8):
     raise ValueError(f"the low-bit matmul kernel takes 4- or 8-bit codes, got bits={bits}.")
   m, k = x.shape
@@ -92,9 +87,8 @@ def matmul(x, packed, scale, center, *, bits: int, group: int, n: int, block_m: 
   # each group padded to a power of two (zero rows of x: no contribution), then K
   xg = _pad_to(jnp.pad(x, ((0, 0), (0, groups * group - k))).reshape(m, groups, group),
                (mp, groups, grp)).reshape(mp, groups * grp)
-  u = jnp.stack([_pad_to(jnp.pad(h[0], ((0, groups * group - k), (0, 0)))
-                         .reshape(groups, group, nh), (groups, grp, np_))
-                 .reshape(groups * grp, np_) for h in halves[:1]])[0]
+  u = _pad_to(jnp.pad(halves[0][0], ((0, groups * group - k), (0, 0)))  # shared by halves
+              .reshape(groups, group, nh), (groups, grp, np_)).reshape(groups * grp, np_)
   s = jnp.stack([_pad_to(h[1].astype(jnp.float32), (groups, np_)) for h in halves])
   c = jnp.stack([_pad_to(h[2].astype(jnp.float32), (groups, np_)) for h in halves])
   outs = pl.pallas_call(
