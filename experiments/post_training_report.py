@@ -69,7 +69,8 @@ def separation(rows) -> list:
     have = [by[n] for n in names if n in by]
     if len(have) < 2:
       continue
-    best, worst = max(have, key=lambda r: r["accuracy"]), min(have, key=lambda r: r["accuracy"])
+    best = max(have, key=lambda r: r["accuracy"])  # the worst among the others: with
+    worst = min([r for r in have if r is not best], key=lambda r: r["accuracy"])  # ties, two
     gap = best["accuracy"] - worst["accuracy"]
     out.append(dict(family=fam, best=best["name"], worst=worst["name"], gap=gap,
                     separates=gap >= SEPARATE))
