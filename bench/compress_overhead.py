@@ -40,7 +40,6 @@ versions, and reports bytes on disk and their ratios to both references. With
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -48,6 +47,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import results_file  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -304,10 +305,7 @@ def main():
   if full:
     result.update(_distillation(med, teacher_fwd_flops, student_flops, dense_flops))
     result.update(_disk(params0, cfg, prune, int8, source))
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"wrote {args.out}")
+  results_file.write(args.out, result)
 
 
 if __name__ == "__main__":

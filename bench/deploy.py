@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
 import sys
@@ -41,6 +40,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import results_file  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -239,10 +240,7 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     result["artifacts"] = artifacts(params, apply, inputs, plans, tmp, args.reps, print)
   result["forward"] = forwards(params, apply, inputs, plans, args.reps, print)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"wrote {args.out}")
+  results_file.write(args.out, result)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ of its own: RSS is the process's peak).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import resource
@@ -34,6 +33,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import results_file  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -247,10 +248,7 @@ def main():
     if args.qwix:
       result["qwix"] = vs_qwix(session, log)
     result["inference"] = inference(session, args.reps, log)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
-  log(f"wrote {args.out}")
+  results_file.write(args.out, result, log)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import results_file  # noqa: E402
+
 
 def vs_torch(batch_size: int, reps: int, out: str):
   """The `small` model's train step in JAX (jitted) and in PyTorch (eager), interleaved."""
@@ -169,10 +171,7 @@ def main(argv=None):
   print(f"  bare step (median of 30)    {bare * 1e3:.1f} ms: "
         f"{res['bare_examples_per_s']:.0f} examples/s")
   print(f"  time outside the step       {outside * 100:.1f}% (target < 10%)")
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(res, f, indent=1)
-  print(f"wrote {args.out}")
+  results_file.write(args.out, res)
 
 
 if __name__ == "__main__":
