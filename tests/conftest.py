@@ -40,3 +40,24 @@ def cpu_devices():
 
 
 from data_fixtures import procedural_dir, tiny_dense_dir  # noqa: E402,F401  (shared)
+
+
+# The longest tests (`--durations`, 2026-12-06: 60-135 s each, most of them subprocesses
+# or whole runs) go first: pytest-xdist hands tests out in collection order, and with two
+# workers a long test collected last leaves the other worker idle for most of its length.
+LONGEST_FIRST = (
+    "tests/test_train.py::test_sigkill_and_resume_is_bit_identical",
+    "tests/test_train.py::test_two_processes_on_localhost_match_one_process",
+    "tests/test_quickstart.py::test_quickstart_end_to_end_then_reuses_its_stages",
+    "tests/test_compress_harness.py::test_ptq_without_training_and_int8_qat",
+    "tests/test_sweep.py::test_sweep_runs_resumes_and_reports",
+    "tests/test_notebook.py::test_new_transform_notebook_runs",
+    "tests/test_train.py::test_resume_after_the_final_checkpoint_and_past_an_unreadable_step",
+    "tests/test_post_training_suite.py::test_suite_sensitivity_allocation_and_report",
+    "tests/test_train.py::test_one_step_on_8_devices_equals_1_device",
+)
+
+
+def pytest_collection_modifyitems(items):
+  rank = {nodeid: i for i, nodeid in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.nodeid, len(rank)))  # stable: the rest keep order

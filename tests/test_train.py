@@ -127,16 +127,22 @@ def test_sigkill_and_resume_is_bit_identical(procedural_dir, teacher_dir, tmp_pa
   (pruning masks recomputed every 10 steps, int8 QAT, distillation's trainable projection
   and frozen teacher) resume exactly: the dense loop is the same code with an empty plan."""
   config = COMPRESSED + (f"--config.compress.distill.teacher={teacher_dir}",)
+  def wait_for_a_checkpoint(proc, workdir):
+    deadline = time.time() + 240
+    while time.time() < deadline:
+      ck = workdir / "checkpoints"
+      if ck.exists() and any(p.name.isdigit() for p in ck.iterdir()):
+        return
+      assert proc.poll() is None, proc.stdout.read()
+      time.sleep(0.05)
+
   straight = _cli(str(tmp_path / "straight"), procedural_dir, config=config)
+  # the victim starts once the straight run has compiled (and cached) its train step, so
+  # the two do not compile the same program side by side on the CI machine's two cores
+  wait_for_a_checkpoint(straight, tmp_path / "straight")
   killed_dir = tmp_path / "killed"
   victim = _cli(str(killed_dir), procedural_dir, config=config)
-  deadline = time.time() + 240
-  while time.time() < deadline:
-    ck = killed_dir / "checkpoints"
-    if ck.exists() and any(p.name.isdigit() for p in ck.iterdir()):
-      break
-    assert victim.poll() is None, victim.stdout.read()
-    time.sleep(0.05)
+  wait_for_a_checkpoint(victim, killed_dir)
   time.sleep(random.uniform(0.0, 0.5))
   assert victim.poll() is None, "the run ended before it could be killed"
   victim.send_signal(signal.SIGKILL)
