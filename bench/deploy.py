@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -146,7 +147,6 @@ def forwards(params, apply, inputs, plans, reps, log):
   from mmjax.compress import activations, artifact, export, flatten, intercept, lowbit
   from mmjax.compress import unflatten
   from mmjax.compress_config import ACT_PATTERN
-  import re
   batch = inputs(64, seed=2)
   plan8, p8, cs8 = plans["int8 W8A8"]
   view8 = jax.jit(plan8.view)(p8, cs8)

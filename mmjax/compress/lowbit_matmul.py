@@ -29,6 +29,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from mmjax.compress import lowbit
+
 
 def _pow2(n: int, at_least: int = 1) -> int:
   return max(at_least, 1 << (max(n, 1) - 1).bit_length())
@@ -111,10 +113,7 @@ def matmul(x, packed, scale, center, *, bits: int, group: int, n: int, block_m: 
 def reference(x, packed, scale, center, *, bits: int, group: int, n: int):
   """The same product in plain jnp: the codes dequantized, then one matmul."""
   k = x.shape[1]
-  if bits == 8:
-    u = packed.reshape(k, n)
-  else:
-    u = jnp.stack([packed & 0xF, packed >> 4], axis=-1).reshape(k, n)
+  u = lowbit.unpack(packed, k * n, bits).reshape(k, n)
   rows = lambda a: jnp.repeat(a, group, axis=0)[:k]
   w = (u.astype(jnp.float32) - rows(center)) * rows(scale)
   return jnp.dot(x.astype(jnp.float32), w, preferred_element_type=jnp.float32)
