@@ -24,10 +24,12 @@ with a breakdown of where the int8 forward's time goes:
   int4 (dequantize)   weight-only 4-bit (the artifact): every weight dequantized each call
   int4 (lowbit kernel) `lowbit.weight_only`: on GPU/TPU the Pallas kernel (codes unpacked
                       and dequantized inside the matmul); on CPU the same XLA ops as above
-On CPU, fp32 and int8 are also compiled with XLA:CPU's other library settings (per
-compile, `compiler_options`, so in the same process): XLA's default YNNPACK fusions fuse
-whole MLPs into one library call and materialize scalar constants as full arrays there,
-which slows the fp32 forward; the ratio that counts is the best int8 against the best fp32.
+fp32 and int8 also run with the batch in quarters in one program (`_in_parts`: smaller
+activations stay in cache, which speeds fp32), and on CPU are compiled with XLA:CPU's
+other library settings (per compile, `compiler_options`, so in the same process): XLA's
+default YNNPACK fusions fuse whole MLPs into one library call and materialize scalar
+constants as full arrays there, which slows the fp32 forward. The ratio that counts is
+the best int8 against the best fp32.
 """
 from __future__ import annotations
 
