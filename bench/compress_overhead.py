@@ -67,18 +67,22 @@ def _plan(cfg_compress, model_cfg, *extra):
   parameter shapes), then the parts in `extra`."""
   from mmjax import compress_config
   from mmjax.compress import Plan
-  return Plan(compress_config.build({"compress": cfg_compress}, model_cfg).plan, *extra)
+  from mmjax.models import family
+  return Plan(compress_config.build({"compress": cfg_compress}, family.of(model_cfg)).plan,
+              *extra)
 
 
 def _copy(tree):
   return jax.tree.map(jax.numpy.array, tree)  # a copy: the step donates its state
 
 
-def _build(model, model_cfg, tx, schedule, plan, params, batch, frozen=None):
+def _build(model_cfg, tx, schedule, plan, params, batch, frozen=None):
   """-> (Steps, TrainState): the harness's step for `plan` and its state on `params` (a
   copy), as `train_and_evaluate` starts it (`steps.init` applies `plan.start`)."""
-  from mmjax import train
-  steps = train.make_steps(model, model_cfg, tx, schedule, plan)
+  from mmjax import task, train
+  from mmjax.models import family
+  fam = family.of(model_cfg)
+  steps = train.make_steps(fam, task.from_config({}, fam), tx, schedule, plan)
   state = jax.jit(steps.init)(_copy(params), jax.random.PRNGKey(0), batch, frozen)
   return steps, state
 
@@ -122,7 +126,7 @@ def _distillation(med, teacher_fwd_flops, student_flops, dense_flops):
 def _disk(params0, cfg, prune, int8, source):
   """Bytes on disk of exports (the writer every run uses) against raw and zstd'd fp32."""
   from mmjax.compress import export
-  from mmjax.compress_config import PRUNE_PATTERN
+  from mmjax.models.family import PRUNE_PATTERN
   disk = {}
   with tempfile.TemporaryDirectory() as tmp:
     export.export(params0, os.path.join(tmp, "raw"), zstd=False)
@@ -163,7 +167,7 @@ def main():
 
   from mmjax import checkpointing
   from mmjax.compress import Plan, activations, distill, flatten, match_paths, quant, rules
-  from mmjax.compress_config import ACT_PATTERN, PRUNE_PATTERN, QUANT_PATTERN
+  from mmjax.models.family import ACT_PATTERN, PRUNE_PATTERN, QUANT_PATTERN
   from mmjax.models import MultimodalModel, get_preset
 
   cfg = get_preset("small")
@@ -209,7 +213,7 @@ def main():
   steps, states, built = {}, {}, {}
   for name, (cc, act) in methods.items():
     plan = _plan(cc, cfg, *([act] if act is not None else []))
-    built[name], state = _build(model, cfg, tx, schedule, plan, params0, batch)
+    built[name], state = _build(cfg, tx, schedule, plan, params0, batch)
     if plan.needs_calibration(list(flatten(params0))):  # activation scales start at 1.0
       params, cstate = plan.calibrate(apply, state.params, state.cstate, [batch])
       state = state.replace(params=params, cstate=cstate)
@@ -232,7 +236,7 @@ def main():
     frozen = {"distill": params0}
     for name, plan in (("student", Plan()), ("student + distill", dplan)):
       d = name != "student"
-      built[name], state = _build(student, s_cfg, tx, schedule, plan, s_params, batch,
+      built[name], state = _build(s_cfg, tx, schedule, plan, s_params, batch,
                                   frozen if d else None)
       fn = jax.jit(built[name].train_step, donate_argnums=(0,))
       if not d:
@@ -243,7 +247,7 @@ def main():
       states[name] = state
     # self-distillation (the combined pipeline's): the small model, started from the
     # teacher's weights as the pipeline starts it, taught by itself
-    built["self-distill"], states["self-distill"] = _build(model, cfg, tx, schedule, dplan,
+    built["self-distill"], states["self-distill"] = _build(cfg, tx, schedule, dplan,
                                                            params0, batch, frozen)
     compiled = jax.jit(built["self-distill"].train_step, donate_argnums=(0,)).lower(
         states["self-distill"], batch, frozen).compile()

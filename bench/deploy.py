@@ -79,7 +79,7 @@ def _model(init):
 def _plans(params, apply, batch):
   from mmjax.compress import Plan, activations, formats, quant, rules
   from mmjax.compress.post_training import rtn
-  from mmjax.compress_config import ACT_PATTERN, PRUNE_PATTERN, QUANT_PATTERN
+  from mmjax.models.family import ACT_PATTERN, PRUNE_PATTERN, QUANT_PATTERN
   w8a8 = Plan(rules([(QUANT_PATTERN, quant.weights(8))]),
               rules([(ACT_PATTERN, activations.inputs(8, "int8"))]))
   g4 = formats.grid("int", 4, granularity="group", group_size=128, ragged=True)
@@ -158,7 +158,7 @@ def _in_parts(f, n):
 def forwards(params, apply, inputs, plans, reps, log):
   from mmjax.compress import activations, artifact, export, flatten, intercept, lowbit
   from mmjax.compress import unflatten
-  from mmjax.compress_config import ACT_PATTERN
+  from mmjax.models.family import ACT_PATTERN
   batch = inputs(64, seed=2)
   plan8, p8, cs8 = plans["int8 W8A8"]
   view8 = jax.jit(plan8.view)(p8, cs8)

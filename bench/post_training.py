@@ -48,7 +48,7 @@ def peak_rss_gib():
 def _methods():
   from mmjax.compress import activations, formats, pruning, rules
   from mmjax.compress.post_training import awq, gptq, rtn, smoothquant, sparsegpt, wanda
-  from mmjax.compress_config import PRUNE_PATTERN as P
+  from mmjax.models.family import PRUNE_PATTERN as P
   g4 = formats.grid("int", 4, granularity="group", group_size=128, ragged=True)
   return {
       "rtn w4 g128": [rules([(P, rtn.method(g4))])],
@@ -88,7 +88,7 @@ def vs_qwix(session, log):
   from qwix.contrib import gptq_core
   from mmjax.compress import flatten, formats
   from mmjax.compress.post_training import obs, stats
-  from mmjax.compress_config import PRUNE_PATTERN
+  from mmjax.models.family import PRUNE_PATTERN
   flat = flatten(session.params)
   paths = sorted(p for p in flat if re.fullmatch(PRUNE_PATTERN, p))
   st, _ = stats.collect(session.apply, session.params, session.calibration, paths, ("gram",))
@@ -129,9 +129,8 @@ def inference(session, reps, log):
   """fp32 forward vs the low-bit weight-only paths, batch 64, interleaved."""
   from mmjax.compress import Plan, export, flatten, formats, lowbit, rules, unflatten
   from mmjax.compress.post_training import gptq, rtn
-  from mmjax.compress_config import PRUNE_PATTERN as P
-  from mmjax.models import random_inputs
-  batch = random_inputs(session.model_cfg, 64, seed=1)
+  from mmjax.models.family import PRUNE_PATTERN as P
+  batch = session.family.example_batch(64, seed=1)
   fns = {"fp32": (jax.jit(lambda p, b: session.apply(p, b)[0]), (session.params,))}
   for name, method in (("int4 g128 weight-only (GPTQ export)", gptq.method(formats.grid(
       "int", 4, granularity="group", group_size=128, ragged=True), mode="parallel")),
@@ -174,7 +173,7 @@ def base_timing(modes, log):
   (`staged`): levels, and the equations its passes run in forwards' worth."""
   from mmjax.compress import Plan, flatten, formats, rules
   from mmjax.compress.post_training import gptq, sparsegpt
-  from mmjax.compress_config import PRUNE_PATTERN as P
+  from mmjax.models.family import PRUNE_PATTERN as P
   from mmjax.models import MultimodalModel, get_preset, random_inputs
   cfg = get_preset("base")
   model = MultimodalModel(cfg)

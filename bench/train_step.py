@@ -123,7 +123,6 @@ def main(argv=None):
   from experiments.configs import dense
   from mmjax import optim, sharding, train
   from mmjax.data.pipeline import train_iterator
-  from mmjax.models import MultimodalModel, random_inputs
 
   cfg = dense.get_config()
   cfg.data.data_dir = args.data_dir
@@ -135,15 +134,15 @@ def main(argv=None):
     summary = train.train_and_evaluate(cfg, workdir, log=lambda *_: None)
 
   setup = train.validate(cfg)
-  model = MultimodalModel(setup.model_cfg)
+  fam = setup.family
   tx, schedule = optim.make_optimizer(cfg.optimizer, args.steps)
-  steps = train.make_steps(model, setup.model_cfg, tx, schedule, setup.compression.plan)
-  sample = random_inputs(setup.model_cfg, 1)
+  steps = train.make_steps(fam, setup.task, tx, schedule, setup.compression.plan)
+  sample = fam.example_batch(1)
   rng = jax.random.PRNGKey(0)
-  params = jax.jit(model.init)(jax.random.fold_in(rng, 1), sample)["params"]
+  params = jax.jit(fam.init)(jax.random.fold_in(rng, 1), sample)
   state = jax.jit(steps.init)(params, rng, sample)
   local = next(train_iterator(setup.input_cfg))
-  batch = sharding.global_batch(train.model_inputs(local, setup.model_cfg.modalities),
+  batch = sharding.global_batch(train.model_inputs(local, fam, setup.task),
                                 sharding.batch_sharding(setup.mesh))
   step = jax.jit(steps.train_step, donate_argnums=(0,))  # as the harness does
   state, m = step(state, batch)

@@ -5,7 +5,8 @@ weight-only setting (the compressed weights are its inputs, so nothing recompile
 
 The validation set is drawn from the training split (a shuffle with its own seed), so that
 choosing settings never looks at the test split; `split="test"` evaluates on the test split
-instead (what the harness reports).
+instead (what the harness reports). The model and the metrics are the run's own model
+family and task (`mmjax.family`, `mmjax.task`): any model the harness trains.
 """
 from __future__ import annotations
 
@@ -17,10 +18,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmjax import checkpointing, train
+from mmjax import checkpointing, family as family_lib, task as task_lib, train
 from mmjax.compress import Plan, flatten, unflatten
 from mmjax.data import pipeline
-from mmjax.models import MultimodalModel
 
 VALIDATION_SEED = 10_007
 
@@ -36,9 +36,9 @@ class Session:
       self.config = ml_collections.ConfigDict(json.load(f))
     if data_dir:
       self.config.data.data_dir = data_dir
-    self.model_cfg = train.model_config(self.config)
-    self.input_cfg = train.input_config(self.config)
-    self.model = MultimodalModel(self.model_cfg)
+    self.family = family_lib.from_config(self.config)
+    self.task = task_lib.from_config(self.config, self.family)
+    self.input_cfg = train.input_config(self.config, self.family)
     reader = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), read_only=True)
     step = reader.latest_step()
     if step is None:
@@ -46,33 +46,32 @@ class Session:
       raise ValueError(f"{workdir} holds no checkpoint; train the dense run first.")
     self.params = jax.device_get(reader.restore_local(step)["params"])
     reader.close()
-    mods = self.model_cfg.modalities
+    fam, task = self.family, self.task
     bs = self.input_cfg.batch_size
     train.check_calibration_size(calib_examples, self.input_cfg, prepared_only=False)
     if calib_examples % bs:
       raise ValueError(f"calibration examples={calib_examples} must be a multiple of the "
                        f"batch size {bs}.")
     it = pipeline.train_iterator(dataclasses.replace(self.input_cfg, seed=calib_seed))
-    self.calibration = [train.model_inputs(next(it), mods) for _ in range(calib_examples // bs)]
+    self.calibration = [train.model_inputs(next(it), fam, task)
+                        for _ in range(calib_examples // bs)]
     if split == "test":
-      self.val = [train.model_inputs(b, mods) for b in pipeline.eval_batches(self.input_cfg)]
+      self.val = [train.model_inputs(b, fam, task) for b in pipeline.eval_batches(self.input_cfg)]
     else:
       it = pipeline.train_iterator(dataclasses.replace(self.input_cfg, seed=VALIDATION_SEED))
-      self.val = [train.model_inputs(next(it), mods) for _ in range(max(1, val_examples // bs))]
-    self.apply = lambda p, b: self.model.apply({"params": p}, b)
-    cfg = self.model_cfg
-
-    def sums(params, batch):
-      return train.loss_sums(self.apply(params, batch)[0], batch, cfg)
-    self._sums = jax.jit(sums)
+      self.val = [train.model_inputs(next(it), fam, task)
+                  for _ in range(max(1, val_examples // bs))]
+    self.apply = lambda p, b: fam.apply(p, b)
+    self._sums = jax.jit(lambda params, batch: task.eval_sums(fam.apply(params, batch)[0],
+                                                              batch))
     self.dense = self.evaluate(self.params)
 
   def evaluate(self, params, fn=None) -> dict:
-    """Loss and accuracy of `params` on the validation batches (dense forward, or `fn`)."""
+    """The task's metrics of `params` on the validation batches (dense forward, or `fn`);
+    `accuracy` is the task's ranking metric (`Task.metric`)."""
     f = fn or self._sums
-    outs = jax.device_get([f(params, b) for b in self.val])
-    ce, correct, count = (sum(float(o[i]) for o in outs) for i in range(3))
-    return dict(loss=ce / count, accuracy=correct / count)
+    m = task_lib.evaluate(self.task, jax.device_get([f(params, b) for b in self.val]))
+    return dict(loss=m["loss"], accuracy=m[self.task.metric])
 
   def compress(self, plan: Plan):
     """-> (params, cstate): `plan` started and calibrated on the calibration batches."""
@@ -82,8 +81,7 @@ class Session:
   def evaluate_plan(self, plan: Plan, params, cstate) -> dict:
     """With activation stages (a program of its own); weight-only plans use `view`."""
     wrapped = plan.wrap(self.apply, cstate, list(flatten(params)))
-    cfg = self.model_cfg
-    fn = jax.jit(lambda p, b: train.loss_sums(wrapped(p, b)[0], b, cfg))
+    fn = jax.jit(lambda p, b: self.task.eval_sums(wrapped(p, b)[0], b))
     return self.evaluate(jax.jit(plan.view)(params, cstate), fn)
 
   def view(self, plan: Plan, params, cstate):

@@ -19,9 +19,11 @@ heatmap.png (loss increase per kernel at the lowest setting: rows tower/block, c
 kernel), and for each budget allocation_<budget>.json: the per-kernel widths the greedy
 allocator (`mmjax.compress.allocate`) chose within the bytes of the uniform setting named,
 usable as `--config=experiments/configs/post_training.py:alloc=<that file>`.
-The units are mmjax's (tower names text / image / audio / fusion, 2-D Dense kernels, a
-trained run's workdir); for another model, `mmjax.compress.allocate.greedy` takes any
-{layer: [Candidate(setting, bytes, loss increase)]} measured however that model is run.
+Any model the harness trains: the kernels are its family's "matmul" pattern (2-D), towers
+the first component of their paths, blocks the first two, types the family's
+`unit_types`; accuracy is the run's task's metric. For a model outside the harness,
+`mmjax.compress.allocate.greedy` takes any {layer: [Candidate(setting, bytes, loss
+increase)]} measured however that model is run.
 """
 from __future__ import annotations
 
@@ -32,11 +34,6 @@ import sys
 import time
 
 from absl import app, flags
-
-UNIT_TYPES = {"attention": r"(text|image|audio)/.*/attn/\w+/kernel",
-              "mlp": r".*/mlp/\w+/kernel",
-              "cross_attention": r"fusion/.*/cross_attn/\w+/kernel"}
-
 
 def parse_setting(name: str):
   from mmjax.compress import formats
@@ -94,12 +91,12 @@ def measure(session, solved, units: dict) -> dict:
 
 
 def w8a8_by_tower(session, paths, towers=None) -> dict:
-  """W8A8 of each tower alone (`towers`: a subset; default all)."""
+  """W8A8 of each tower's compressible kernels alone (`towers`: a subset; default all)."""
   from mmjax.compress import Plan, activations, formats, rules
   from mmjax.compress.post_training import rtn
   out = {}
   for tower in sorted(towers or {tower_of(p) for p in paths}):
-    pattern = rf"{tower}/.*/(attn|cross_attn|mlp)/\w+/kernel"
+    pattern = f"(?={re.escape(tower)}/)(?:{session.family.patterns['matmul']})"
     plan = Plan(rules([(pattern, rtn.method(formats.grid("int", 8, granularity="channel")))]),
                 rules([(pattern, activations.inputs(8))]))
     params, cstate = session.compress(plan)
@@ -179,14 +176,16 @@ def run(workdir, out, method="gptq", settings=("w2g32", "w3g128", "w4g128", "w8c
         val_examples=512, w8a8_towers=None, log=print) -> dict:
   from experiments.one_shot import Session
   from mmjax.compress import flatten
-  from mmjax.compress_config import PRUNE_PATTERN
   grids = {s: parse_setting(s) for s in settings}
   budget_grids = {b: parse_setting(b) for b in budgets}
   t0 = time.perf_counter()
   session = Session(workdir, data_dir=data_dir, calib_examples=calib_examples,
                     calib_seed=calib_seed, val_examples=val_examples)
   flat = flatten(session.params)
-  paths = sorted(p for p in flat if re.fullmatch(PRUNE_PATTERN, p))
+  paths = sorted(p for p in flat if re.fullmatch(session.family.patterns["matmul"], p))
+  if not paths:
+    raise ValueError(f"model family {session.family.name!r}: its matmul pattern "
+                     f"{session.family.patterns['matmul']!r} matches no parameter.")
   for p in paths:
     for g in grids.values():
       g.check(flat[p].shape[0], f"{p}: ")
@@ -196,7 +195,8 @@ def run(workdir, out, method="gptq", settings=("w2g32", "w3g128", "w4g128", "w8c
   solved = solve_all(session, paths, grids, method)
   log(f"[sensitivity] solved in {time.perf_counter() - t0:.0f} s; measuring")
   towers = {t: [p for p in paths if tower_of(p) == t] for t in sorted({tower_of(p) for p in paths})}
-  types = {k: [p for p in paths if re.fullmatch(v, p)] for k, v in UNIT_TYPES.items()}
+  types = {k: [p for p in paths if re.fullmatch(v, p)]
+           for k, v in session.family.unit_types.items()}
   blocks = {b: [p for p in paths if block_of(p) == b] for b in sorted({block_of(p) for p in paths})}
   result = dict(workdir=workdir, method=method, settings=list(settings),
                 dense=session.dense, val_examples=sum(len(b["label"]) for b in session.val),

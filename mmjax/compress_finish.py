@@ -1,6 +1,6 @@
 """What a compression run writes at its end: the report, the real compressed export (its
 bytes on disk measured next to dense fp32 references), and, after structured pruning, the
-physically smaller model.
+physically smaller model (written by the model family's `shrink`, where it has one).
 
 The dense references are the uncompressed weights this run started from (config.init's,
 else the fresh initialisation) written by the same writer: raw fp32 (4 bytes a parameter;
@@ -16,11 +16,10 @@ import shutil
 import jax
 
 from mmjax.compress import export, report
-from mmjax.models import structure
 
 
-def dense_accuracy(config):
-  """The accuracy of the run this one started from (config.init), if it recorded one."""
+def dense_accuracy(config, metric="accuracy"):
+  """The task's metric of the run this one started from (config.init), if it recorded it."""
   init = config.get("init")
   if not init:
     return None
@@ -28,13 +27,14 @@ def dense_accuracy(config):
     path = os.path.join(d, "summary.json")
     if os.path.exists(path):
       with open(path) as f:
-        return json.load(f).get("eval_accuracy")
+        return json.load(f).get(f"eval_{metric}")
   return None
 
 
-def write(config, workdir, compression, state, eval_metrics, dense_params_fn, model_cfg,
-          log=print) -> dict:
-  """compression_report.json, the printed table, <workdir>/export and <workdir>/shrunk."""
+def write(config, workdir, compression, state, eval_metrics, dense_params_fn, family,
+          log=print, metric="accuracy") -> dict:
+  """compression_report.json, the printed table, <workdir>/export and <workdir>/shrunk;
+  `metric`: the task's, reported as the accuracy next to the dense run's."""
   plan = compression.plan
   extra = dict(compression.settings)
   params, cstate = report.host_tree(state.params), report.host_tree(state.cstate)
@@ -53,17 +53,17 @@ def write(config, workdir, compression, state, eval_metrics, dense_params_fn, mo
       extra[f"disk_bytes_dense{suffix}"] = export.disk_bytes(dense_dir)
       extra[f"disk_ratio{suffix}"] = extra[f"disk_bytes_dense{suffix}"] / extra["disk_bytes"]
       shutil.rmtree(dense_dir)
-  if any("structured" in d for d in info.values()):
-    view = jax.device_get(jax.jit(plan.view)(params, cstate))
-    small, small_cfg = structure.shrink(view, info, model_cfg)
-    if jax.process_index() == 0:
-      n = structure.save_shrunk(os.path.join(workdir, "shrunk"), small, small_cfg)
-      extra.update(shrunk_dir=os.path.join(workdir, "shrunk"), shrunk_parameters=n,
-                   shrunk_model=dict(num_heads=small_cfg.num_heads,
-                                     head_dim=small_cfg.head_dim, mlp_dim=small_cfg.mlp_dim))
-      log(f"[compress] physically shrunk model ({n:,} parameters) in {extra['shrunk_dir']}")
-  rep = report.build(params, plan, cstate, info=info, accuracy=eval_metrics.get("accuracy"),
-                     dense_accuracy=dense_accuracy(config), **extra)
+  if any("structured" in d for d in info.values()) and jax.process_index() == 0:
+    if family.shrink is None:
+      log(f"[compress] model family {family.name!r} offers no physical shrink: the pruned "
+          "units stay as zeros in the export")
+    else:
+      view = jax.device_get(jax.jit(plan.view)(params, cstate))
+      extra.update(family.shrink(view, info, os.path.join(workdir, "shrunk")))
+      log(f"[compress] physically shrunk model ({extra['shrunk_parameters']:,} parameters) "
+          f"in {extra['shrunk_dir']}")
+  rep = report.build(params, plan, cstate, info=info, accuracy=eval_metrics.get(metric),
+                     dense_accuracy=dense_accuracy(config, metric), **extra)
   if jax.process_index() == 0:
     path = report.write(workdir, rep)
     log(report.format_table(rep))

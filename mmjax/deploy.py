@@ -8,7 +8,8 @@ one, else the latest checkpoint's float parameters (a dense run). The artifact t
 model's inputs (each modality and its padding mask, any batch size) and returns the logits;
 `<dir>/serve.py` runs it with only jax and numpy. Prints the artifact's bytes next to the
 export's and the dense fp32 model's, and records them in the run's compression report.
-`--evaluate`: the artifact's accuracy on the test split beside the run's own.
+`--evaluate`: the artifact evaluated on the test split by the run's task, beside the run's
+own figure.
 """
 from __future__ import annotations
 
@@ -52,23 +53,20 @@ def _weights(workdir):
 def build(workdir: str, out: str, platforms=("cpu", "cuda", "tpu"), log=print) -> dict:
   """Write the artifact of run `workdir` into `out`; -> its manifest."""
   import numpy as np
-  from mmjax import train
+  from mmjax import family as family_lib, train
   from mmjax.compress import artifact, export
-  from mmjax.models import MultimodalModel, random_inputs
   platforms = artifact.check_platforms(platforms)
   workdir = os.path.abspath(workdir)
   config = _read_config(workdir)
-  cfg = train.model_config(config)
-  input_cfg = train.input_config(config)
-  model = MultimodalModel(cfg)
+  fam = family_lib.from_config(config)
+  input_cfg = train.input_config(config, fam)
   bufs, meta, source = _weights(workdir)
-  example = random_inputs(cfg, 1, text_len=input_cfg.text_len, with_labels=False)
-  apply = lambda p, b: model.apply({"params": p}, b)[0]
-  labels = ([str(i) for i in range(cfg.head.num_classes)] if cfg.head.kind == "classify"
-            else None)
+  example = fam.example_batch(1, input_cfg, with_labels=False)
+  apply = lambda p, b: fam.apply(p, b)[0]
+  labels = list(fam.labels) if fam.labels is not None else None
   dense_bytes = 4 * sum(int(np.prod(m["shape"])) for m in meta.values())
   manifest = artifact.write(out, apply, bufs, meta, example, platforms, extra=dict(
-      source=source, modalities=list(cfg.modalities), labels=labels,
+      source=source, modalities=list(fam.modalities), labels=labels,
       output_meaning="logits over the labels" if labels else "logits"))
   files = manifest["files"]
   sizes = dict(artifact_bytes=manifest["bytes"], program_bytes=files[artifact.PROGRAM]["bytes"],
@@ -93,35 +91,36 @@ def build(workdir: str, out: str, platforms=("cpu", "cuda", "tpu"), log=print) -
 
 
 def evaluate(workdir: str, out: str, data_dir=None, log=print) -> dict:
-  """The artifact's accuracy on the run's test split (loaded by its own serve.py)."""
+  """The artifact (loaded by its own serve.py) evaluated on the run's test split by the
+  run's task; -> its metrics, and the run's own `run_<metric>`."""
   import importlib.util
   import numpy as np
-  from mmjax import train
+  from mmjax import family as family_lib, task as task_lib, train
   from mmjax.data import pipeline
   config = _read_config(os.path.abspath(workdir))
   if data_dir:
     config.data.data_dir = data_dir
-  input_cfg = train.input_config(config)
+  fam = family_lib.from_config(config)
+  task = task_lib.from_config(config, fam)
+  input_cfg = train.input_config(config, fam)
   spec = importlib.util.spec_from_file_location("mmjax_artifact_serve",
                                                 os.path.join(out, "serve.py"))
   serve = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(serve)
   model = serve.load(out)
-  correct = count = 0.0
+  sums = []
   for batch in pipeline.eval_batches(input_cfg):
-    logits = np.asarray(model(batch))
-    keep = np.asarray(batch.get("example_mask", np.ones(len(logits), bool)), bool)
-    correct += float(((logits.argmax(-1) == batch["label"]) & keep).sum())
-    count += float(keep.sum())
-  acc = correct / max(count, 1)
+    sums.append(task.eval_sums(np.asarray(model(batch)), batch))  # extra keys: dropped
+  metrics = task_lib.evaluate(task, sums)
   run = None
   summary = os.path.join(workdir, "summary.json")
   if os.path.exists(summary):
     with open(summary) as f:
-      run = json.load(f).get("eval_accuracy")
-  log(f"[deploy] artifact test accuracy {acc:.2%} on {int(count)} examples"
-      + (f" (the run: {run:.2%})" if run is not None else ""))
-  return dict(accuracy=acc, examples=count, run_accuracy=run)
+      run = json.load(f).get(f"eval_{task.metric}")
+  log(f"[deploy] artifact test {task.metric} {metrics[task.metric]:.4f} on "
+      f"{int(metrics['examples'])} examples"
+      + (f" (the run: {run:.4f})" if run is not None else ""))
+  return dict(metrics, **{f"run_{task.metric}": run})
 
 
 def main(argv, flags_) -> int:

@@ -21,21 +21,20 @@ import jax.numpy as jnp
 
 from mmjax import train
 from mmjax.compress.artifact import check_platforms
-from mmjax.models import random_inputs
 
 
 def abstract_programs(config) -> dict:
   """{name: (fn, abstract args)} for a config: its train step and eval step."""
   config.mesh.data = 1
   setup = train.validate(config, read_checkpoints=False)
-  cfg, comp = setup.model_cfg, setup.compression
+  fam, comp = setup.family, setup.compression
   progs = train.programs(config, setup)
   frozen = {f.name: f.abstract for f in comp.frozen}
   state = jax.eval_shape(progs.init_fn, jax.eval_shape(progs.fresh), frozen)
   n = setup.input_cfg.batch_size
   batch = jax.eval_shape(lambda: train.model_inputs(
-      {**random_inputs(cfg, n, text_len=setup.input_cfg.text_len),
-       "example_mask": jnp.ones((n,), bool)}, cfg.modalities))
+      {**fam.example_batch(n, setup.input_cfg), "example_mask": jnp.ones((n,), bool)},
+      fam, setup.task))
   return {"train_step": (progs.steps.train_step, (state, batch, frozen)),
           "eval_step": (progs.steps.eval_step, (state.params, state.cstate, batch))}
 

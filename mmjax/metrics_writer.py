@@ -44,8 +44,11 @@ def _clock(seconds: float) -> str:
 class Progress:
   """`step 120/3000 | loss 1.234 | acc 0.45 | 3.2 steps/s | 205 ex/s | ETA 15:02`."""
 
-  def __init__(self, total_steps: int, batch_size: int, start_step: int, enabled=True):
+  def __init__(self, total_steps: int, batch_size: int, start_step: int, enabled=True,
+               metric: str = "accuracy"):
+    """`metric`: the task's training metric shown after the loss (accuracy as `acc`)."""
     self.total, self.batch, self.enabled = total_steps, batch_size, enabled
+    self.metric = metric
     self._t, self._step = time.perf_counter(), start_step
 
   def restart(self, step: int):
@@ -58,7 +61,9 @@ class Progress:
     self._t, self._step = now, step
     if self.enabled:
       eta = (self.total - step) / rate if rate > 0 else float("inf")
-      print(f"step {step:>6}/{self.total} | loss {metrics['loss']:.4f} | acc "
-            f"{metrics['accuracy']:.3f} | lr {metrics['lr']:.2e} | {rate:.2f} steps/s | "
+      shown = "acc" if self.metric == "accuracy" else self.metric
+      value = f" | {shown} {metrics[self.metric]:.3f}" if self.metric in metrics else ""
+      print(f"step {step:>6}/{self.total} | loss {metrics['loss']:.4f}{value} | lr "
+            f"{metrics['lr']:.2e} | {rate:.2f} steps/s | "
             f"{rate * self.batch:,.0f} ex/s | ETA {_clock(eta)}", flush=True)
     return rate

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mmjax.compress import Plan, activations, flatten, quant, rules
-from mmjax.compress_config import ACT_PATTERN, QUANT_PATTERN
+from mmjax.models.family import ACT_PATTERN, QUANT_PATTERN
 from mmjax.models import MultimodalModel, get_preset, random_inputs
 
 

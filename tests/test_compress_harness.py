@@ -9,9 +9,9 @@ import pytest
 
 from experiments.configs import nm, prune, qat
 from experiments.configs import structured as structured_cfg
-from mmjax import checkpointing, train
+from mmjax import checkpointing, family, train
 from mmjax.compress import flatten
-from mmjax.compress_config import PRUNE_PATTERN
+from mmjax.models.family import PRUNE_PATTERN
 import re
 
 
@@ -93,7 +93,7 @@ def test_qat_tensor_granularity_reports_one_scale(dense_dir):
   from mmjax import compress_config
   from mmjax.compress import report
   c = _cfg(qat, "tiny,bits=4,tensor", None, dense_dir)
-  plan = compress_config.build(c, train.model_config(c)).plan
+  plan = compress_config.build(c, family.from_config(c)).plan
   params, cstate = plan.start(_final_params(dense_dir)["params"], jax.random.key(0))
   path = "text/token_embed/embedding"
   view = np.asarray(flatten(jax.jit(plan.view)(params, cstate))[path])
@@ -329,7 +329,7 @@ def test_readme_user_transform_runs_through_the_harness(procedural_dir, tmp_path
 
   config = dense.get_config("tiny")
   config.data.data_dir, config.mesh.data, config.train.steps = procedural_dir, 1, 4
-  paths = train.param_shapes(train.model_config(config))
+  paths = family.from_config(config).param_shapes()
   plan = Plan(rules([(r".*/mlp/.*/kernel", grid(0.01))], list(paths)))
   workdir = str(tmp_path / "grid")
   train.train_and_evaluate(config, workdir, plan=plan, log=_quiet)

@@ -12,16 +12,10 @@ from ml_collections import config_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# field -> (flag value, parsed value); the parsed type is what the code expects
-PRUNE = {
-    "method": ("random", "random"),
-    "scope": ("global", "global"),
-    "sparsity": ("0.75", 0.75),
-    "pattern": (r"image/.*/kernel", r"image/.*/kernel"),
-    "n": ("1", 1),
-    "m": ("8", 8),
-    "rules": ("(('image/.*/kernel', 0.9), ('text/.*/kernel', 0.5))",
-              (("image/.*/kernel", 0.9), ("text/.*/kernel", 0.5))),
+# method -> {setting: (flag value, parsed value)}; the parsed type is what the code expects.
+# Each table must cover its method's registered settings exactly (mmjax/methods/): a setting
+# added without a test value here fails test_every_setting_of_every_method_is_covered.
+SCHEDULE = {
     "schedule.kind": ("polynomial", "polynomial"),
     "schedule.begin": ("3", 3),
     "schedule.end": ("40", 40),
@@ -29,48 +23,65 @@ PRUNE = {
     "schedule.power": ("2", 2.0),  # an int on the command line is still a float
     "schedule.initial": ("0.1", 0.1),
 }
-QUANT = {
-    "bits": ("4", 4),
-    "granularity": ("tensor", "tensor"),
-    "clip_ratio": ("0.9", 0.9),
-    "pattern": (r".*/kernel", r".*/kernel"),
+UNSTRUCTURED = {
+    "method": ("random", "random"),
+    "scope": ("global", "global"),
+    "sparsity": ("0.75", 0.75),
+    "pattern": (r"image/.*/kernel", r"image/.*/kernel"),
+    "rules": ("(('image/.*/kernel', 0.9), ('text/.*/kernel', 0.5))",
+              (("image/.*/kernel", 0.9), ("text/.*/kernel", 0.5))),
+    **SCHEDULE,
 }
-ACTIVATIONS = {
-    "bits": ("8", 8),
-    "mode": ("int8", "int8"),
-    "int8_grads": ("false", False),
-    "format": ("fp8_e4m3", "fp8_e4m3"),
-    "percentile": ("99.9", 99.9),
-    "pattern": (r"text/.*/kernel", r"text/.*/kernel"),
-}
-POST_TRAINING = {
-    "method": ("sparsegpt", "sparsegpt"),
+UNITS = {"method": ("mlp_units", "mlp_units"), "sparsity": ("0.75", 0.75),
+         "pattern": (r".*/mlp/.*", r".*/mlp/.*"), **SCHEDULE}
+GRID = {
     "format": ("nf4", "nf4"),
     "bits": ("3", 3),
     "symmetric": ("false", False),
     "granularity": ("channel", "channel"),
     "group_size": ("64", 64),
     "ragged_groups": ("true", True),
-    "sparsity": ("0.7", 0.7),
-    "n": ("2", 2),
-    "m": ("4", 4),
-    "joint_quant": ("true", True),
-    "damp": ("0.1", 0.1),
-    "block": ("64", 64),
-    "act_order": ("true", True),
-    "mode": ("parallel", "parallel"),
-    "alpha": ("0.8", 0.8),
-    "act_mode": ("int8", "int8"),
-    "n_grid": ("10", 10),
-    "pattern": (r"image/.*/kernel", r"image/.*/kernel"),
-    "rules": ("(('image/.*', {'bits': 3}),)", (("image/.*", {"bits": 3}),)),
 }
-DISTILL = {
-    "teacher": ("/tmp/teacher_run", "/tmp/teacher_run"),
-    "temperature": ("4", 4.0),
-    "alpha": ("0.25", 0.25),
-    "features": ("('pooled',)", ("pooled",)),
-    "feature_weight": ("0.5", 0.5),
+METHODS = {
+    "magnitude": UNSTRUCTURED,
+    "random": {**UNSTRUCTURED, "method": ("magnitude", "magnitude")},
+    "n_m": {"method": ("n_m", "n_m"), "n": ("1", 1), "m": ("8", 8),
+            "pattern": (r"image/.*/kernel", r"image/.*/kernel"), **SCHEDULE},
+    "heads": UNITS,
+    "mlp_units": {**UNITS, "method": ("heads", "heads")},
+    "fake_quant": {
+        "bits": ("4", 4),
+        "granularity": ("tensor", "tensor"),
+        "clip_ratio": ("0.9", 0.9),
+        "pattern": (r".*/kernel", r".*/kernel"),
+    },
+    "activations": {
+        "bits": ("8", 8),
+        "mode": ("int8", "int8"),
+        "int8_grads": ("false", False),
+        "format": ("fp8_e4m3", "fp8_e4m3"),
+        "percentile": ("99.9", 99.9),
+        "pattern": (r"text/.*/kernel", r"text/.*/kernel"),
+    },
+    "gptq": {
+        "method": ("gptq", "gptq"), **GRID,
+        "damp": ("0.1", 0.1),
+        "block": ("64", 64),
+        "act_order": ("true", True),
+        "mode": ("parallel", "parallel"),
+        "pattern": (r"image/.*/kernel", r"image/.*/kernel"),
+        "rules": ("(('image/.*', {'bits': 3}),)", (("image/.*", {"bits": 3}),)),
+    },
+    "rtn": {"method": ("rtn", "rtn"), **GRID,
+            "pattern": (r"image/.*/kernel", r"image/.*/kernel"),
+            "rules": ("(('image/.*', {'bits': 3}),)", (("image/.*", {"bits": 3}),))},
+    "distill": {
+        "teacher": ("/tmp/teacher_run", "/tmp/teacher_run"),
+        "temperature": ("4", 4.0),
+        "alpha": ("0.25", 0.25),
+        "features": ("('pooled',)", ("pooled",)),
+        "feature_weight": ("0.5", 0.5),
+    },
 }
 EXPORT = {"": ("false", False)}
 # not compression, but the same mechanism (typed placeholders for data_dir and init)
@@ -89,30 +100,47 @@ def _fields(prefix, table):
   return {f"{prefix}.{k}" if k else prefix: v for k, v in table.items()}
 
 
+def _section(name, method):
+  return _fields(f"compress.{name}", METHODS[method])
+
+
 CASES = {
     "dense.py:tiny": {},
     "modalities.py:use=image+audio,tiny": {},
-    "prune.py:tiny": {**_fields("compress.prune", PRUNE), **_fields("compress.export", EXPORT)},
-    "prune.py:tiny,oneshot": _fields("compress.prune", PRUNE),
-    "nm.py:tiny": _fields("compress.prune", PRUNE),
-    "structured.py:tiny": _fields("compress.prune", PRUNE),
-    "qat.py:tiny": {**_fields("compress.quant", QUANT), **_fields("compress.export", EXPORT)},
-    "qat.py:tiny,int8": {**_fields("compress.quant", QUANT),
-                         **_fields("compress.activations", ACTIVATIONS)},
-    "ptq.py:tiny": {**_fields("compress.quant", QUANT),
-                    **_fields("compress.activations", ACTIVATIONS)},
-    "ptq.py:tiny,percentile=99.5": _fields("compress.activations", ACTIVATIONS),
-    "post_training.py:tiny": _fields("compress.post_training", POST_TRAINING),
-    "post_training.py:tiny,w8a8": {**_fields("compress.post_training", POST_TRAINING),
-                                   **_fields("compress.activations", ACTIVATIONS)},
-    "prune_qat.py:tiny": {**_fields("compress.prune", PRUNE),
-                          **_fields("compress.quant", QUANT)},
-    "distill.py:tiny": {**_fields("compress.distill", DISTILL),
-                        **_fields("compress.export", EXPORT)},
-    "combined.py:tiny": {**_fields("compress.prune", PRUNE), **_fields("compress.quant", QUANT),
-                         **_fields("compress.distill", DISTILL),
-                         **_fields("compress.export", EXPORT)},
+    "prune.py:tiny": {**_section("prune", "magnitude"), **_fields("compress.export", EXPORT)},
+    "prune.py:tiny,oneshot": _section("prune", "magnitude"),
+    "prune.py:tiny,random": _section("prune", "random"),
+    "nm.py:tiny": _section("prune", "n_m"),
+    "structured.py:tiny": _section("prune", "heads"),
+    "structured.py:tiny,mlp": _section("prune", "mlp_units"),
+    "qat.py:tiny": {**_section("quant", "fake_quant"), **_fields("compress.export", EXPORT)},
+    "qat.py:tiny,int8": {**_section("quant", "fake_quant"),
+                         **_section("activations", "activations")},
+    "ptq.py:tiny": {**_section("quant", "fake_quant"), **_section("activations", "activations")},
+    "ptq.py:tiny,percentile=99.5": _section("activations", "activations"),
+    "post_training.py:tiny": _section("post_training", "gptq"),
+    "post_training.py:tiny,method=rtn,w8a8": {**_section("post_training", "rtn"),
+                                              **_section("activations", "activations")},
+    "prune_qat.py:tiny": {**_section("prune", "magnitude"), **_section("quant", "fake_quant")},
+    "distill.py:tiny": {**_section("distill", "distill"), **_fields("compress.export", EXPORT)},
+    "combined.py:tiny": {**_section("prune", "magnitude"), **_section("quant", "fake_quant"),
+                         **_section("distill", "distill"), **_fields("compress.export", EXPORT)},
 }
+
+
+def test_every_setting_of_every_method_is_covered():
+  """The tables above name every registered setting of the methods they test (a setting
+  the configs cannot set by flag would go unnoticed otherwise)."""
+  import dataclasses
+  from mmjax.methods import REGISTRY, defaults
+  for method, table in METHODS.items():
+    want = set()
+    for f in dataclasses.fields(REGISTRY[method].settings):
+      d = defaults(method)[f.name]
+      want |= ({f"{f.name}.{k}" for k in dataclasses.asdict(d)} if dataclasses.is_dataclass(d)
+               else {f.name})
+    have = set(table) - {"method"}
+    assert have == want - {"teacher_model"}, (method, sorted(want ^ have))
 
 
 def parse(config_arg, overrides=()):
@@ -137,6 +165,11 @@ def test_every_config_file_is_covered():
   names = {f for f in os.listdir(os.path.join(REPO, "experiments", "configs"))
            if f.endswith(".py") and f not in ("common.py", "__init__.py")}
   assert names == {c.split(":")[0] for c in CASES}
+  from mmjax import methods
+  tested = {m for m in METHODS}
+  untested = sorted(set(methods.REGISTRY) - tested - {"awq", "sparsegpt", "wanda",
+                                                       "smoothquant"})
+  assert not untested, f"no config case sets these methods' fields by flag: {untested}"
 
 
 @pytest.mark.parametrize("config_arg", sorted(CASES))

@@ -13,10 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from mmjax import deploy, train
+from mmjax import deploy, family, train
 from mmjax.compress import export
 from mmjax.data import pipeline
 from mmjax.models import MultimodalModel
+from mmjax.models.family import model_config
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 
@@ -48,10 +49,10 @@ def test_gptq_w4_run_deploys_and_serves_its_logits(procedural_dir, tiny_dense_di
   assert set(model.inputs) == {"text", "text_mask", "image", "audio", "audio_mask"}
   assert model.inputs["image"]["shape"][0] == "batch"
   # the compressed model in process: the export's weights in mmjax's model
-  net = MultimodalModel(train.model_config(c))
+  net = MultimodalModel(model_config(family.from_config(c)))
   view = export.load(os.path.join(workdir, "export"))
   batch = {k: np.asarray(v[:16]) for k, v in
-           next(iter(pipeline.eval_batches(train.input_config(c)))).items()}
+           next(iter(pipeline.eval_batches(train.input_config(c, family.from_config(c))))).items()}
   # one compiled forward of 16 examples; each example's logits depend on it alone
   want = np.asarray(jax.jit(net.apply)({"params": view}, batch)[0])
   for n in (1, 3, 16):

@@ -142,7 +142,7 @@ def test_independent_towers_share_a_pass_and_keep_the_block_by_block_weights():
 
 def test_mmjax_towers_are_calibrated_together():
   """On mmjax's own model the three towers' blocks share levels; the fusion comes after."""
-  from mmjax.compress_config import PRUNE_PATTERN
+  from mmjax.models.family import PRUNE_PATTERN
   from mmjax.models import MultimodalModel, get_preset, random_inputs
   import re
   cfg = get_preset("tiny")

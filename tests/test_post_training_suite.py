@@ -90,16 +90,15 @@ def test_every_suite_row_builds_a_plan_on_tiny():
   """Config -> plan -> shape checks for each row (the harness runs some for real)."""
   from experiments import post_training_suite as pts
   from experiments.configs import post_training
-  from mmjax import compress_config
-  from mmjax.models import ModelConfig
+  from mmjax import compress_config, family
   shapes = None
   for row, (arg, calibrates) in pts.ROWS.items():
     if row.startswith("alloc"):
       continue
     c = post_training.get_config(f"{arg},tiny")
-    model_cfg = ModelConfig.from_dict(c.model.to_dict())
-    shapes = shapes or compress_config.param_shapes(model_cfg)
-    comp = compress_config.build(c, model_cfg, shapes)
+    fam = family.from_config(c)
+    shapes = shapes or fam.param_shapes()
+    comp = compress_config.build(c, fam, shapes)
     assert not comp.plan.is_identity, row
     if calibrates:  # the rows said to read calibration data do calibrate
       assert comp.calibration == (128, 0), row

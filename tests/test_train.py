@@ -233,20 +233,19 @@ def test_one_step_on_8_devices_equals_1_device(procedural_dir, cpu_devices):
   """Two steps on 8 devices, data-parallel and with FSDP, equal two steps on one."""
   cfg = _tiny(procedural_dir)
   setup = train.validate(cfg)
-  model = train.MultimodalModel(setup.model_cfg)
+  fam = setup.family
   tx, schedule = optim.make_optimizer(cfg.optimizer, 30)
   local = next(train_iterator(InputConfig(data_dir=procedural_dir, batch_size=16)))
-  from mmjax.models import random_inputs
-  sample = random_inputs(setup.model_cfg, 1)
-  steps = train.make_steps(model, setup.model_cfg, tx, schedule)
-  init_fn = lambda: steps.init(model.init(jax.random.PRNGKey(1), sample)["params"],
+  sample = fam.example_batch(1)
+  steps = train.make_steps(fam, setup.task, tx, schedule)
+  init_fn = lambda: steps.init(fam.init(jax.random.PRNGKey(1), sample),
                                jax.random.PRNGKey(0), sample)
   results = {}
   for n, fsdp in ((1, False), (8, False), (8, True)):
     mesh = sharding.make_mesh(n)
     shd = sharding.state_shardings(jax.eval_shape(init_fn), mesh, fsdp)
     state = jax.jit(init_fn, out_shardings=shd)()
-    batch = sharding.global_batch(train.model_inputs(local, setup.model_cfg.modalities),
+    batch = sharding.global_batch(train.model_inputs(local, fam, setup.task),
                                   sharding.batch_sharding(mesh))
     step = jax.jit(steps.train_step, in_shardings=(shd, sharding.batch_sharding(mesh)),
                    out_shardings=(shd, None))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from mmjax.compress_config import ACT_PATTERN, PRUNE_PATTERN, QUANT_PATTERN
+from mmjax.models.family import ACT_PATTERN, PRUNE_PATTERN, QUANT_PATTERN
 from mmjax.models import get_preset
 
 ARGS = ("tiny",)
@@ -24,9 +24,10 @@ def parse_arg(arg, valid=ARGS, values=None) -> dict:
     if eq and key in values:
       try:
         out[key] = values[key](val)
-      except ValueError:
-        raise ValueError(f"config argument {key}={val!r} is not a valid "
-                         f"{values[key].__name__}.") from None
+      except ValueError as e:  # a type's own message is unreadable; a parser's is kept
+        why = (f"is not a valid {values[key].__name__}" if values[key] in (int, float, str)
+               else str(e).rstrip("."))
+        raise ValueError(f"config argument {key}={val!r} {why}.") from None
     elif not eq and key in valid:
       out[key] = True
     else:
@@ -47,7 +48,10 @@ def base_config(*, tiny: bool, modalities=None) -> ml_collections.ConfigDict:
   model = get_preset("tiny" if tiny else "small", modalities=modalities).to_dict()
   model["towers"] = {k: {**v, "image_size": list(v["image_size"])} if "image_size" in v else v
                      for k, v in model["towers"].items()}
-  c.model = model
+  c.model_module = "mmjax.models.family"  # a model module (mmjax/family.py): its family(args)
+  c.model = model                         # that module's arguments
+  c.task_module = "mmjax.tasks.classification"
+  c.task = dict(token_mask=config_dict.placeholder(str), label_smoothing=0.0)
   c.optimizer = dict(name="adamw", lr=2e-3 if tiny else 5e-4, schedule="warmup_cosine",
                      warmup_steps=5 if tiny else 100, end_lr_factor=0.0, weight_decay=1e-4,
                      clip_norm=1.0, b1=0.9, b2=0.999)
@@ -65,45 +69,58 @@ def base_config(*, tiny: bool, modalities=None) -> ml_collections.ConfigDict:
 DENSE_WORKDIR = "workdirs/dense"
 
 
-# ---- compression sections, every field written out with the code's default
-# (mmjax/compress_config.py, pruning.Schedule): a flag can only override a field the config
-# has, so --config.compress.<section>.<field>=v works for every documented field.
+# ---- compression sections: every setting of the method written out with its default (the
+# method's registered dataclass, mmjax/methods/): a flag can only override a field the
+# config has, so --config.compress.<section>.<field>=v works for every setting.
 
-def schedule(**kw) -> dict:
-  return {**dict(kind="one_shot", begin=0, end=0, every=100, power=3.0, initial=0.0), **kw}
+def section(method: str, **kw) -> dict:
+  """config.compress.<section> for `method`: its defaults updated by `kw` (a setting the
+  method does not have is an error); None defaults become typed placeholders."""
+  import dataclasses
+  import typing
 
-
-def prune(**kw) -> dict:
-  return {**dict(method="magnitude", scope="layer", sparsity=0.5, rules=(),
-                 pattern=PRUNE_PATTERN, n=2, m=4), **kw,
-          "schedule": schedule(**kw.get("schedule", {}))}
-
-
-def quant(**kw) -> dict:
-  return {**dict(bits=8, granularity="channel", clip_ratio=1.0, pattern=QUANT_PATTERN), **kw}
-
-
-def activations(**kw) -> dict:
-  """percentile: None clips at max|x|; a typed placeholder so that a flag can set a float."""
-  out = {**dict(bits=8, mode="fake", int8_grads=True, format="int", percentile=None,
-                pattern=ACT_PATTERN), **kw}
-  out["percentile"] = config_dict.FieldReference(out["percentile"], field_type=float)
+  from mmjax.methods import registry
+  entry = registry.lookup(method, "config section")
+  hints = typing.get_type_hints(entry.settings)
+  out = {"method": method}
+  for f in dataclasses.fields(entry.settings):
+    value = kw.pop(f.name, f.default)
+    if dataclasses.is_dataclass(f.default):  # a nested settings record (a Schedule)
+      value = {**dataclasses.asdict(f.default), **dict(value if isinstance(value, dict) else
+                                                        dataclasses.asdict(value))}
+    elif value is None:
+      kinds = [t for t in typing.get_args(hints[f.name]) if t is not type(None)]
+      kind = ml_collections.ConfigDict if kinds[0] is dict else kinds[0]
+      value = config_dict.placeholder(kind)
+    out[f.name] = value
+  if kw:
+    raise ValueError(f"method {method!r} has no setting(s) {sorted(kw)}; it has "
+                     f"{sorted(out)}.")
   return out
 
 
-def post_training(**kw) -> dict:
-  """Every field of config.compress.post_training (mmjax/compress_config.py)."""
-  return {**dict(method="gptq", format="int", bits=4, symmetric=True, granularity="group",
-                 group_size=128, ragged_groups=False, sparsity=0.5, n=0, m=0, joint_quant=False, damp=0.01,
-                 block=128, act_order=False, mode="sequential", alpha=0.5, act_mode="fake",
-                 n_grid=20, pattern=PRUNE_PATTERN, rules=()), **kw}
+def prune(method="magnitude", **kw) -> dict:
+  if method in ("magnitude", "random", "n_m"):
+    kw.setdefault("pattern", PRUNE_PATTERN)
+  return section(method, **kw)
+
+
+def quant(**kw) -> dict:
+  return section("fake_quant", **{"pattern": QUANT_PATTERN, **kw})
+
+
+def activations(**kw) -> dict:
+  """percentile: None clips at max|x| (a typed placeholder: a flag can set a float)."""
+  return section("activations", **{"pattern": ACT_PATTERN, **kw})
+
+
+def post_training(method="gptq", **kw) -> dict:
+  return section(method, **{"pattern": PRUNE_PATTERN, **kw})
 
 
 def distill(**kw) -> dict:
   """teacher_model: None reads the teacher's model from its run's config.json."""
-  return {**dict(teacher=DENSE_WORKDIR, temperature=2.0, alpha=0.5, features=(),
-                 feature_weight=0.0,
-                 teacher_model=config_dict.placeholder(ml_collections.ConfigDict)), **kw}
+  return section("distill", **{"teacher": DENSE_WORKDIR, **kw})
 
 
 def finetune_config(args: dict, steps: int = 1000) -> ml_collections.ConfigDict:

@@ -29,13 +29,13 @@ import os
 
 from experiments.configs.common import (activations, finetune_config, parse_arg, post_training,
                                         prune)
-from mmjax.compress_config import PRUNE_PATTERN
+from mmjax.models.family import PRUNE_PATTERN
 
 
 def _nm(text: str) -> tuple:
   n, sep, m = text.partition(":")
   if not sep or not (n.isdigit() and m.isdigit()):
-    raise ValueError(f"config argument nm={text!r} must look like 2:4.")
+    raise ValueError("must look like 2:4")
   return int(n), int(m)
 
 
@@ -61,19 +61,27 @@ def get_config(arg=None):
   n, m = args.get("nm", (0, 0))
   fmt = args.get("format", "int")
   if args.get("method") == "magnitude":  # the pruning baseline: |w|, per layer, one shot
-    c.compress.prune = prune(method="n_m" if m else "magnitude", sparsity=args.get(
-        "sparsity", 0.5), n=n or 2, m=m or 4)
+    c.compress.prune = (prune("n_m", n=n, m=m) if m else
+                        prune("magnitude", sparsity=args.get("sparsity", 0.5)))
     return c
-  c.compress.post_training = post_training(
-      method=args.get("method", "gptq"), format=fmt, bits=args.get("bits", 4),
-      symmetric=not args.get("asym"),
-      granularity="group" if group else "channel", group_size=group or 128,
-      # small's MLP is 352 wide (2.75 x 128): its fc2 kernels get a last group of 96
-      ragged_groups=True,
-      sparsity=args.get("sparsity", 0.5), n=n, m=m, joint_quant=bool(args.get("joint")),
-      act_order=bool(args.get("act_order")),
-      mode="parallel" if args.get("parallel") else "sequential",
-      alpha=args.get("alpha", 0.5), act_mode="int8" if args.get("int8") else "fake")
+  method = args.get("method", "gptq")
+  kw = {}
+  if method in ("gptq", "awq", "sparsegpt", "wanda"):  # calibrated block by block, or not
+    kw["mode"] = "parallel" if args.get("parallel") else "sequential"
+  if method in ("rtn", "gptq", "awq", "sparsegpt"):  # the number grid
+    # small's MLP is 352 wide (2.75 x 128): its fc2 kernels get a last group of 96
+    kw.update(format=fmt, bits=args.get("bits", 4), symmetric=not args.get("asym"),
+              granularity="group" if group else "channel", group_size=group or 128,
+              ragged_groups=True)
+  if method == "gptq":
+    kw["act_order"] = bool(args.get("act_order"))
+  if method in ("sparsegpt", "wanda"):
+    kw.update(sparsity=args.get("sparsity", 0.5), n=n, m=m)
+  if method == "sparsegpt":
+    kw["joint_quant"] = bool(args.get("joint"))
+  if method == "smoothquant":
+    kw.update(alpha=args.get("alpha", 0.5), act_mode="int8" if args.get("int8") else "fake")
+  c.compress.post_training = post_training(method, **kw)
   if args.get("alloc"):
     c.compress.post_training.rules = tuple(tuple(r) for r in _allocation(args["alloc"]))
   if args.get("w8a8"):
