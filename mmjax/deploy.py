@@ -6,10 +6,10 @@ The run's model (its config.json) and its weights: the compressed export (<run>/
 low-bit codes, scales, zero points, packed masks, activation scales) when the run wrote
 one, else the latest checkpoint's float parameters (a dense run). The artifact takes the
 model's inputs (each modality and its padding mask, any batch size) and returns the logits;
-`<dir>/serve.py` runs it with only jax and numpy. Prints the artifact's bytes next to the
-export's and the dense fp32 model's, and records them in the run's compression report.
-`--evaluate`: the artifact evaluated on the test split by the run's task, beside the run's
-own figure.
+`<dir>/serve.py` runs it with only jax, numpy and flatbuffers. Prints the artifact's bytes
+next to the export's and the dense fp32 model's, and records them in the run's compression
+report. `--evaluate`: the artifact evaluated on the test split by the run's task, beside
+the run's own figure.
 """
 from __future__ import annotations
 

@@ -1,13 +1,18 @@
 """Deployable artifacts (`compress/artifact.py`, `compress/serve.py`) of models mmjax did
 not write: the artifact, loaded by its own serve.py, returns the in-process compressed
 model's outputs for batch sizes 1, 3 and 16 from one program; serve.py runs with neither
-mmjax nor Flax imported; damaged artifacts and bad batches give one-line errors."""
+mmjax nor Flax imported, and in an interpreter that sees only jax's own packages and
+flatbuffers (without flatbuffers: one line saying what to install); damaged artifacts and
+bad batches give one-line errors."""
+import importlib.metadata
 import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -84,11 +89,80 @@ def test_post_training_grids_on_a_linen_vit(tmp_path):
   assert model.manifest["platforms"] == ["cpu"]
 
 
-def test_serve_needs_only_jax_and_refuses_bad_input(tmp_path):
+@pytest.fixture(scope="module")
+def int8_artifact(tmp_path_factory):
+  """-> (artifact directory, the in-process compressed forward): int8 weights, plain model."""
   params, apply = plain_model()
   plan = Plan(rules([(r"w\d", quant.weights(8))]))
   p, cs = plan.start(params, jax.random.PRNGKey(0))
-  out, manifest, _ = _write(tmp_path, "art", p, apply, plan, cs)
+  out, _, _ = _write(tmp_path_factory.mktemp("int8"), "art", p, apply, plan, cs)
+  return out, plan.apply(apply, p, cs)
+
+
+def _bare_site(directory, flatbuffers: bool) -> str:
+  """A directory of symlinks into this venv holding jax and what its metadata requires
+  (jaxlib, numpy, scipy, ml_dtypes, opt_einsum...), plus flatbuffers if asked: what `pip
+  install jax numpy [flatbuffers]` gives, nothing else."""
+  dists, todo = set(), ["jax"] + (["flatbuffers"] if flatbuffers else [])
+  while todo:
+    d = todo.pop()
+    if d not in dists:
+      dists.add(d)
+      todo += [re.match(r"[\w.-]+", r).group(0)
+               for r in importlib.metadata.requires(d) or [] if "extra ==" not in r]
+  os.makedirs(directory)
+  for d in dists:
+    dist = importlib.metadata.distribution(d)
+    for top in {f.parts[0] for f in dist.files if f.parts[0] != ".."}:
+      os.symlink(dist.locate_file(top), os.path.join(directory, top))
+  return str(directory)
+
+
+def _bare_python(site, *args, cwd):
+  """`python -S` (no site-packages) seeing only `site`."""
+  return subprocess.run([sys.executable, "-S", *args], cwd=cwd, capture_output=True,
+                        text=True, env={**os.environ, "PYTHONPATH": site}, timeout=300)
+
+
+def test_serve_runs_with_jax_numpy_flatbuffers_alone(int8_artifact, tmp_path):
+  out, reference = int8_artifact
+  x = np.asarray(_task(5, seed=7)[0])
+  np.savez(tmp_path / "batch.npz", x=x)
+  # with flatbuffers: the artifact's outputs are the in-process model's
+  site = _bare_site(tmp_path / "site", flatbuffers=True)
+  code = textwrap.dedent("""
+      import importlib, sys
+      import jax, numpy as np, serve
+      assert jax.__file__.startswith(sys.argv[1]), jax.__file__  # jax from the bare site
+      model = serve.load(".")
+      np.save(sys.argv[2], np.asarray(model(dict(np.load(sys.argv[3])))))
+      for name in ("flax", "mmjax", "optax"):
+        try:
+          importlib.import_module(name)
+          print("imported", name)
+        except ModuleNotFoundError:
+          print("no", name)
+      """)
+  r = _bare_python(site, "-c", code, site, str(tmp_path / "y.npy"), str(tmp_path / "batch.npz"),
+                   cwd=out)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.split() == ["no", "flax", "no", "mmjax", "no", "optax"], r.stdout
+  np.testing.assert_allclose(np.load(tmp_path / "y.npy"), np.asarray(reference(x)),
+                             rtol=1e-6, atol=1e-6)
+  # without flatbuffers: one line naming what to install, before anything is read
+  site = _bare_site(tmp_path / "site_nofb", flatbuffers=False)
+  for args in (["serve.py", out], ["-c", "import serve"]):
+    r = _bare_python(site, *args, cwd=out)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and last.endswith("pip install jax numpy flatbuffers"), r.stderr
+    assert "needs flatbuffers" in last and not r.stdout
+  assert len(r.stderr.strip().splitlines()) > 1  # import: a traceback ending in that line
+  r = _bare_python(site, "serve.py", out, cwd=out)
+  assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # the command: that line alone
+
+
+def test_serve_needs_only_jax_and_refuses_bad_input(int8_artifact, tmp_path):
+  out = shutil.copytree(int8_artifact[0], tmp_path / "art")  # damaged below: a copy
   # a fresh interpreter, run from the artifact directory alone
   code = ("import sys, serve, numpy as np; m = serve.load('.'); "
           "y = m({'x': np.ones((5, %d), np.float32)}); "

@@ -195,6 +195,32 @@ def test_n_m_groups_run_along_the_contraction_axes(shape, contract):
   assert mask.mean() == 0.5
 
 
+@pytest.mark.parametrize("every", [None, 1, 3])
+def test_n_m_mask_follows_the_weights_every_k_steps(every):
+  """A fake gradient lifts the pruned weights of every group above the kept ones before
+  each update: with `every=k` the mask follows at steps k, 2k (the NumPy reference's n
+  largest of the current weights); by default it stays the one chosen at step 0."""
+  plan = Plan(rules([(r"k", pruning.n_of_m(2, 4, every=every))]))
+  w = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+  params, cs = plan.start({"k": jnp.asarray(w)}, jax.random.PRNGKey(0))
+  first = mask = np.asarray(cs["2:4"]["masks"]["k"])
+  np.testing.assert_array_equal(first, _nm_reference(w, 2, 4, (0,)))
+  update = jax.jit(plan.update)
+  for step in range(1, 7):
+    fake_grad = np.where(mask, 0.0, -(10.0 + step)).astype(np.float32)  # sgd, lr 1
+    stepped = np.asarray(params["k"]) - fake_grad
+    params, cs = update({"k": jnp.asarray(stepped)}, cs, step)
+    if every is not None and step % every == 0:
+      want = _nm_reference(stepped, 2, 4, (0,))
+      assert (want != mask).all()  # the fake gradient swapped every kept weight out
+      mask = want
+    got = np.asarray(cs["2:4"]["masks"]["k"])
+    np.testing.assert_array_equal(got, mask, err_msg=f"step {step}")
+    np.testing.assert_array_equal(np.asarray(params["k"]), np.where(mask, stepped, 0.0))
+  if every is None:
+    np.testing.assert_array_equal(mask, first)
+
+
 def test_stage_conflicts_and_names_are_errors():
   params = _tree()
   paths = list(_flat_paths(params))
@@ -225,6 +251,7 @@ def test_state_is_keyed_by_name_so_reordered_rules_read_the_same_checkpoint():
     (lambda: pruning.unstructured(1.0), r"sparsity=1.0 is outside \[0, 1\)"),
     (lambda: pruning.unstructured(-0.1), r"outside \[0, 1\)"),
     (lambda: pruning.n_of_m(4, 4), "1 <= N < M"),
+    (lambda: pruning.n_of_m(2, 4, every=0), "every=0 must be a whole number of steps >= 1"),
     (lambda: Plan(pruning.n_of_m(2, 4)).check({"x/kernel": (6, 8)}), "not divisible by M"),
     (lambda: Plan(pruning.n_of_m(2, 4, contract=(3,))).check({"x/kernel": (8, 8)}),
      r"contraction axes \(3,\) do not fit x/kernel"),

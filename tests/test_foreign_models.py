@@ -5,7 +5,12 @@ NNX model, and a plain function over a hand-made params dict.
 Each gets the whole kit at once: gradual magnitude pruning to 90% + 2:4 on a subset +
 int8 weight QAT + int8 activations (real int8 x int8 -> int32 products) + logit
 distillation from a dense teacher, trained a few dozen steps on a small synthetic task;
-then its export (codes, masks, activation scales) must reproduce the evaluated logits."""
+then its export (codes, masks, activation scales) must reproduce the evaluated logits.
+README's "Compressing your own model" snippets are read from README and run here."""
+import importlib.util
+import os
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -181,31 +186,158 @@ def test_foreign_model_gets_the_whole_kit(name, tmp_path):
   assert "xi8>" in hlo and "xi32>" in hlo  # the served model multiplies integers
 
 
+# -------------------------------------------- README "Compressing your own model", run
+
+README = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "README.md")
+MARKER = r"<!-- own-model: ([\w-]+) -->\n```python\n(.*?)```"
+SNIPPETS = ("optax-loop", "baselines", "calibrate", "contract", "nnx", "artifact")
+
+
+def run_readme(name, **env):
+  """Run README's code block marked `<!-- own-model: name -->` with `env` (and jax) as its
+  variables; -> those variables after it ran. What runs is what README shows."""
+  with open(README) as f:
+    blocks = dict(re.findall(MARKER, f.read(), re.S))
+  assert name in blocks, f"README has no python block marked <!-- own-model: {name} -->"
+  ns = {"jax": jax, "jnp": jnp, **env}
+  exec(compile(blocks[name], f"README.md <!-- own-model: {name} -->", "exec"), ns)
+  return ns
+
+
+def test_every_readme_snippet_is_run_here():
+  with open(README) as f:
+    assert [n for n, _ in re.findall(MARKER, f.read(), re.S)] == list(SNIPPETS)
+
+
+def test_readme_table_of_methods_builds_each_method():
+  """The first call in each row of README's table of pieces builds a `Method`."""
+  from mmjax.compress import Method, formats, post_training
+  from mmjax.compress.post_training import gptq, rtn  # noqa: F401 (post_training.rtn...)
+  with open(README) as f:
+    table = f.read().split("<!-- own-model-table -->\n", 1)[1].split("\n\n", 1)[0]
+  calls = [re.search(r"`([^`]+\))`", row.split("|")[2]).group(1)
+           for row in table.splitlines()[2:]]
+  assert len(calls) == 7, table
+  env = dict(pruning=pruning, quant=quant, activations=activations, formats=formats,
+             post_training=post_training, grid=formats.grid("int", 4))
+  for call in calls:
+    assert isinstance(eval(call, env), Method), call
+
+
 def test_readme_snippet_in_an_existing_optax_loop():
   """README "Compressing your own model": three added lines in a plain optax loop."""
   params, apply_fn = plain_model()
   x, y = _task()
   tx = optax.adam(3e-3)
-  opt_state = tx.init(params)
   loss = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-  # --- README snippet
-  from mmjax.compress import Plan, pruning, quant, rules
-  plan = Plan(rules([(r"w1|w2", pruning.unstructured(0.9))]), rules([(r".*", quant.weights(8))]))
-  params, cstate = plan.start(params, jax.random.key(0))                 # 1: before the loop
-
-  @jax.jit
-  def train_step(params, opt_state, cstate, step):
-    grads = jax.grad(lambda p: loss(plan.apply(apply_fn, p, cstate)(x)))(params)  # 2
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    params, cstate = plan.update(params, cstate, step)                   # 3: after the update
-    return params, opt_state, cstate
-  # --- end of snippet
+  ns = run_readme("optax-loop", params=params, apply_fn=apply_fn, x=x, tx=tx, loss=loss,
+                  optax=optax)
+  plan, params, cstate, train_step = ns["plan"], ns["params"], ns["cstate"], ns["train_step"]
+  opt_state = tx.init(params)
   first = float(loss(plan.apply(apply_fn, params, cstate)(x)))
   for s in range(1, 41):
     params, opt_state, cstate = train_step(params, opt_state, cstate, s)
   assert float(loss(plan.apply(apply_fn, params, cstate)(x))) < first
   assert (np.asarray(params["w1"]) == 0).mean() == pytest.approx(0.9, abs=1 / 1024)
+
+
+def _fake_quant(w, axis, bits):
+  """float64 NumPy symmetric fake-quant, one scale per slice along `axis` (the reduced one)."""
+  w = np.asarray(w, np.float64)
+  top = 2 ** (bits - 1) - 1
+  s = np.abs(w).max(axis, keepdims=True) / top
+  return np.clip(np.round(w / s), -top, top) * s
+
+
+def test_readme_baselines_magnitude_and_round_to_nearest():
+  params, apply_fn = plain_model()
+  ns = run_readme("baselines", params=params, apply_fn=apply_fn, x=_task(8)[0])
+  for k in ("w1", "w2"):
+    w = np.abs(np.asarray(params[k]))
+    kth = np.sort(w.ravel())[w.size // 2]  # the smallest of the larger half
+    np.testing.assert_array_equal(np.asarray(ns["pruned"][k]) != 0, w >= kth)
+    np.testing.assert_allclose(np.asarray(ns["rounded"][k]), _fake_quant(params[k], 0, 4),
+                               rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(ns["pruned"]["out"]["w"], params["out"]["w"])
+
+
+def test_readme_calibrate_signature_and_activation_ranges():
+  params, apply_fn = plain_model()
+  x, _ = _task(128)
+  ns = run_readme("calibrate", params=params, apply_fn=apply_fn, x=x)
+  scales = ns["cstate"]["act8_int8"]
+  xs = np.asarray(x[:64], np.float64)  # the batches: the inputs of w1, then of w2
+  h = np.maximum(xs @ _fake_quant(params["w1"], 0, 8) + np.asarray(params["b1"]), 0)
+  np.testing.assert_allclose(float(scales["w1"]), np.abs(xs).max() / 127, rtol=1e-6)
+  np.testing.assert_allclose(float(scales["w2"]), np.abs(h).max() / 127, rtol=1e-5)
+  # the logits: int8 codes of inputs and weights, their products rescaled (NumPy, float64)
+  codes = lambda v, s: np.clip(np.round(v / s), -127, 127) * s
+  s1, s2 = float(scales["w1"]), float(scales["w2"])
+  h = np.maximum(codes(np.asarray(x, np.float64), s1) @ _fake_quant(params["w1"], 0, 8)
+                 + np.asarray(params["b1"]), 0)
+  h = np.maximum(codes(h, s2) @ _fake_quant(params["w2"], 0, 8), 0)
+  np.testing.assert_allclose(np.asarray(ns["logits"]), h @ np.asarray(params["out"]["w"]),
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_readme_contract_for_an_out_in_kernel():
+  r = np.random.default_rng(2)
+  params = {"w_t": jnp.asarray(r.normal(size=(64, DIM)), jnp.float32),  # [out, in]
+            "head": jnp.asarray(r.normal(size=(64, CLASSES)), jnp.float32)}
+  apply_fn = lambda p, x: jax.nn.relu(jnp.einsum("bi,oi->bo", x, p["w_t"])) @ p["head"]
+  plan = run_readme("contract")["plan"]
+  p, cs = plan.start(params, jax.random.PRNGKey(0))
+  w, kept = np.asarray(params["w_t"]), np.asarray(p["w_t"]) != 0
+  groups = lambda a: a.reshape(64, DIM // 4, 4)  # 4 consecutive inputs of one output
+  assert (groups(kept).sum(-1) == 2).all()
+  a, k = groups(np.abs(w)), groups(kept)
+  assert (np.where(k, a, np.inf).min(-1) > np.where(k, -np.inf, a).max(-1)).all()
+  view = plan.view(p, cs)
+  np.testing.assert_allclose(np.asarray(view["w_t"]), _fake_quant(p["w_t"], 1, 8),
+                             rtol=1e-6, atol=1e-7)  # one scale per output row
+  np.testing.assert_allclose(np.asarray(view["head"]), _fake_quant(params["head"], 0, 8),
+                             rtol=1e-6, atol=1e-7)
+  assert plan.apply(apply_fn, p, cs)(_task(8)[0]).shape == (8, CLASSES)
+
+
+def test_readme_nnx_route():
+  x, _ = _task(16)
+  ns = run_readme("nnx", model=NnxMlp(nnx.Rngs(0)))
+  params, model = ns["params"], ns["model"]
+  for k in ("fc1", "fc2", "head"):
+    assert (np.asarray(params[k]["kernel"]) == 0).mean() == 0.5
+  h = np.asarray(x, np.float64)
+  for k in ("fc1", "fc2", "head"):  # NumPy forward from the compressed dict
+    h = h @ np.asarray(params[k]["kernel"], np.float64) + np.asarray(params[k]["bias"])
+    h = np.maximum(h, 0) if k != "head" else h
+  np.testing.assert_allclose(np.asarray(model(x)), h, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ns["plan"].apply(ns["apply_fn"], params,
+                                                         ns["cstate"])(x)), h,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_readme_artifact_with_like(tmp_path, monkeypatch):
+  """A list-of-layers model: the artifact rebuilds the list because README passes like=."""
+  r = np.random.default_rng(3)
+  params = [{"w": jnp.asarray(r.normal(size=(DIM, 64)) / 4, jnp.float32)},
+            {"w": jnp.asarray(r.normal(size=(64, CLASSES)) / 8, jnp.float32)}]
+
+  def apply_fn(layers, x):
+    for i, layer in enumerate(layers):
+      x = x @ layer["w"]
+      x = jax.nn.relu(x) if i < len(layers) - 1 else x
+    return x
+  plan = Plan(rules([(r".*/w", quant.weights(8))]))
+  p, cs = plan.start(params, jax.random.PRNGKey(0))
+  x, _ = _task(8)
+  monkeypatch.chdir(tmp_path)
+  run_readme("artifact", params=p, apply_fn=apply_fn, plan=plan, cstate=cs, x=x)
+  spec = importlib.util.spec_from_file_location("serve_readme", "my_artifact/serve.py")
+  serve = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(serve)
+  got = serve.load("my_artifact")({"x": np.asarray(x)})
+  np.testing.assert_allclose(np.asarray(got), np.asarray(plan.apply(apply_fn, p, cs)(x)),
+                             rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("make, needle", [

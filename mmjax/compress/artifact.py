@@ -1,7 +1,8 @@
 """A compressed model as a deployable artifact: its inference function serialized with
 `jax.export` (StableHLO, for any of cpu / cuda / rocm / tpu, the batch dimension symbolic),
 its weights as the low-bit arrays the export stores, and a manifest. `serve.py` (copied
-in beside them) runs it with nothing but `jax` and `numpy`: no model code, no mmjax.
+in beside them) runs it with nothing but `jax`, `numpy` and `flatbuffers`: no model code,
+no mmjax.
 
   write(out_dir, apply_fn, export_dir, example_inputs, platforms=("cpu", "cuda", "tpu"))
 
@@ -36,7 +37,7 @@ import numpy as np
 
 from mmjax.compress import activations, export, formats, intercept, layout, lowbit, quant
 from mmjax.compress.core import unflatten
-from mmjax.compress.serve import sha256 as _sha256  # serve.py: jax and numpy only
+from mmjax.compress.serve import sha256 as _sha256  # serve.py: jax, numpy, flatbuffers only
 
 FORMAT = "mmjax-artifact-v1"
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")

@@ -122,12 +122,26 @@ def unstructured(sparsity: float, *, score: str = "magnitude", scope: str = "lay
                 describe=describe)
 
 
-def n_of_m(n: int = 2, m: int = 4, *, begin: int = 0, contract=None,
-           name: str | None = None) -> Method:
+def n_of_m(n: int = 2, m: int = 4, *, begin: int = 0, every: int | None = None,
+           contract=None, name: str | None = None) -> Method:
   """N:M semi-structured pruning along the contraction axes (`layout`: by default every
-  axis but the last; conv kernels [h, w, in, out] group along h*w*in), from step `begin`."""
+  axis but the last; conv kernels [h, w, in, out] group along h*w*in), from step `begin`.
+
+  By default the mask is chosen once, at `begin`, and kept. `every=k` chooses it again
+  from the current weights at `begin` and every k steps after (`every=1`: each step), so
+  a pruned weight that the optimizer's steps carry past a kept one in its group takes
+  its place (pruned weights get gradients; `update` zeroes them after each step)."""
   if not (isinstance(n, int) and isinstance(m, int) and 1 <= n < m):
     raise ValueError(f"N:M pruning needs integers 1 <= N < M, got N={n}, M={m}.")
+  if every is not None and not (isinstance(every, int) and every >= 1):
+    raise ValueError(f"N:M pruning every={every!r} must be a whole number of steps >= 1 "
+                     "(1: a new mask each step), or None to choose the mask once, at begin.")
+
+  def is_update_step(step):
+    step = jnp.asarray(step)
+    if every is None:
+      return step == begin
+    return (step >= begin) & ((step - begin) % every == 0)
 
   def check(shapes):
     layout.check(contract, shapes, f"{n}:{m} pruning")
@@ -149,7 +163,7 @@ def n_of_m(n: int = 2, m: int = 4, *, begin: int = 0, contract=None,
     return {"masks": masks_at(flat) if begin == 0 else full}
 
   def update(flat, state, step):
-    masks = jax.lax.cond(jnp.asarray(step) == begin, lambda: masks_at(flat),
+    masks = jax.lax.cond(is_update_step(step), lambda: masks_at(flat),
                          lambda: state["masks"])
     return apply_masks(flat, masks), {"masks": masks}
 

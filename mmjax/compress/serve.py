@@ -1,5 +1,7 @@
-"""Run an mmjax artifact with nothing but `jax` and `numpy` (this file is copied into every
-artifact directory; it imports no mmjax and no model code).
+"""Run an mmjax artifact with nothing but `jax`, `numpy` and `flatbuffers` (this file is
+copied into every artifact directory; it imports no mmjax and no model code).
+`pip install jax numpy flatbuffers`: jax.export reads the program with flatbuffers, which
+jax does not install; a missing one is named, in one line, before anything is read.
 
   import serve                                  # from the artifact directory
   model = serve.load("path/to/artifact")
@@ -14,11 +16,22 @@ and shape (the leading dimension is the batch, any size) and ignores extra keys 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import sys
 
-import numpy as np
+REQUIRES = ("jax", "numpy", "flatbuffers")
+_missing = [m for m in REQUIRES if importlib.util.find_spec(m) is None]
+if _missing:
+  _msg = (f"this artifact's serve.py needs {', '.join(_missing)} (jax.export reads the "
+          f"program with flatbuffers, which jax does not install): pip install "
+          f"{' '.join(REQUIRES)}")
+  if __name__ == "__main__":
+    sys.exit(f"error: {_msg}")
+  raise ImportError(_msg)
+
+import numpy as np  # noqa: E402 (after the check above)
 
 FORMAT = "mmjax-artifact-v1"
 
