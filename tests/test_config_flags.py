@@ -46,7 +46,8 @@ METHODS = {
     "magnitude": UNSTRUCTURED,
     "random": {**UNSTRUCTURED, "method": ("magnitude", "magnitude")},
     "n_m": {"method": ("n_m", "n_m"), "n": ("1", 1), "m": ("8", 8),
-            "pattern": (r"image/.*/kernel", r"image/.*/kernel"), **SCHEDULE},
+            "pattern": (r"image/.*/kernel", r"image/.*/kernel"),
+            "recompute_every": ("1", 1), **SCHEDULE},
     "heads": UNITS,
     "mlp_units": {**UNITS, "method": ("heads", "heads")},
     "fake_quant": {

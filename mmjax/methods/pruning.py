@@ -67,6 +67,9 @@ class NofM(Settings):
   pattern: Optional[str] = setting(None, "regex over parameter paths; None: the family's "
                                    "matmul pattern")
   schedule: pruning.Schedule = setting(pruning.Schedule(), "masks from step schedule.begin")
+  recompute_every: Optional[int] = setting(None, "choose the mask again from the current "
+                                           "weights every k steps after begin (1: each "
+                                           "step); None: once, at begin")
 
   def check(self, where):
     if not 1 <= self.n < self.m:
@@ -77,7 +80,8 @@ class NofM(Settings):
     pattern = ctx.pattern(self.pattern, "matmul")
     match_paths(pattern, ctx.paths, f"{where}.pattern")
     try:
-      t = pruning.n_of_m(self.n, self.m, begin=self.schedule.begin)
+      t = pruning.n_of_m(self.n, self.m, begin=self.schedule.begin,
+                         every=self.recompute_every)
     except ValueError as e:
       raise ValueError(f"{where} (n={self.n}, m={self.m}): {e}") from None
     return rules([(pattern, t)], ctx.paths)
