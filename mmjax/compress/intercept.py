@@ -1,18 +1,25 @@
-"""The matmuls of a traced forward that consume given parameters, found and changed.
+"""The products of a traced forward that consume given parameters, found and changed.
 
 `dots(apply_fn, paths, rewrite)` is `apply_fn` with every `dot_general` whose weight
-operand is one of `paths` (or a dtype cast of it) computed by `rewrite(Dot) -> y` instead.
+operand is one of `paths` (or a dtype cast of it) computed by `rewrite(Dot) -> y` instead;
+with `convs=True`, every `conv_general_dilated` whose kernel is one of them too
+(`rewrite(Conv) -> y`: the post-training statistics read a conv's input patches).
 It works for any JAX model, because it reads the program rather than the model code:
 `apply_fn(params, *args)` is traced to a jaxpr, the parameter leaves are matched to its
 inputs by path, and the jaxpr is re-evaluated equation by equation (inside whatever
 transformation is tracing: jit, grad), with the matched products rewritten. Flax linen
-(`nn.Dense`, `nn.DenseGeneral`, `nn.Einsum`), NNX and plain functions all end in
-`dot_general`; calls into nested `jit`s are followed. A matched parameter that no visible
-`dot_general` consumes (used by a conv, or only inside a `scan`/`remat` body) is an error
-naming it: the rewrite never silently does nothing.
+(`nn.Dense`, `nn.DenseGeneral`, `nn.Einsum`, `nn.Conv`), NNX and plain functions all end in
+`dot_general` or `conv_general_dilated`; calls into nested `jit`s are followed. A matched
+parameter that no visible product consumes (a bias, a conv kernel where convs are not
+handled, a weight used only inside a `scan`/`remat` body) is an error naming it, what
+consumes it, and a rule that leaves it out (generated from the model's paths and checked
+against them): the rewrite never silently does nothing.
 """
 from __future__ import annotations
 
+import os
+import re
+from collections import Counter
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -23,6 +30,8 @@ from mmjax.compress.core import flatten
 
 _CASTS = {"convert_element_type", "copy", "copy_p"}
 _CALLS = {"pjit", "jit", "closed_call", "core_call"}
+_OPAQUE = {"scan", "while", "cond", "checkpoint", "remat", "custom_vjp_call",
+           "custom_vjp_call_jaxpr", "custom_jvp_call", "shard_map", "xla_pmap"}
 
 
 class Dot(NamedTuple):
@@ -53,6 +62,52 @@ class Dot(NamedTuple):
     return lax.dot_general_p.bind(*args, **self.params)
 
 
+class Conv(NamedTuple):
+  """One matched convolution: `x` its input (lhs), `w` the kernel (rhs) as the conv sees
+  it, the `conv_general_dilated` parameters (dimension numbers, strides, padding,
+  dilations, groups), the output type."""
+  path: str
+  x: Any
+  w: Any
+  params: dict
+  out_aval: Any
+
+  @property
+  def dims(self):
+    return self.params["dimension_numbers"]  # ConvDimensionNumbers(lhs, rhs, out spec)
+
+  @property
+  def w_is_rhs(self):
+    return True  # the kernel is always the conv's rhs (`weight_use`)
+
+  def w_contract(self):
+    """The kernel's contracted axes, ascending: every axis but its output feature axis."""
+    out_axis = self.dims.rhs_spec[0]
+    return tuple(a for a in range(len(self.dims.rhs_spec)) if a != out_axis)
+
+  def bind(self, x, w):
+    return lax.conv_general_dilated_p.bind(x, w, **self.params)
+
+
+def weight_use(eqn, tags, convs: bool = True):
+  """-> (path, index of the weight operand) if `eqn` is a product that consumes a matched
+  parameter as its weight: a `dot_general` with exactly one matched operand, or (`convs`)
+  a `conv_general_dilated` whose kernel is matched and input is not; else None."""
+  if eqn.primitive is lax.dot_general_p and (tags[0] is None) != (tags[1] is None):
+    return (tags[1], 1) if tags[1] is not None else (tags[0], 0)
+  if (convs and eqn.primitive is lax.conv_general_dilated_p and tags[1] is not None
+      and tags[0] is None):
+    return tags[1], 1
+  return None
+
+
+def record(eqn, path: str, w_index: int, x, w):
+  """The `Dot` or `Conv` of a product `weight_use` matched, with operands `x` and `w`."""
+  if eqn.primitive is lax.conv_general_dilated_p:
+    return Conv(path, x, w, dict(eqn.params), eqn.outvars[0].aval)
+  return Dot(path, x, w, dict(eqn.params), w_index == 1, eqn.outvars[0].aval)
+
+
 def _bind(eqn, ins):
   params = eqn.primitive.get_bind_params(eqn.params)
   with eqn.ctx.manager:
@@ -60,7 +115,7 @@ def _bind(eqn, ins):
   return out if eqn.primitive.multiple_results else [out]
 
 
-def _eval(jaxpr, consts, args, tags_in, rewrite, found):
+def _eval(jaxpr, consts, args, tags_in, rewrite, found, users, convs):
   env, tags = {}, {}
 
   def read(v):
@@ -79,19 +134,20 @@ def _eval(jaxpr, consts, args, tags_in, rewrite, found):
     out_tags = [None] * len(eqn.outvars)
     if not any(t is not None for t in tin):
       outs = _bind(eqn, ins)
-    elif eqn.primitive is lax.dot_general_p and (tin[0] is None) != (tin[1] is None):
-      w_is_rhs = tin[1] is not None
-      path = tin[1] if w_is_rhs else tin[0]
-      x, w = (ins[0], ins[1]) if w_is_rhs else (ins[1], ins[0])
+    elif (use := weight_use(eqn, tin, convs)) is not None:
+      path, wi = use
       found.add(path)
-      outs = [rewrite(Dot(path, x, w, dict(eqn.params), w_is_rhs, eqn.outvars[0].aval))]
+      outs = [rewrite(record(eqn, path, wi, ins[1 - wi], ins[wi]))]
     elif name in _CASTS:
       outs, out_tags = _bind(eqn, ins), [tin[0]]
     elif name in _CALLS and ("jaxpr" in eqn.params or "call_jaxpr" in eqn.params):
       sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
       inner, consts = (sub.jaxpr, sub.consts) if hasattr(sub, "jaxpr") else (sub, [])
-      outs = _eval(inner, consts, ins, tin, rewrite, found)
+      outs = _eval(inner, consts, ins, tin, rewrite, found, users, convs)
     else:  # used by another op (an add, a conv, a loop body): left as it is
+      for t in tin:
+        if t is not None:
+          users.setdefault(t, name)
       outs = _bind(eqn, ins)
     for v, o, t in zip(eqn.outvars, outs, out_tags):
       env[v] = o
@@ -100,16 +156,107 @@ def _eval(jaxpr, consts, args, tags_in, rewrite, found):
   return [read(v) for v in jaxpr.outvars]
 
 
-def unseen_message(what: str, unseen: Sequence[str]) -> str:
-  return (f"{what}: {unseen[0]} (and {len(unseen) - 1} more) is consumed by no dot_general "
-          "the interceptor can see (a conv kernel, a bias, or a matmul inside scan/remat); "
-          "narrow the rule to matmul weights, e.g. '.*/kernel' of Dense/DenseGeneral/Einsum "
-          "layers.")
+# ------------------------------------------------------- rules suggested by the errors
 
+def _span(paths: Sequence[str]) -> str:
+  """prefix.*suffix: the common start and end of `paths`, a regex matching all of them."""
+  if len(paths) == 1:
+    return re.escape(paths[0])
+  pre = os.path.commonprefix(list(paths))
+  suf = os.path.commonprefix([p[::-1] for p in paths])[::-1]
+  suf = suf[len(suf) - min(len(suf), min(map(len, paths)) - len(pre)):]
+  return re.escape(pre) + ".*" + re.escape(suf)
+
+
+def _by_part(paths: Sequence[str]) -> str | None:
+  """Per '/'-separated part: the part itself where all paths agree, else its common start
+  and end around [^/]*. None when the paths have different depths."""
+  parts = [p.split("/") for p in paths]
+  if len({len(q) for q in parts}) != 1:
+    return None
+  out = []
+  for column in zip(*parts):
+    if len(set(column)) == 1:
+      out.append(re.escape(column[0]))
+      continue
+    pre = os.path.commonprefix(list(column))
+    suf = os.path.commonprefix([c[::-1] for c in column])[::-1]
+    suf = suf[len(suf) - min(len(suf), min(map(len, column)) - len(pre)):]
+    out.append(re.escape(pre) + "[^/]*" + re.escape(suf))
+  return "/".join(out)
+
+
+def rule_for(keep: Sequence[str], drop: Sequence[str], universe: Sequence[str]) -> str | None:
+  """A regex that fully matches every path of `keep` and no other path of `universe`
+  (`drop`: the paths to leave out, which it is built to exclude), as short as the
+  candidates allow: a pattern spanning keep + drop (what the rule matched) with a
+  negative lookahead `(?!(?:...)$)` for what must be left out, each dropped leaf by its last
+  part where no kept path shares it (`(?:.*/)?bias`), else by its full path, and any other
+  path of `universe` the pattern would take. Checked against `universe` (the exact
+  alternation of `keep` is the fallback). None if keep is empty."""
+  keep = sorted(set(keep))
+  if not keep:
+    return None
+  universe = set(universe) | set(keep) | set(drop)
+  kept = set(keep)
+  matched = sorted(kept | set(drop))
+  last = lambda p: p.rsplit("/", 1)[-1]
+  kept_last = {last(p) for p in keep}
+  base_terms = sorted({"(?:.*/)?" + re.escape(last(p)) for p in drop if last(p) not in kept_last}
+                      | {re.escape(p) for p in drop if last(p) in kept_last})
+
+  def make(base, terms):
+    return (f"(?!(?:{'|'.join(terms)})$)" if terms else "") + base
+
+  def works(rx):
+    c = re.compile(rx)
+    return {p for p in universe if c.fullmatch(p)} == kept
+
+  candidates = []
+  for base in {_span(matched), _by_part(matched), _span(keep), _by_part(keep)} - {None}:
+    c = re.compile(make(base, base_terms))
+    extra = sorted(p for p in universe - kept if c.fullmatch(p))
+    candidates.append(make(base, base_terms + [re.escape(p) for p in extra]))
+  good = sorted((rx for rx in candidates if works(rx)), key=lambda rx: (len(rx), rx))
+  return good[0] if good else "|".join(re.escape(p) for p in keep)
+
+
+def quoted(rx: str) -> str:
+  """A regex as a Python raw string literal, to copy into a rule."""
+  return f'r"{rx}"' if "'" in rx else f"r'{rx}'"
+
+
+def more(paths: Sequence[str]) -> str:
+  """'a (and 3 more)': the first of `paths` and how many others."""
+  return f"{paths[0]} (and {len(paths) - 1} more)"
+
+
+def unseen_message(what: str, unseen: Sequence[str], matched: Sequence[str],
+                   universe: Sequence[str], users: dict | None = None) -> str:
+  """One line: which matched parameters no visible product consumes, what does read them,
+  and a rule (checked against `universe`, the model's paths) that leaves them out."""
+  users = users or {}
+  unseen = sorted(unseen)
+  read_by = Counter(users.get(p, "nothing visible") for p in unseen)
+  why = "read by " + ", ".join(f"{n} {u}" for u, n in sorted(read_by.items()))
+  if "conv_general_dilated" in read_by:
+    why += ("; convolutions are seen only by the post-training weight methods (GPTQ, "
+            "SparseGPT, Wanda, AWQ, RTN)")
+  if set(read_by) & _OPAQUE:
+    why += "; products inside scan/while/remat bodies (stacked layers) are not supported yet"
+  rx = rule_for(sorted(set(matched) - set(unseen)), unseen, universe)
+  fix = (f"a rule that leaves them out: {quoted(rx)}." if rx is not None else
+         "no parameter of the rule is, so drop the rule.")
+  return (f"{what}: {more(unseen)} is consumed by no dot_general the interceptor can see "
+          f"({why}); {fix}")
+
+
+# ------------------------------------------------------------------ the entry points
 
 def dots(apply_fn: Callable, paths: Sequence[str], rewrite: Callable[[Dot], Any],
-         what: str = "activation rule") -> Callable:
-  """`apply_fn(params, *args)` with the products consuming `paths` computed by `rewrite`."""
+         what: str = "activation rule", convs: bool = False) -> Callable:
+  """`apply_fn(params, *args)` with the products consuming `paths` computed by `rewrite`
+  (`convs`: convolutions too, as `Conv` records)."""
   wanted = set(paths)
 
   def wrapped(params, *args, **kwargs):
@@ -123,26 +270,28 @@ def dots(apply_fn: Callable, paths: Sequence[str], rewrite: Callable[[Dot], Any]
     tags = [p if p in wanted else None for p in flat]
     leaves = jax.tree.leaves((params, args))
     tags = tags + [None] * (len(leaves) - len(tags))
-    found = set()
-    outs = _eval(closed.jaxpr, closed.consts, leaves, tags, rewrite, found)
+    found, users = set(), {}
+    outs = _eval(closed.jaxpr, closed.consts, leaves, tags, rewrite, found, users, convs)
     unseen = sorted(wanted - found)
     if unseen:
-      raise ValueError(unseen_message(what, unseen))
+      raise ValueError(unseen_message(what, unseen, sorted(wanted), list(flat), users))
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
   return wrapped
 
 
-def observe(apply_fn: Callable, paths: Sequence[str], stat: Callable[[Dot], Any]):
+def observe(apply_fn: Callable, paths: Sequence[str], stat: Callable[[Dot], Any],
+            convs: bool = False, what: str = "calibration"):
   """-> f(params, *args) = {path: [stat of each use]}: statistics of the matched products'
-  inputs (calibration), computed in the same traced forward."""
+  inputs (calibration), computed in the same traced forward (`convs`: convolutions'
+  uses too, as `Conv` records)."""
   def f(params, *args):
     seen = {}
 
-    def record(d: Dot):
+    def rec(d):
       seen.setdefault(d.path, []).append(stat(d))
       return d.bind(d.x, d.w)
 
-    dots(apply_fn, paths, record, "calibration")(params, *args)
+    dots(apply_fn, paths, rec, what, convs)(params, *args)
     return seen
   return f

@@ -2,8 +2,10 @@
 parameter tree plus masks and grid metadata, which fine-tunes and exports like any other.
 
 A method here is a `solve(path, w [K, N], stats) -> Solved` on each selected kernel's
-matrix view (`layout.to_matrix`) and the statistics it asks for (`stats.STATS`). This
-module turns it into a `Method`:
+matrix view (`layout.to_matrix`) and the statistics it asks for (`stats.STATS`); a
+convolution's kernel is solved the same way, from the statistics of its input patches
+(`stats.patches`: the conv is the Dense layer over them). This module turns it into a
+`Method`:
 
   calibrate   statistics of the batches, the kernels solved, the new weights written into
               the parameters (what a later fine-tuning step starts from)
@@ -33,7 +35,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from mmjax.compress import layout
+from mmjax.compress import intercept, layout
 from mmjax.compress.core import Method, flatten, unflatten
 from mmjax.compress.formats import Grid
 from mmjax.compress.post_training import schedule, staged, stats as statistics
@@ -130,20 +132,32 @@ def build(name: str, solve: Callable, wanted: tuple, *, grid=None,
   def axes(path, w):
     return layout.contract_axes(contract, path, w.ndim)
 
+  def leave_out(bad, shapes):  # a rule for the method's own leaves without `bad`
+    rx = intercept.rule_for(sorted(set(shapes) - set(bad)), sorted(bad), list(shapes))
+    return (f"a rule that leaves them out: {intercept.quoted(rx)}" if rx is not None else
+            "no leaf of the rule qualifies")
+
   def check(shapes):
     layout.check(contract, shapes, name)
+    flat = sorted(p for p, shape in shapes.items() if len(shape) < 2)
+    if flat:
+      raise ValueError(f"{intercept.more(flat)} has shape {tuple(shapes[flat[0]])}: "
+                       "post-training methods work on matmul and conv kernels; "
+                       f"{leave_out(flat, shapes)}.")
+    odd = []
     for path, shape in shapes.items():
-      if len(shape) < 2:
-        raise ValueError(f"{path} has shape {tuple(shape)}: post-training methods work on "
-                         "matmul kernels; narrow the rule (e.g. '.*/kernel').")
       k = 1
       for a in layout.contract_axes(contract, path, len(shape)):
         k *= shape[a]
       if grid is not None:
         grid_of(path).check(k, f"{path}: ")
       if n_m and k % n_m[1]:
-        raise ValueError(f"{path}: the contraction size {k} is not divisible by M={n_m[1]} "
-                         "of N:M; narrow the rule or choose another M.")
+        odd.append((path, k))
+    if odd:
+      (path, k) = min(odd)
+      raise ValueError(f"{intercept.more(sorted(p for p, _ in odd))}: the contraction size "
+                       f"{k} is not divisible by M={n_m[1]} of N:M; choose another M, or "
+                       f"{leave_out([p for p, _ in odd], shapes)}.")
 
   def init(flat, rng):
     state = {}

@@ -12,7 +12,8 @@ needs 14 passes instead of 38; `staged` then runs in each pass only the part of 
 that pass needs (1.5 forwards in all on `base`, bench/README.md).
 
 The dependence is read off the traced program, for any model: a dataflow pass over the
-jaxpr of `apply_fn(params, batch)`, following nested jits as the interceptor does. What it
+jaxpr of `apply_fn(params, batch)`, following nested jits as the interceptor does (a
+kernel's products are its `dot_general`s and `conv_general_dilated`s). What it
 cannot look into (scan, while, cond, custom derivatives) is taken conservatively: each
 output depends on every input. If a block's inputs depend on a block the forward first
 uses later (a weight used twice), the blocks are kept one per level, in order.
@@ -23,11 +24,10 @@ import re
 from typing import Callable, Sequence
 
 import jax
-from jax import lax
 from jax.extend import core as jcore
 
 from mmjax.compress.core import flatten
-from mmjax.compress.intercept import _CALLS, _CASTS
+from mmjax.compress.intercept import _CALLS, _CASTS, weight_use
 
 _NONE = frozenset()
 GROUP_BY = r"(.*?(?:[Bb]lock|[Ll]ayers?)_?\d+)/.*"
@@ -49,8 +49,10 @@ def blocks(order, group_by: str = GROUP_BY):
   return out
 
 
-def _walk(jaxpr, deps_in, tags_in, found):
-  """Deps of jaxpr's outputs; `found[path]` |= deps of every input x of path's products."""
+def _walk(jaxpr, deps_in, tags_in, found, users):
+  """Deps of jaxpr's outputs; `found[path]` |= deps of every input x of path's products
+  (dot_general, or conv_general_dilated with path the kernel); `users[path]`: the first
+  other primitive that reads a kernel (for the error when it is not a product's)."""
   dep, tag = {}, {}
   for v, d, t in zip(jaxpr.invars, deps_in, tags_in):
     dep[v] = d
@@ -62,16 +64,20 @@ def _walk(jaxpr, deps_in, tags_in, found):
     ts = [None if lit(v) else tag.get(v) for v in eqn.invars]
     name = eqn.primitive.name
     out_tags = [None] * len(eqn.outvars)
-    if eqn.primitive is lax.dot_general_p and (ts[0] is None) != (ts[1] is None):
-      path, x_dep = (ts[1], ds[0]) if ts[1] is not None else (ts[0], ds[1])
-      found[path] = found.get(path, _NONE) | x_dep
+    use = weight_use(eqn, ts) if any(t is not None for t in ts) else None
+    if use is not None:
+      path, wi = use
+      found[path] = found.get(path, _NONE) | ds[1 - wi]
       outs = [ds[0] | ds[1]]
     elif name in _CASTS:
       outs, out_tags = [ds[0]], [ts[0]]
     elif name in _CALLS and ("jaxpr" in eqn.params or "call_jaxpr" in eqn.params):
       sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-      outs = _walk(getattr(sub, "jaxpr", sub), ds, ts, found)
+      outs = _walk(getattr(sub, "jaxpr", sub), ds, ts, found, users)
     else:
+      for t in ts:
+        if t is not None:
+          users.setdefault(t, name)
       u = _NONE.union(*ds)
       outs = [u] * len(eqn.outvars)
     for v, d, t in zip(eqn.outvars, outs, out_tags):
@@ -82,10 +88,11 @@ def _walk(jaxpr, deps_in, tags_in, found):
 
 
 def dependencies(apply_fn: Callable, params, batch, paths: Sequence[str],
-                 closed=None) -> dict:
+                 closed=None, users: dict | None = None) -> dict:
   """{path: the kernels among `paths` that the inputs of path's products depend on}, in the
   order the forward first uses each path (one trace of `apply_fn(params, batch)`, or
-  `closed`, its jaxpr, if already traced)."""
+  `closed`, its jaxpr, if already traced). `users`, if given, is filled with {path: the
+  first other primitive reading it} for the kernels no product consumes."""
   wanted = set(paths)
   closed = closed or jax.make_jaxpr(apply_fn)(params, batch)
   flat = flatten(params)
@@ -94,7 +101,7 @@ def dependencies(apply_fn: Callable, params, batch, paths: Sequence[str],
   deps = [frozenset([p]) if p in wanted else _NONE for p in flat]
   found = {}
   _walk(closed.jaxpr, deps + [_NONE] * (n - len(deps)), tags + [None] * (n - len(tags)),
-        found)
+        found, {} if users is None else users)
   return found
 
 

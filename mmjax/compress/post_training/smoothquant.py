@@ -86,7 +86,8 @@ def method(alpha: float = 0.5, *, mode: str = "fake", int8_grads: bool = True,
 
   def calibrate(flat, state, calib):
     got, _ = statistics.collect(calib.apply_fn, calib.params, calib.batches, calib.paths,
-                                ("amax",), lambda path, ndim: layout.contract_axes(contract, path, ndim))
+                                ("amax",), lambda path, ndim: layout.contract_axes(contract, path, ndim),
+                                convs=False, what="SmoothQuant")
     new = {}
     for p, w in flat.items():
       amax_x = got[p]["amax"]

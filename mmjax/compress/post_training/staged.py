@@ -23,12 +23,11 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
-from jax import lax
 from jax.extend import core as jcore
 
 from mmjax.compress import intercept
 from mmjax.compress.intercept import _CALLS, _CASTS, _bind
-from mmjax.compress.post_training import stats as statistics
+from mmjax.compress.post_training import schedule, stats as statistics
 
 
 class _Fixed(NamedTuple):
@@ -73,7 +72,7 @@ def _flatten(closed, n_leaves: int):
 class Plan(NamedTuple):
   leaf_ids: list
   ops: list
-  uses: dict    # path -> [(x id, dot_general params, w_is_rhs, w aval)]
+  uses: dict    # path -> [(x id, its intercept.Dot or Conv, x and w as avals)]
   runs: list    # per level: indices of the ops it evaluates
   needs: list   # per level: ids it reads from the inputs or the cache
   keeps: list   # per level: ids it computes that later levels read
@@ -90,28 +89,34 @@ def plan(closed, leaf_paths: Sequence, level_of: dict, n_levels: int):
     ready[i] = level_of[p] + 1 if p in level_of else 0
     if p in level_of:
       tag[i] = p
-  op_level, uses = [], {}
+  op_level, uses, users = [], {}, {}
   for op in ops:
     lv = max((ready[x] for x in op.ins if not isinstance(x, _Fixed)), default=0)
     op_level.append(lv)
     tin = [None if isinstance(x, _Fixed) else tag.get(x) for x in op.ins]
-    if op.eqn.primitive is lax.dot_general_p and (tin[0] is None) != (tin[1] is None):
-      w_is_rhs = tin[1] is not None
-      path = tin[1] if w_is_rhs else tin[0]
-      x = op.ins[0] if w_is_rhs else op.ins[1]
-      w_aval = op.eqn.invars[1 if w_is_rhs else 0].aval
-      uses.setdefault(path, []).append((x, dict(op.eqn.params), w_is_rhs, w_aval))
+    use = intercept.weight_use(op.eqn, tin)
+    if use is not None:  # a dot_general or conv consuming a kernel: (x id, its Dot/Conv)
+      path, wi = use
+      avals = [v.aval for v in op.eqn.invars]
+      uses.setdefault(path, []).append(
+          (op.ins[1 - wi], intercept.record(op.eqn, path, wi, avals[1 - wi], avals[wi])))
     elif op.eqn.primitive.name in _CASTS and tin[0] is not None:
       tag[op.outs[0]] = tin[0]
+    else:
+      for t in tin:
+        if t is not None:
+          users.setdefault(t, op.eqn.primitive.name)
     for o in op.outs:
       ready[o] = lv
   unseen = sorted(set(level_of) - set(uses))
   if unseen:
-    raise ValueError(intercept.unseen_message("calibration", unseen))
+    raise ValueError(intercept.unseen_message(
+        "calibration", unseen, list(level_of), [p for p in leaf_paths if p is not None],
+        users))
   ids = lambda xs: [x for x in xs if not isinstance(x, _Fixed)]
   stat_x = [set() for _ in range(n_levels)]
   for p, us in uses.items():
-    stat_x[level_of[p]].update(ids(x for x, *_ in us))
+    stat_x[level_of[p]].update(ids(x for x, _ in us))
   available = set(leaf_ids)  # inputs, and final values computed by earlier passes
   runs, needs, finals = [], [], []
   for lv in range(n_levels):
@@ -148,9 +153,9 @@ def programs(pl: Plan, levels: Sequence[Sequence[str]], wanted, contract_of: Cal
       st = {}
       for p in paths:
         per_use = []
-        for x, params, w_is_rhs, w_aval in pl.uses[p]:
-          d = intercept.Dot(p, read(x), w_aval, params, w_is_rhs, None)
-          per_use.append(statistics.of(statistics.rows(d, contract_of(p, w_aval.ndim)),
+        for x, d in pl.uses[p]:
+          d = d._replace(x=read(x))
+          per_use.append(statistics.of(statistics.rows(d, contract_of(p, d.w.ndim)),
                                        wanted))
         st[p] = statistics.merge_uses(per_use)
       return {i: env[i] for i in pl.keeps[lv]}, st
@@ -203,8 +208,11 @@ def build(apply_fn: Callable, params, flat_paths: Sequence[str], batches, paths,
   statistics.check(wanted)
   level_of = {p: lv for lv, level in enumerate(levels) for p in level}
   unseen = sorted(set(paths) - set(level_of))
-  if unseen:
-    raise ValueError(intercept.unseen_message("calibration", unseen))
+  if unseen:  # what consumes them, from the dataflow walk that found the others
+    users = {}
+    schedule.dependencies(apply_fn, params, batches[0], paths, closed, users)
+    raise ValueError(intercept.unseen_message("calibration", unseen, list(paths),
+                                              list(flat_paths), users))
   sig = lambda b: (jax.tree.structure(b),
                    tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(b)))
   groups = {}
@@ -216,6 +224,8 @@ def build(apply_fn: Callable, params, flat_paths: Sequence[str], batches, paths,
                                                                               group[0])
     n = len(jax.tree.leaves((params, group[0])))
     leaf_paths = list(flat_paths) + [None] * (n - len(flat_paths))
-    parts.append(Staged(plan(c, leaf_paths, level_of, len(levels)), levels, wanted,
-                        contract_of, group))
+    pl = plan(c, leaf_paths, level_of, len(levels))
+    statistics.check_uses({p: [d for _, d in us] for p, us in pl.uses.items()}, contract_of,
+                          list(flat_paths))
+    parts.append(Staged(pl, levels, wanted, contract_of, group))
   return parts[0] if len(parts) == 1 else _Groups(parts)
