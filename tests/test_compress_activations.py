@@ -143,3 +143,177 @@ def test_a_rule_on_weights_no_matmul_consumes_is_an_error():
   apply = lambda p, b: model.apply({"params": p}, b)
   with pytest.raises(ValueError, match="image/patch_embed/kernel.*consumed by no dot_general"):
     activations.calibrate(apply, params, batches[:1], ["image/patch_embed/kernel"])
+
+
+# ----------------------------------------------- uncalibrated activation scales
+
+def _plain():
+  """A hand-made params dict and its forward: three matmuls, one through a nested jit."""
+  r = np.random.default_rng(1)
+  params = {"w1": jnp.asarray(r.normal(size=(16, 64)) / 4, jnp.float32),
+            "b1": jnp.asarray(r.normal(size=(64,)) / 10, jnp.float32),
+            "w2": jnp.asarray(r.normal(size=(64, 32)) / 8, jnp.float32),
+            "out": {"w": jnp.asarray(r.normal(size=(32, 4)) / 6, jnp.float32)}}
+
+  def apply(p, x):
+    h = jax.nn.relu(jnp.dot(x, p["w1"]) + p["b1"])
+    h = jax.nn.relu(jnp.einsum("bi,io->bo", h, p["w2"]))
+    return h @ p["out"]["w"]
+  return params, apply
+
+
+def _reference(params, x, scales=None, int8_weights=False):
+  """float64 NumPy: each product's input fake-quantized to int8 per tensor with `scales`,
+  or, without them, with its own batch's max|x| / 127; int8 weights per output channel."""
+  def fq(a, s):
+    return np.clip(np.round(a / s), -127, 127) * s
+
+  def w(a):
+    a = np.asarray(a, np.float64)
+    return fq(a, np.maximum(np.abs(a).max(axis=0, keepdims=True), 1e-30) / 127) if (
+        int8_weights) else a
+
+  def q(a, path):
+    s = scales[path] if scales is not None else max(np.abs(a).max(), 1e-8) / 127
+    return fq(a, np.float64(s))
+
+  x = np.asarray(x, np.float64)
+  h = np.maximum(q(x, "w1") @ w(params["w1"]) + np.asarray(params["b1"], np.float64), 0)
+  h = np.maximum(q(h, "w2") @ w(params["w2"]), 0)
+  return q(h, "out/w") @ w(params["out"]["w"])
+
+
+def _xs(n=3, seed=4):
+  r = np.random.default_rng(seed)
+  return [jnp.asarray(r.normal(size=(32, 16)) * (1 + i), jnp.float32) for i in range(n)]
+
+
+@pytest.mark.parametrize("mode", activations.MODES)
+def test_an_uncalibrated_plan_in_an_optax_loop_quantizes_each_batch_by_its_own_range(
+    mode, tmp_path):
+  """The README loop with int8 activations and no plan.calibrate: init says so; eagerly
+  (the state concrete), the forward, describe and export refuse ("calibrate first"); inside
+  jit each product's input is quantized with its own batch's range, as a float64 per-batch
+  reference computes, and the loop trains."""
+  import optax
+  from mmjax.compress import export
+  params, apply_fn = _plain()
+  xs = _xs()
+  plan = Plan(rules([(r"w1|w2|out/w", activations.inputs(8, mode))]))
+  with pytest.warns(UserWarning, match=rf"'act8_{mode}': the input scales of 3 layers are "
+                    r"not calibrated; call plan\.calibrate\(apply_fn, params, cstate, "):
+    params, cstate = plan.start(params, jax.random.key(0))
+  refuse = r"calibrate first: call plan\.calibrate\(apply_fn, params, cstate, batches\)"
+  with pytest.raises(ValueError, match=refuse):
+    plan.apply(apply_fn, params, cstate)(xs[0])
+  with pytest.raises(ValueError, match=refuse):
+    plan.describe(params, cstate)
+  with pytest.raises(ValueError, match=refuse):
+    export.export(params, str(tmp_path / "export"), plan, cstate)
+  with pytest.raises(ValueError, match=r"export: the input scale of w1 is not calibrated"):
+    export.export(params, str(tmp_path / "export"), plan, cstate,
+                  info={"w1": {"act_scale": 0.0, "act_bits": 8}})
+
+  forward = jax.jit(lambda p, c, x: plan.apply(apply_fn, p, c)(x))
+  for x in xs:
+    np.testing.assert_allclose(np.asarray(forward(params, cstate, x)),
+                               _reference(params, x, int8_weights=mode == "int8"),
+                               rtol=1e-5, atol=1e-5)
+  y = np.asarray(forward(params, cstate, xs[0]))  # not the old placeholder scale 1.0
+  assert np.abs(y - _reference(params, xs[0], {p: 1.0 for p in ("w1", "w2", "out/w")},
+                               mode == "int8")).max() > 1e-2
+
+  tx = optax.adam(3e-3)
+  opt_state = tx.init(params)
+  target = jnp.asarray(np.random.default_rng(5).normal(size=(32, 4)), jnp.float32)
+  loss = lambda out: jnp.mean((out - target) ** 2)
+
+  @jax.jit
+  def train_step(params, opt_state, cstate, step):
+    grads = jax.grad(lambda p: loss(plan.apply(apply_fn, p, cstate)(xs[0])))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    params, cstate = plan.update(params, cstate, step)
+    return params, opt_state, cstate
+
+  first = float(loss(forward(params, cstate, xs[0])))
+  for s in range(1, 21):
+    params, opt_state, cstate = train_step(params, opt_state, cstate, s)
+  assert float(loss(forward(params, cstate, xs[0]))) < first
+
+
+@pytest.mark.parametrize("mode", activations.MODES)
+def test_a_calibrated_plan_runs_exactly_the_calibrated_scales(mode):
+  """After plan.calibrate: the state has the structure init gave (what a trainer's
+  eval_shape, checkpoints and restores rely on), and the jitted forward with the state
+  traced, its gradient, and the eager forward equal, bit for bit, the forward with the
+  scales fixed in the program (`apply_quantized`, the path the export serves), which
+  equals the float64 reference with the calibrated scales."""
+  params, apply_fn = _plain()
+  xs = _xs()
+  plan = Plan(rules([(r"w1|w2|out/w", activations.inputs(8, mode))]))
+  with pytest.warns(UserWarning, match="not calibrated"):
+    params, cstate = plan.start(params, jax.random.key(0))
+    abstract = jax.eval_shape(plan.init, params, jax.random.key(0))
+  params, cal = plan.calibrate(apply_fn, params, cstate, xs[:2])
+  assert jax.tree.structure(cal) == jax.tree.structure(abstract)
+  assert [(a.shape, a.dtype) for a in jax.tree.leaves(abstract)] == [
+      (jnp.shape(a), jnp.asarray(a).dtype) for a in jax.tree.leaves(cal)]
+  scales = cal[f"act8_{mode}"]
+  assert all(float(s) > 0 for s in scales.values())
+  fixed = jax.jit(activations.apply_quantized(apply_fn, scales, 8, mode))
+  traced = jax.jit(lambda p, c, x: plan.apply(apply_fn, p, c)(x))
+  for x in xs:
+    want = np.asarray(fixed(params, x))
+    np.testing.assert_array_equal(np.asarray(traced(params, cal, x)), want)
+    np.testing.assert_allclose(np.asarray(plan.apply(apply_fn, params, cal)(x)), want,
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(want, _reference(params, x, {p: float(s) for p, s in
+                                                            scales.items()}, mode == "int8"),
+                               rtol=1e-5, atol=1e-5)
+  grad = lambda f: jax.jit(jax.grad(lambda p: jnp.sum(f(p) ** 2)))(params)
+  for g, h in zip(jax.tree.leaves(grad(lambda p: plan.apply(apply_fn, p, cal)(xs[2]))),
+                  jax.tree.leaves(grad(lambda p: activations.apply_quantized(
+                      apply_fn, scales, 8, mode)(p, xs[2])))):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(h))
+  info = plan.describe(params, cal)
+  assert {p: float(d["act_scale"]) for p, d in info.items()} == {
+      p: float(s) for p, s in scales.items()}
+
+
+def test_a_state_saved_before_the_uncalibrated_marker_restores_and_runs(tmp_path):
+  """A compression state written before init marked scales as uncalibrated (0.0) has the
+  same structure ({method: {path: float32 scale}}), so a trainer's abstract state restores
+  it, and its calibrated scales are used as they are."""
+  import orbax.checkpoint as ocp
+  params, apply_fn = _plain()
+  xs = _xs()
+  plan = Plan(rules([(r"w1|w2|out/w", activations.inputs(8))]))
+  old = {"act8_fake": {"w1": np.float32(0.031), "w2": np.float32(0.017),
+                       "out/w": np.float32(0.012)}}  # as the old calibrate wrote them
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(str(tmp_path / "cstate"), old)
+  with pytest.warns(UserWarning, match="not calibrated"):
+    abstract = jax.eval_shape(plan.init, params, jax.random.key(0))
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(str(tmp_path / "cstate"), abstract)
+  assert jax.tree.structure(restored) == jax.tree.structure(abstract)
+  got = jax.jit(lambda p, c, x: plan.apply(apply_fn, p, c)(x))(params, restored, xs[0])
+  want = jax.jit(activations.apply_quantized(apply_fn, old["act8_fake"]))(params, xs[0])
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_a_compressed_train_step_with_a_learned_loss_part_starts_uncalibrated():
+  """`step.build(...).init` sizes the loss stages' parameters on a forward of the sample
+  batch; with activation scales not calibrated yet that forward runs jitted (each input at
+  its own range), not eagerly (where the state would be refused)."""
+  import optax
+  from mmjax.compress import distill, step
+  params, apply = _plain()
+  fwd = lambda p, b: (apply(p, b["x"]), {"h": jnp.dot(b["x"], p["w1"])})
+  plan = Plan(rules([(r"w1|w2|out/w", activations.inputs(8))]),
+              distill.method(fwd, features=("h",), feature_weight=1.0))
+  steps = step.build(fwd, lambda out, b: (jnp.mean(out ** 2), {}), optax.sgd(0.1), plan)
+  with pytest.warns(UserWarning, match="not calibrated"):
+    state = steps.init(params, jax.random.PRNGKey(0), {"x": _xs(1)[0]}, {"distill": params})
+  assert state.aux == {"distill": {}}  # same widths: no projection, but sized on a forward

@@ -1,5 +1,7 @@
 """Pruning transforms: exact realized sparsity, valid N:M groups, schedules, masks that
 survive optimizer steps, global vs per-layer thresholds, random baseline, bad input."""
+import warnings
+
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -272,7 +274,9 @@ def test_bad_input(bad, match):
                   seed=st.integers(0, 999))
 def test_random_trees_prune_then_quantize(shapes, sparsity, bits, seed):
   """Over random trees: per-layer sparsity exact to the element after chaining a quantizer,
-  the quantized view keeps pruned weights at zero, and levels stay within 2**bits - 1."""
+  the quantized view keeps pruned weights at zero, and levels stay within 2**bits - 1.
+  A [1, n] kernel (one value per channel scale) is left to pruning alone: the quantizer
+  skips it, and a tree of only such kernels gives the quantizer's rule nothing (an error)."""
   from mmjax.compress import quant
   r = np.random.default_rng(seed)
   params = {f"layer{i}": {"kernel": jnp.asarray(r.normal(size=s), jnp.float32)}
@@ -280,8 +284,14 @@ def test_random_trees_prune_then_quantize(shapes, sparsity, bits, seed):
   paths = list(_flat_paths(params))
   plan = Plan(chain(rules([(r".*kernel", pruning.unstructured(sparsity))], paths),
                     rules([(r".*kernel", quant.weights(bits))], paths)))
-  started, state = plan.start(params, jax.random.PRNGKey(seed))
-  view = plan.view(started, state)
+  if all(s[0] == 1 for s in shapes):
+    with pytest.raises(ValueError, match=r"'int\d_channel' can compress none of the"):
+      plan.start(params, jax.random.PRNGKey(seed))
+    return
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # the [1, n] kernels the quantizer skips
+    started, state = plan.start(params, jax.random.PRNGKey(seed))
+    view = plan.view(started, state)
   masks = state[f"magnitude_layer_{sparsity:g}"]["masks"]
   for name, s in zip(params, shapes):
     mask = np.asarray(masks[f"{name}/kernel"])
@@ -289,5 +299,7 @@ def test_random_trees_prune_then_quantize(shapes, sparsity, bits, seed):
     assert abs((~mask).sum() - sparsity * n) <= 0.5 + 1e-9  # round(s * n) pruned
     v = np.asarray(view[name]["kernel"])
     assert (v[~mask] == 0).all()
+    if s[0] == 1:  # skipped by the quantizer: the pruned weights as they are
+      np.testing.assert_array_equal(v, np.asarray(started[name]["kernel"]))
     for j in range(v.shape[1]):
       assert len(np.unique(v[:, j])) <= 2 ** bits - 1

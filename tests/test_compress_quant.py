@@ -84,3 +84,41 @@ def test_per_channel_scales_follow_the_rule_layout(shape, contract):
 def test_bad_input(kwargs, match):
   with pytest.raises(ValueError, match=match):
     quant.weights(**kwargs)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "base"])
+def test_mmjax_everything_rule_takes_every_leaf_of_its_models(preset):
+  """mmjax's own configs quantize every parameter (QUANT_PATTERN = ".*"): each leaf of its
+  models has at least two values per scale, so nothing is skipped and nothing warns (the
+  published numbers rest on it)."""
+  import warnings
+  from mmjax.compress import Plan, flatten, rules
+  from mmjax.compress_config import QUANT_PATTERN
+  from mmjax.models import MultimodalModel, get_preset, random_inputs
+  cfg = get_preset(preset)
+  shapes = {p: a for p, a in flatten(jax.eval_shape(lambda: MultimodalModel(cfg).init(
+      jax.random.PRNGKey(0), random_inputs(cfg, 1))["params"])).items()}
+  assert {a.ndim for a in shapes.values()} >= {1, 2}  # vectors too
+  for granularity in quant.GRANULARITIES:
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      (entry,) = Plan(rules([(QUANT_PATTERN, quant.weights(8, granularity))])).check(
+          shapes).entries(shapes)
+    assert entry.paths == tuple(sorted(shapes)) and entry.skipped == ()
+
+
+@pytest.mark.parametrize("shape, granularity, skipped", [
+    ((), "channel", True), ((), "tensor", True), ((1,), "tensor", True),
+    ((2,), "channel", False),  # a vector: per tensor, 2 values a scale
+    ((1, 8), "channel", True), ((1, 8), "tensor", False), ((1, 1, 8), "channel", True),
+    ((2, 8), "channel", False), ((0, 4), "channel", True),
+])
+def test_which_leaves_weights_accepts(shape, granularity, skipped):
+  """Accepted exactly when every scale covers at least two values: then codes and scales
+  are smaller than float32 (8-bit: 2 + 4 < 8 bytes for two values; 2-bit likewise)."""
+  m = quant.weights(8, granularity)
+  why = m.accepts("w", jax.ShapeDtypeStruct(shape, jnp.float32))
+  assert (why is not None) == skipped, why
+  assert m.accepts("w", jax.ShapeDtypeStruct((4, 4), jnp.int8)) == (
+      "dtype int8 is not floating point")
+  assert m.accepts("w", jax.ShapeDtypeStruct((4, 4), jnp.bfloat16)) is None

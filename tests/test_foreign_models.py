@@ -368,3 +368,111 @@ def test_the_compress_package_imports_no_mmjax_model_code_nor_orbax():
           "'mmjax.checkpointing', 'mmjax.train', 'orbax'))); print(bad); assert not bad")
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
   assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ------------------------------------------- "everything" rules on a CLIP-like model
+
+class ClipLike(nn.Module):
+  """What a third-party tower holds besides kernels: an embedding table, a class token
+  [1, 1, d], LayerNorm scale and bias, Dense biases, and a 0-D `logit_scale` (CLIP's)."""
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(50, 8, name="embed")(tokens)
+    cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, 8))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, 8)), x], 1)
+    x = nn.LayerNorm(name="ln")(x)
+    x = nn.Dense(4, name="proj")(nn.gelu(nn.Dense(16, name="fc")(x)))
+    logit_scale = self.param("logit_scale", lambda k: jnp.asarray(np.log(1 / 0.07), jnp.float32))
+    return x[:, 0] * jnp.exp(logit_scale)
+
+
+def _clip_like():
+  """Its params (moved off their init values, so biases and LayerNorm are not 0 and 1) and
+  a counter leaf of integers, as NNX states and hand-made trees carry."""
+  model = ClipLike()
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 5), jnp.int32))["params"]
+  r = np.random.default_rng(7)
+  params = jax.tree.map(lambda a: a + jnp.asarray(0.1 * r.normal(size=a.shape), a.dtype), params)
+  tree = {"clip": params, "seen": jnp.arange(300, dtype=jnp.int32)}
+  return tree, lambda p, t: model.apply({"params": p["clip"]}, t)
+
+
+SKIPPED = {"clip/cls": "every channel scale one value", "clip/logit_scale": "a scalar",
+           "seen": "dtype int32 is not floating point"}
+
+
+def _fake_quant64(w):
+  """float64 NumPy: symmetric int8, per output channel (all axes but the last) for a
+  matrix, per tensor for a vector."""
+  w = np.asarray(w, np.float64)
+  axes = tuple(range(w.ndim - 1)) if w.ndim >= 2 else None
+  s = np.maximum(np.abs(w).max(axis=axes, keepdims=w.ndim >= 2), 1e-30) / 127
+  return np.round(w / s) * s, (w.size // np.size(s))
+
+
+def test_an_everything_rule_takes_only_the_leaves_it_compresses(tmp_path):
+  """`rules([(r".*", quant.weights(8))])` on a CLIP-like tree: the scalar, the [1, 1, d]
+  class token (one value per channel scale) and the integer leaf are left exactly as they
+  are, said once in a warning and in describe/report ("skipped"); every other leaf
+  (embedding, kernels, biases, LayerNorm) is quantized (vectors per tensor) as a float64
+  reference does; the report counts as compressed exactly what the export stores as
+  codes, and the export gives back the view."""
+  from mmjax.compress import report
+  tree, _ = _clip_like()
+  plan = Plan(rules([(r".*", quant.weights(8))]))
+  with pytest.warns(UserWarning, match=r"rule '\.\*': compression method 'int8_channel' "
+                    r"leaves 3 of the 10 leaves it matches as they are \(clip/cls: shape"):
+    cstate = plan.init(tree, None)
+  view, flat = flatten(plan.view(tree, cstate)), flatten(tree)
+  info = plan.describe(tree, cstate)
+  rep = {r["path"]: r for r in report.build(tree, plan, cstate)["leaves"]}
+  index = export.export(tree, str(tmp_path / "export"), plan, cstate)
+  loaded = flatten(export.load(str(tmp_path / "export")))
+  for path, w in flat.items():
+    w, v, row = np.asarray(w), np.asarray(view[path]), rep[path]
+    stored_as_codes = "int8" in index[path]
+    if path in SKIPPED:
+      np.testing.assert_array_equal(v, w)  # bit for bit
+      assert SKIPPED[path] in info[path]["skipped"] and "codes" not in info[path]
+      assert SKIPPED[path] in row["skipped"] and row["bits"] == 32
+      assert row["compressed_bytes"] == row["dense_bytes"] and not stored_as_codes
+    else:
+      ref, per_scale = _fake_quant64(w)
+      np.testing.assert_allclose(v, ref, rtol=1e-6, atol=1e-7)
+      assert info[path]["codes"] == "symmetric" and "skipped" not in row
+      assert row["bits"] == 8 and stored_as_codes
+      assert row["compressed_bytes"] == w.size + 4 * (w.size // per_scale)
+      assert row["compressed_bytes"] < row["dense_bytes"]
+    assert (row["bits"] < 32) == stored_as_codes  # the report and the export agree
+    np.testing.assert_allclose(loaded[path], v, rtol=1e-6, atol=1e-7)  # codes * scales
+    if path in SKIPPED:
+      np.testing.assert_array_equal(loaded[path], w)
+  assert {"clip/ln/scale", "clip/fc/bias", "clip/embed/embedding"} <= {
+      p for p in flat if rep[p]["bits"] == 8}
+
+
+@pytest.mark.parametrize("pattern", [r"clip/(cls|logit_scale)", r"seen"])
+def test_a_rule_whose_method_can_take_none_of_its_leaves_is_an_error(pattern):
+  tree, _ = _clip_like()
+  shapes = {p: jax.ShapeDtypeStruct(x.shape, x.dtype) for p, x in flatten(tree).items()}
+  needle = (rf"rule '{re.escape(pattern)}': compression method 'int8_channel' can compress "
+            r"none of the \d leaves it matches \(.*\); narrow the rule")
+  with pytest.raises(ValueError, match=needle):  # at config time, from shapes
+    Plan(rules([(pattern, quant.weights(8))])).check(shapes)
+  with pytest.raises(ValueError, match=needle):  # or at the first stage
+    Plan(rules([(pattern, quant.weights(8))])).init(tree, None)
+
+
+def test_a_description_with_bits_but_no_stored_form_is_not_counted_compressed(tmp_path):
+  """A method that states `bits` but neither codes nor its own bytes: the export stores the
+  leaf as float32, so the report counts it float32 too."""
+  from mmjax.compress import Method, report
+  params, _ = plain_model()
+  m = Method("says4", view=lambda flat, s: flat,
+             describe=lambda flat, s: {p: {"bits": 4} for p in flat})
+  plan = Plan(rules([(r"w1", m)]))
+  cstate = plan.init(params, None)
+  row = {r["path"]: r for r in report.build(params, plan, cstate)["leaves"]}["w1"]
+  index = export.export(params, str(tmp_path / "export"), plan, cstate)
+  assert "fp32" in index["w1"] and row["bits"] == 32
+  assert row["compressed_bytes"] == row["dense_bytes"]

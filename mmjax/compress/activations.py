@@ -17,10 +17,23 @@ method; its `wrap` stage rewrites the products that consume them in the traced f
 State: `{path: float32 scale}`, an ordinary pytree in the compression state. Weight codes
 use `quant.quantize`'s per-channel rule over the product's contracted axes, so a plan that
 fake-quantizes kernels to int8 and this int8 path see identical weights.
+
+Uncalibrated scales. `init` sets every scale to 0.0, which no calibration gives (a
+calibrated scale is amax / qmax with amax >= 1e-8): "not calibrated yet". The state keeps
+its structure and dtypes through `calibrate` (a trainer takes the abstract state from
+`jax.eval_shape` of init and restores checkpoints with it; states saved before this
+convention, whose scales are calibrated or the old 1.0 placeholder, read unchanged).
+Where the scales are concrete (eager `plan.apply`/`wrap`, `describe`, the export), an
+uncalibrated one is an error ("calibrate first"). Inside `jit`, where the state is traced,
+a product whose scale is not calibrated quantizes its input with the current batch's own
+range (per tensor, max|x| / qmax, as one calibration batch would give); a calibrated scale
+is used as it is: `where(scale > 0, scale, dynamic)`, which costs one max|x| reduction of
+each quantized input. `init` warns once that the scales await calibration.
 """
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -178,14 +191,44 @@ def fake_quant_input(x, scale, bits):
   return quant.fake_quant_with_scale(x, scale, bits)
 
 
+def _top(bits: int, fmt: str) -> float:
+  """The largest code: qmax for integers, the format's max for fp8."""
+  return quant.qmax(bits) if fmt == "int" else float(jnp.finfo(
+      getattr(jnp, formats._FP8[fmt])).max)
+
+
+def dynamic_scale(x, bits: int = 8, fmt: str = "int"):
+  """The per-tensor scale of `x` itself, as `scales_from_amax` gives from one batch's max|x|
+  (float32; no gradient flows into it)."""
+  amax = jnp.max(jnp.abs(jax.lax.stop_gradient(x).astype(jnp.float32)))
+  return jnp.maximum(amax, jnp.float32(1e-8)) / jnp.float32(_top(bits, fmt))
+
+
+def uncalibrated(scales: dict) -> list:
+  """The paths whose concrete scale is not calibrated (<= 0, or NaN); traced ones are not
+  known here and are not listed."""
+  concrete = {p: s for p, s in scales.items() if not isinstance(s, jax.core.Tracer)}
+  values = jax.device_get(concrete)
+  return sorted(p for p, v in values.items() if not float(v) > 0.0)
+
+
+def calibrate_first(what: str, missing: list, total: int) -> str:
+  return (f"{what}: calibrate first: call plan.calibrate(apply_fn, params, cstate, batches) "
+          f"before using the compressed model ({len(missing)} of {total} input scales are "
+          f"not calibrated, e.g. {missing[0]}).")
+
+
 def rewriter(scales: dict, bits: int = 8, mode: str = "fake", int8_grads: bool = True,
-             fmt: str = "int"):
+             fmt: str = "int", dynamic: bool = False):
   """The product rewrite for `intercept.dots`: fake-quant inputs (an integer grid or fp8),
-  or int8 products."""
+  or int8 products. With `dynamic`, a traced scale that is not calibrated (<= 0) is
+  replaced by the input's own per-tensor scale (`dynamic_scale`)."""
   fp8 = formats.grid(fmt) if fmt != "int" else None
 
   def rewrite(d: intercept.Dot):
     s = scales[d.path]
+    if dynamic and isinstance(s, jax.core.Tracer):
+      s = jnp.where(s > 0, s, dynamic_scale(d.x, bits, fmt))
     if fp8 is not None:
       return d.bind(fp8.fake(d.x, s, 0.0), d.w)
     if mode == "fake":
@@ -206,8 +249,7 @@ def apply_quantized(apply_fn, scales: dict, bits: int = 8, mode: str = "fake",
 
 
 def scales_from_amax(amax: dict, bits: int = 8, fmt: str = "int") -> dict:
-  top = quant.qmax(bits) if fmt == "int" else float(jnp.finfo(
-      getattr(jnp, formats._FP8[fmt])).max)
+  top = _top(bits, fmt)
   return {k: jnp.float32(max(v, 1e-8) / top) for k, v in amax.items()}
 
 
@@ -253,11 +295,22 @@ def inputs(bits: int = 8, mode: str = "fake", *, int8_grads: bool = True,
   if percentile is not None and not 50.0 <= float(percentile) <= 100.0:
     raise ValueError(f"activation percentile={percentile} must be in [50, 100].")
 
-  def init(flat, rng):  # scales start at 1 and are calibrated once the weights are final
-    return {p: jnp.float32(1.0) for p in flat}
+  label = name or (f"act{bits}_{mode}" if fmt == "int" else f"act_{fmt}")
+  what = f"activation quantization {label!r}"
+
+  def init(flat, rng):  # 0.0: not calibrated (calibrated once the weights are final)
+    warnings.warn(f"{what}: the input scales of {len(flat)} layers are not calibrated; "
+                  "call plan.calibrate(apply_fn, params, cstate, batches) before training or "
+                  "evaluating (until then a jitted forward quantizes each input with its own "
+                  "batch's max|x|, and an eager one, describe and export raise).")
+    return {p: jnp.float32(0.0) for p in flat}
 
   def wrap(apply_fn, state, paths):
-    return intercept.dots(apply_fn, paths, rewriter(state, bits, mode, int8_grads, fmt),
+    missing = uncalibrated({p: state[p] for p in paths})
+    if missing:
+      raise ValueError(calibrate_first(what, missing, len(paths)))
+    return intercept.dots(apply_fn, paths, rewriter(state, bits, mode, int8_grads, fmt,
+                                                    dynamic=True),
                           f"activation quantization {name or ''}".strip())
 
   def calibrate_stage(flat, state, calib):
@@ -265,8 +318,10 @@ def inputs(bits: int = 8, mode: str = "fake", *, int8_grads: bool = True,
     return flat, scales_from_amax(amax, bits, fmt)
 
   def describe(flat, state):
+    missing = uncalibrated({p: state[p] for p in flat})
+    if missing:
+      raise ValueError(calibrate_first(what, missing, len(flat)))
     return {p: {"act_scale": state[p], "act_bits": bits if fmt == "int" else 8,
                 "act_mode": mode, "act_format": fmt} for p in flat}
 
-  return Method(name or (f"act{bits}_{mode}" if fmt == "int" else f"act_{fmt}"), init=init, wrap=wrap, calibrate=calibrate_stage,
-                describe=describe)
+  return Method(label, init=init, wrap=wrap, calibrate=calibrate_stage, describe=describe)

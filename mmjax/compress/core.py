@@ -28,6 +28,10 @@ dataclasses) and keeps its state as a pytree. Each stage is a place in a trainin
                                              `act_bits`, or `bytes` that a method states for
                                              a storage format mmjax does not know
   check(shapes) -> None                      {path: shape} -> ValueError, before anything runs
+  accepts(path, leaf) -> None | reason       which matched leaves the method can compress
+                                             (`leaf`: a jax.ShapeDtypeStruct); the others
+                                             are left as they are, said once in a warning
+                                             and in `describe` ("skipped": reason)
 
 Constraints on the master weights (pruning masks) live in `update` alone: the weights are
 masked at step 0 and after every optimizer step, so the mask costs one elementwise pass
@@ -35,7 +39,8 @@ fused into the optimizer's update, and `view` is for weights that differ from th
 copy (fake-quant).
 
 `rules([(regex, method), ...])` hands each method the paths its regex fully matches (first
-match wins; a rule matching nothing is an error listing the paths); `Plan(part, ...)`
+match wins; a rule matching nothing is an error listing the paths) that its `accepts`
+takes (a rule whose method takes none of its matches is an error); `Plan(part, ...)`
 composes parts in order (prune, then quantize what remains), and a path may have only one
 method per stage. The compression state is `{method name: state}`: a checkpoint stays
 readable when rules are reordered. Every stage is jit-compatible and runs inside the one
@@ -45,10 +50,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 import zlib
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 Flat = dict  # {path: array}
 STAGES = ("init", "view", "wrap", "loss", "update", "calibrate", "describe")
@@ -86,6 +94,7 @@ class Method:
   describe: Optional[Callable] = None
   init_params: Optional[Callable] = None
   check: Optional[Callable] = None
+  accepts: Optional[Callable] = None  # (path, ShapeDtypeStruct) -> None | why not
   task_weight: float = 1.0  # the task loss is scaled by the product over methods
 
   def __post_init__(self):
@@ -141,14 +150,59 @@ def match_paths(pattern: str, paths: Sequence[str], what: str = "rule") -> list:
   return hits
 
 
+def leaf_specs(leaves) -> dict:
+  """{path: jax.ShapeDtypeStruct} of a flat dict of arrays (or tracers, or structs), or of
+  `{path: shape}` (a shape alone is taken as float32: what a model's config gives)."""
+  out = {}
+  for p, x in leaves.items():
+    if isinstance(x, (tuple, list)):
+      out[p] = jax.ShapeDtypeStruct(tuple(int(d) for d in x), jnp.float32)
+    else:
+      dtype = x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
+      out[p] = jax.ShapeDtypeStruct(tuple(np.shape(x)), dtype)
+  return out
+
+
 # ------------------------------------------------------------------- composition
+
+class Entry(NamedTuple):
+  method: Method
+  paths: tuple  # the leaves the method owns (empty for a loss-only method)
+  skipped: tuple = ()  # ((path, why), ...): matched by its rule, refused by its `accepts`
+
+
+def _take(method: Method, rule: str, hits: Sequence[str], specs: dict | None) -> Entry:
+  """The leaves of `hits` the method accepts (all of them without `accepts` or `specs`);
+  the others are skipped, said once in a warning; none taken is an error."""
+  if method.accepts is None or specs is None or not hits:
+    return Entry(method, tuple(hits))
+  taken, skipped = [], []
+  for p in hits:
+    why = method.accepts(p, specs[p])
+    if why is None:
+      taken.append(p)
+    else:
+      skipped.append((p, str(why)))
+  if skipped:
+    some = "; ".join(f"{p}: {why}" for p, why in skipped[:3])
+    more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    if not taken:
+      raise ValueError(f"{rule}: compression method {method.name!r} can compress none of the "
+                       f"{len(hits)} leaves it matches ({some}{more}); narrow the rule to "
+                       "leaves it compresses (e.g. '.*/kernel') or give them another method.")
+    warnings.warn(f"{rule}: compression method {method.name!r} leaves {len(skipped)} of the "
+                  f"{len(hits)} leaves it matches as they are ({some}{more}); they are "
+                  "described as skipped (narrow the rule to silence this).")
+  return Entry(method, tuple(taken), tuple(skipped))
+
 
 @dataclasses.dataclass(frozen=True)
 class Rules:
-  """[(regex, method), ...]: each path to the first rule whose regex matches it in full."""
+  """[(regex, method), ...]: each path to the first rule whose regex matches it in full;
+  of those, the method takes the leaves its `accepts` takes (given their `specs`)."""
   pairs: tuple
 
-  def bind(self, paths: Sequence[str]) -> list:
+  def bind(self, paths: Sequence[str], specs: dict | None = None) -> list:
     paths = sorted(paths)
     owned, claimed = [], set()
     for pattern, method in self.pairs:
@@ -159,17 +213,18 @@ class Rules:
         raise ValueError(f"rule {pattern!r} matches only paths an earlier rule already took "
                          f"({match_paths(pattern, paths)[:4]}...); reorder or narrow the "
                          "rules.")
-      claimed.update(hits)
-      owned.append((method, tuple(hits)))
+      claimed.update(hits)  # a leaf the method skips stays with its rule (first match wins)
+      owned.append(_take(method, f"rule {pattern!r}", hits, specs))
     return owned
 
 
-def rules(pairs: Sequence[tuple], paths: Sequence[str] | None = None) -> Rules:
+def rules(pairs: Sequence[tuple], paths=None) -> Rules:
   """Path rules; with `paths` (the model's, known from its config before any parameter
-  exists) they are checked at once, so a bad regex fails at config time."""
+  exists; `{path: shape}` also runs the methods' `accepts`) they are checked at once, so a
+  bad regex fails at config time."""
   r = Rules(tuple((p, m) for p, m in pairs))
   if paths is not None:
-    r.bind(paths)
+    r.bind(list(paths), leaf_specs(paths) if isinstance(paths, dict) else None)
   return r
 
 
@@ -192,11 +247,6 @@ def _parts(parts) -> list:
   return out
 
 
-class Entry(NamedTuple):
-  method: Method
-  paths: tuple  # the leaves the method owns (empty for a loss-only method)
-
-
 def _seed(rng, name):
   return jax.random.fold_in(rng, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
@@ -208,24 +258,33 @@ def _sub(flat, paths):
 class Plan:
   """Methods bound to a model's parameter paths: what a train step calls, stage by stage.
 
-  Built from parts (`Method`s, `rules(...)`); bound to the paths lazily (the first call
-  that sees parameters) or explicitly with `bind`/`check`, which raise every conflict."""
+  Built from parts (`Method`s, `rules(...)`); bound to the leaves lazily (the first call
+  that sees parameters) or explicitly with `entries`/`check`, which raise every conflict.
+  A binding is kept per set of leaves (paths, shapes, dtypes): a plan warns once about the
+  leaves its methods skip."""
 
   def __init__(self, *parts):
     self.parts = _parts(parts)
     self._bound = {}
 
   # ---- binding
-  def entries(self, paths: Sequence[str]) -> list:
-    key = tuple(sorted(paths))
+  def entries(self, leaves) -> list:
+    """The methods and the leaves each owns. `leaves`: `{path: array, ShapeDtypeStruct or
+    shape}` (each method's `accepts` then decides which of its matches it takes), or the
+    paths alone (the rules' regexes only: which methods the plan binds, not what they
+    skip)."""
+    specs = leaf_specs(leaves) if isinstance(leaves, dict) else None
+    paths = tuple(sorted(leaves))
+    key = paths if specs is None else tuple(
+        (p, specs[p].shape, str(specs[p].dtype)) for p in paths)
     if key not in self._bound:
       out = []
       for part in self.parts:
         if isinstance(part, Rules):
-          out.extend(Entry(m, ps) for m, ps in part.bind(key))
+          out.extend(part.bind(paths, specs))
         elif any(getattr(part, s) is not None for s in ("view", "update", "describe")) or (
-            part.wrap is not None):
-          out.append(Entry(part, key))  # a bare path method owns every leaf
+            part.wrap is not None):  # a bare path method owns every leaf it accepts
+          out.append(_take(part, "a method given every leaf (no rule)", paths, specs))
         else:
           out.append(Entry(part, ()))
       names = [e.method.name for e in out]
@@ -249,11 +308,13 @@ class Plan:
     return self._bound[key]
 
   def check(self, shapes: dict) -> "Plan":
-    """Bind to `{path: shape}` and run every method's shape checks (config time)."""
-    for e in self.entries(list(shapes)):
+    """Bind to `{path: shape}` (or arrays, ShapeDtypeStructs) and run every method's shape
+    checks on the leaves it takes (config time)."""
+    specs = leaf_specs(dict(shapes))
+    for e in self.entries(specs):
       if e.method.check is not None:
         try:
-          e.method.check({p: tuple(shapes[p]) for p in e.paths})
+          e.method.check({p: specs[p].shape for p in e.paths})
         except ValueError as err:
           raise ValueError(f"compression method {e.method.name!r}: {err}") from None
     return self
@@ -286,13 +347,13 @@ class Plan:
 
   def _with(self, params, stage):
     flat = flatten(params)
-    return flat, [e for e in self.entries(list(flat)) if getattr(e.method, stage) is not None]
+    return flat, [e for e in self.entries(flat) if getattr(e.method, stage) is not None]
 
   # ---- stages on nested trees
   def init(self, params, rng) -> dict:
     flat = flatten(params)
     state = {}
-    for e in self.entries(list(flat)):
+    for e in self.entries(flat):
       init = e.method.init
       state[e.method.name] = init(_sub(flat, e.paths), _seed(rng, e.method.name)) if init else {}
     return state
@@ -306,8 +367,15 @@ class Plan:
       out.update(e.method.view(_sub(out, e.paths), state[e.method.name]))
     return unflatten(out, params)
 
-  def wrap(self, apply_fn, state, params_paths: Sequence[str]):
-    """`apply_fn` with every method's activation stage, the first method innermost."""
+  def wrap(self, apply_fn, state, params_paths):
+    """`apply_fn` with every method's activation stage, the first method innermost.
+    `params_paths`: the parameters' `{path: array or shape}`, or their paths alone; with
+    paths alone, a plan whose activation stages decide by shape (`accepts`) binds when the
+    wrapped function is called, from the parameters it is given."""
+    if not isinstance(params_paths, dict) and any(
+        m.wrap is not None and m.accepts is not None for m in self.methods()):
+      return lambda params, *a, **k: self.wrap(apply_fn, state, flatten(params))(
+          params, *a, **k)
     for e in self.entries(params_paths):
       if e.method.wrap is not None:
         apply_fn = e.method.wrap(apply_fn, state[e.method.name], e.paths)
@@ -316,7 +384,7 @@ class Plan:
   def apply(self, apply_fn, params, state):
     """The compressed forward: `plan.apply(f, params, cstate)(*args)` = f(view, *args)
     with the activation stages around it."""
-    wrapped = self.wrap(apply_fn, state, list(flatten(params)))
+    wrapped = self.wrap(apply_fn, state, flatten(params))
     view = self.view(params, state)
     return lambda *args, **kwargs: wrapped(view, *args, **kwargs)
 
@@ -360,6 +428,7 @@ class Plan:
     return any(m.loss is not None for m in self.methods())
 
   def needs_calibration(self, paths) -> bool:
+    """Whether a method of the plan has a calibrate stage (`paths`: as `entries` takes)."""
     return any(e.method.calibrate is not None for e in self.entries(paths))
 
   def calibrate(self, apply_fn, params, state, batches):
@@ -369,7 +438,7 @@ class Plan:
     flat = flatten(params)
     state = dict(state)
     fn = apply_fn
-    for e in self.entries(list(flat)):
+    for e in self.entries(flat):
       if e.method.calibrate is not None:
         view = jax.jit(self.view)(unflatten(flat, params), state)
         new, state[e.method.name] = e.method.calibrate(
@@ -381,10 +450,14 @@ class Plan:
     return unflatten(flat, params), state
 
   def describe(self, params, state) -> dict:
-    """{path: info} merged over methods (views composed in order, as the forward sees)."""
+    """{path: info} merged over methods (views composed in order, as the forward sees);
+    a leaf a method's rule matched but the method skipped has `"skipped"`: the reason."""
     flat = flatten(params)
     merged = {}
-    entries = self.entries(list(flat))
+    entries = self.entries(flat)
+    for e in entries:
+      for path, why in e.skipped:
+        merged.setdefault(path, {}).setdefault("skipped", f"{e.method.name}: {why}")
     last = max((i for i, e in enumerate(entries) if e.method.describe is not None), default=-1)
     for e in entries[:last + 1]:
       if e.method.describe is not None:

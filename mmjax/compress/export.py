@@ -173,6 +173,9 @@ def export(params, out_dir: str, plan: Plan | None = None, cstate=None,
       entry["mask"] = put("masks", np.packbits(keep))
       w = np.where(keep.reshape(w.shape), w, 0.0)  # as `update` leaves them (Plan.start)
     if "act_scale" in d:
+      if not float(np.float32(d["act_scale"])) > 0.0:  # 0.0: `activations.inputs` at init
+        raise ValueError(f"export: the input scale of {path} is not calibrated; calibrate "
+                         "first: call plan.calibrate(apply_fn, params, cstate, batches).")
       entry["act"] = {"scale": float(np.float32(d["act_scale"])), "bits": int(d["act_bits"]),
                       "mode": d.get("act_mode", "fake"), "format": d.get("act_format", "int")}
     if d.get("codes") == "grid" and "grid" in d:

@@ -9,8 +9,17 @@ The forward pass computes with round(clip(w) / scale) * scale; the gradient is t
 identity inside [-clip, clip] and zero outside (the STE of Bengio et al. 2013 / Jacob et
 al. 2018). The weight scale follows the weights (recomputed inside every step), so the
 state is empty and a quantized view is idempotent: quantizing it again gives the same codes.
+
+`weights` takes only the leaves it can store smaller (`accepts`): floating-point leaves
+whose every scale covers at least two values. A 0-D scalar (CLIP's `logit_scale`) or a
+`[1, d]` / `[1, 1, d]` leaf quantized per channel (a class token) has one value per scale:
+its codes would round to +-qmax, the view would equal the weight, and a code plus a
+float32 scale per value is larger than the float32 value, so it is left as it is (and
+described as skipped). Vectors (biases, LayerNorm scales) are quantized per tensor.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +78,24 @@ def fake_quant(w, bits: int, granularity: str = "channel", clip_ratio: float = 1
   return fake_quant_with_scale(w, scale_of(w, bits, granularity, clip_ratio, contract), bits)
 
 
+def uncompressible(path: str, leaf, granularity: str = "channel", contract=None):
+  """Why a leaf (anything with .shape and .dtype) cannot be stored smaller as codes and
+  scales, or None when it can."""
+  if not jnp.issubdtype(leaf.dtype, jnp.floating):
+    return f"dtype {leaf.dtype} is not floating point"
+  ndim = len(leaf.shape)
+  if ndim == 0:
+    return "a scalar: one code and one float32 scale are larger than the float32 value"
+  if math.prod(leaf.shape) == 0:
+    return "an empty array"
+  per_scale = math.prod(leaf.shape[a] for a in reduce_axes(
+      ndim, granularity, layout.contract_axes(contract, path, ndim)))
+  if per_scale < 2:
+    return (f"shape {tuple(leaf.shape)} gives every {granularity} scale one value: a code "
+            "and a float32 scale per value are larger than the float32 value")
+  return None
+
+
 def weights(bits: int = 8, granularity: str = "channel", clip_ratio: float = 1.0, *,
             contract=None, name: str | None = None) -> Method:
   """Fake-quantized weights; `contract` (a `layout` spec) says which axes a channel's scale
@@ -91,5 +118,9 @@ def weights(bits: int = 8, granularity: str = "channel", clip_ratio: float = 1.0
                 "scale_axes": list(axes(p, w)), "clip_ratio": clip_ratio}
             for p, w in flat.items()}
 
+  def accepts(path, leaf):
+    return uncompressible(path, leaf, granularity, contract)
+
   return Method(name or f"int{bits}_{granularity}", view=view, describe=describe,
-                check=lambda shapes: layout.check(contract, shapes, "quantization"))
+                check=lambda shapes: layout.check(contract, shapes, "quantization"),
+                accepts=accepts)

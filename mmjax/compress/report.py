@@ -5,8 +5,12 @@ targets. Compressed bytes follow the export format (`mmjax.compress.export`): ke
 at their bit width (fp32 when not quantized), one bit per element for a mask (a packed
 bitmap; for 2:4 that equals 2-bit indices of the kept pair), a float32 scale per quantized
 channel. Leaves no method touched stay fp32; a method that stores a leaf in a format of its
-own states its `bytes`, and the report counts those. The bytes on disk of an exported
-checkpoint are measured separately (`export.disk_bytes`) and reported next to these.
+own states its `bytes`, and the report counts those. A leaf counts as compressed (`bits`
+below 32, or masked) only when its description says how it is stored (`codes`, a stated
+`bytes`, a `mask`), as the export stores it; `bits` alone leave it fp32, as in the export.
+A leaf its rule matched but its method skipped (`accepts`) says why in `skipped`. The
+bytes on disk of an exported checkpoint are measured separately (`export.disk_bytes`) and
+reported next to these.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ def leaf_report(path, view, info) -> dict:
   view = np.asarray(view)
   n = int(view.size)
   nonzero = int(np.count_nonzero(view))
-  bits = int(info.get("bits", 32))
+  bits = int(info.get("bits", 32)) if ("codes" in info or "bytes" in info) else 32
   mask = info.get("mask")
   kept = int(np.asarray(mask).sum()) if mask is not None else n
   compressed = kept * bits / 8 + (math.ceil(n / 8) if mask is not None else 0)
@@ -34,9 +38,12 @@ def leaf_report(path, view, info) -> dict:
     compressed += 4 * (n // max(reduced, 1))
   if "bytes" in info:
     compressed = float(info["bytes"])
-  return dict(path=path, shape=list(view.shape), size=n, sparsity=1.0 - nonzero / max(n, 1),
-              bits=bits, masked=mask is not None, n_m=list(info["n_m"]) if "n_m" in info else None,
-              dense_bytes=4 * n, compressed_bytes=int(math.ceil(compressed)))
+  row = dict(path=path, shape=list(view.shape), size=n, sparsity=1.0 - nonzero / max(n, 1),
+             bits=bits, masked=mask is not None, n_m=list(info["n_m"]) if "n_m" in info else None,
+             dense_bytes=4 * n, compressed_bytes=int(math.ceil(compressed)))
+  if "skipped" in info:
+    row["skipped"] = info["skipped"]
+  return row
 
 
 def _total(rows):
@@ -84,6 +91,10 @@ def format_table(report: dict, max_rows: int = 40) -> str:
                  f"{r['bits']:4d} {_mb(r['dense_bytes'])} {_mb(r['compressed_bytes'])}")
   if len(rows) > max_rows:
     lines.append(f"... {len(rows) - max_rows} more compressed leaves in compression_report.json")
+  skipped = [r for r in report["leaves"] if r.get("skipped")]
+  if skipped:
+    lines.append(f"{len(skipped)} leaves matched by a rule were left as they are, e.g. "
+                 f"{skipped[0]['path']} ({skipped[0]['skipped']})")
   lines.append("-" * 98)
   for g, t in report["by_group"].items():
     lines.append(f"{g:58s} {t['size']:14,d} {t['sparsity']:8.4f} {'':4s} {_mb(t['dense_bytes'])} "

@@ -51,9 +51,8 @@ def build(apply_fn, loss_fn, tx, plan: Plan | None = None, *, eval_fn=None, sche
   plan = plan or Plan()
 
   def forward(params, cstate, batch, rng=None):
-    paths = list(flatten(params))
     fn = (lambda p, b: apply_fn(p, b, rng)) if apply_rng else apply_fn
-    return plan.wrap(fn, cstate, paths)(plan.view(params, cstate), batch)
+    return plan.wrap(fn, cstate, flatten(params))(plan.view(params, cstate), batch)
 
   def init(params, rng, sample_batch, frozen=None, *, start=True):
     """-> TrainState: the plan's state (masks applied to `params` at step 0 unless
@@ -63,8 +62,10 @@ def build(apply_fn, loss_fn, tx, plan: Plan | None = None, *, eval_fn=None, sche
     else:
       cstate = plan.init(params, jax.random.fold_in(rng, 2))
     aux = {}
-    if plan.has_loss:
-      out, inter = forward(params, cstate, sample_batch, rng)
+    if any(m.init_params is not None for m in plan.methods()):
+      # jitted: the state is traced, so activation scales not calibrated yet quantize with
+      # the sample batch's own range (an eager forward would refuse them: `activations`)
+      out, inter = jax.jit(forward)(params, cstate, sample_batch, rng)
       aux = plan.init_params(Forward(out, inter, sample_batch), jax.random.fold_in(rng, 3),
                              frozen)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, aux=aux,
