@@ -117,9 +117,9 @@ def evaluate(workdir: str, out: str, data_dir=None, log=print) -> dict:
   if os.path.exists(summary):
     with open(summary) as f:
       run = json.load(f).get(f"eval_{task.metric}")
-  log(f"[deploy] artifact test {task.metric} {metrics[task.metric]:.4f} on "
+  log(f"[deploy] artifact test {task.metric} {metrics[task.metric]:.2%} on "
       f"{int(metrics['examples'])} examples"
-      + (f" (the run: {run:.4f})" if run is not None else ""))
+      + (f" (the run: {run:.2%})" if run is not None else ""))
   return dict(metrics, **{f"run_{task.metric}": run})
 
 

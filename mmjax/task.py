@@ -26,7 +26,8 @@ class Task:
   eval_sums(outputs, batch) -> {name: scalar sum}, "count" included
   finish(totals) -> {metric: float}, "loss" included             from the summed totals
   label_keys: the batch keys it reads besides the model's inputs (and `example_mask`)
-  metric: the metric that ranks runs (higher is better): reports, sensitivity, deploy."""
+  metric: the metric that ranks runs (a fraction, higher is better; shown as a percent):
+  reports, sensitivity, deploy."""
   name: str
   loss: Callable
   eval_sums: Callable

@@ -105,10 +105,11 @@ def test_qat_tensor_granularity_reports_one_scale(dense_dir):
 @pytest.mark.parametrize("module, arg, override, needle", [
     (prune, "tiny,sparsity=1.0", None, r"sparsity=1.0 is outside \[0, 1\)"),
     (prune, "tiny", ("rules", (("vision/.*", 0.5),)), "matches no parameter"),
-    (nm, "tiny,n=4,m=4", None, "1 <= N < M"),
+    (nm, "tiny,n=4,m=4", None, "1 <= n < m, got n=4, m=4"),
     (nm, "tiny,n=1,m=5", None, "not divisible by M"),
     (qat, "tiny,bits=9", None, r"bits=9 must be an integer in 2..8"),
-    (prune, "tiny", ("method", "movement"), "method='movement' is unknown"),
+    (prune, "tiny", ("method", "movement"),
+     "method='movement' is not a registered compression method"),
     (prune, "tiny,sparsity=abc", None, "not a valid float"),
     (structured_cfg, "tiny,sparsity=0.9", None, "would remove every head"),
 ])

@@ -93,7 +93,7 @@ def test_mmjax_everything_rule_takes_every_leaf_of_its_models(preset):
   published numbers rest on it)."""
   import warnings
   from mmjax.compress import Plan, flatten, rules
-  from mmjax.compress_config import QUANT_PATTERN
+  from mmjax.models.family import QUANT_PATTERN
   from mmjax.models import MultimodalModel, get_preset, random_inputs
   cfg = get_preset(preset)
   shapes = {p: a for p, a in flatten(jax.eval_shape(lambda: MultimodalModel(cfg).init(

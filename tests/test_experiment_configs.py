@@ -8,6 +8,7 @@ import pytest
 
 from experiments.configs import modalities
 from mmjax import train
+from mmjax.models.family import model_config
 
 
 @pytest.mark.parametrize("use", ["text", "image", "audio", "image+audio", "text+image",
@@ -16,7 +17,8 @@ def test_modality_subsets_build_a_model_of_just_those_towers(use):
   config = modalities.get_config(f"use={use},tiny")
   config.data.data_dir = "/nonexistent"  # validation does not read data
   setup = train.validate(config)
-  assert sorted(setup.model_cfg.modalities) == sorted(use.split("+"))
+  assert sorted(model_config(setup.family).modalities) == sorted(use.split("+"))
+  assert sorted(setup.family.modalities) == sorted(use.split("+"))
   assert sorted(setup.input_cfg.modalities) == sorted(use.split("+"))
 
 
