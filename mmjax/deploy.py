@@ -94,6 +94,7 @@ def evaluate(workdir: str, out: str, data_dir=None, log=print) -> dict:
   """The artifact (loaded by its own serve.py) evaluated on the run's test split by the
   run's task; -> its metrics, and the run's own `run_<metric>`."""
   import importlib.util
+  import jax
   import numpy as np
   from mmjax import family as family_lib, task as task_lib, train
   from mmjax.data import pipeline
@@ -110,7 +111,7 @@ def evaluate(workdir: str, out: str, data_dir=None, log=print) -> dict:
   model = serve.load(out)
   sums = []
   for batch in pipeline.eval_batches(input_cfg):
-    sums.append(task.eval_sums(np.asarray(model(batch)), batch))  # extra keys: dropped
+    sums.append(task.eval_sums(jax.tree.map(np.asarray, model(batch)), batch))  # extra keys: dropped
   metrics = task_lib.evaluate(task, sums)
   run = None
   summary = os.path.join(workdir, "summary.json")

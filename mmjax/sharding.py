@@ -77,6 +77,15 @@ def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
           for k, v in local_batch.items()}
 
 
+def to_host(x) -> np.ndarray:
+  """A global array on this host, whole: a per-example eval output sharded over hosts is
+  gathered (every process gets every row, in the global batch's order)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def sharded_abstract(abstract, mesh: Mesh, fsdp: bool):
   """-> (abstract tree carrying its shardings, the shardings)."""
   shd = state_shardings(abstract, mesh, fsdp)

@@ -8,12 +8,19 @@ A task module defines `task(args: dict, family: Family) -> Task`. Evaluation sum
 batches (and hosts) add up exactly: `eval_sums` returns per-batch sums (a `count` among
 them, the real examples or tokens; padded examples carry `example_mask` False), the
 harness adds them in float64 in batch order, and `finish` turns the totals into metrics.
-Zero-shot classification, retrieval and per-token outputs fit the same three functions.
+A metric over the whole split that sums cannot give (retrieval ranks every example against
+every other) returns per-example arrays `[batch, ...]` beside its sums: those are
+concatenated in batch order (padded rows included: the task drops them by its own
+`example_mask` column) and reach `finish` as arrays. Per-token outputs are sums over a
+token mask (`tasks/classification`), zero-shot classification is classification over the
+model's image-to-prompt logits, and retrieval is `tasks/retrieval`.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Callable
+
+import numpy as np
 
 from mmjax.family import Family, _as_dict, import_attr
 
@@ -48,11 +55,16 @@ def from_config(config, family: Family) -> Task:
 
 
 def evaluate(task: Task, outputs_and_batches) -> dict:
-  """Totals of `eval_sums` over (sums of) batches, added on the host in float64 in order,
-  then `finish`ed; `examples` is the count."""
-  totals = {}
+  """Totals of `eval_sums` over batches: scalars added on the host in float64 in order,
+  per-example arrays concatenated in order; then `finish`ed. `examples` is the count."""
+  totals, rows = {}, {}
   for sums in outputs_and_batches:
     for k, v in sums.items():
-      totals[k] = totals.get(k, 0.0) + float(v)
+      v = np.asarray(v)
+      if v.ndim == 0:
+        totals[k] = totals.get(k, 0.0) + float(v)
+      else:
+        rows.setdefault(k, []).append(v)
+  totals.update({k: np.concatenate(v) for k, v in rows.items()})
   out = task.finish(totals)
-  return dict(out, examples=totals.get("count", 0.0))
+  return dict(out, examples=float(totals.get("count", 0.0)))

@@ -49,7 +49,7 @@ def evaluate(eval_step, params, cstate, setup, batch_sharding):
   outs = [eval_step(params, cstate, sharding.global_batch(
       model_inputs(local, setup.family, setup.task), batch_sharding))
           for local in pipeline.eval_batches(setup.input_cfg)]
-  return task_lib.evaluate(setup.task, jax.device_get(outs))
+  return task_lib.evaluate(setup.task, [jax.tree.map(sharding.to_host, o) for o in outs])
 
 
 # ============================================================================ calibration

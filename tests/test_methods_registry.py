@@ -68,6 +68,35 @@ def test_a_method_written_outside_the_package_is_one_register_away():
     registry.REGISTRY.pop("test_grid")
 
 
+def test_a_method_in_a_module_of_ones_own_is_named_module_colon_name():
+  """`method='toy_method:binary'` imports tests/toy_method.py, whose register line runs."""
+  import sys
+  c = dense.get_config("tiny")
+  c.compress.mine = dict(method="toy_method:binary")
+  try:
+    comp = _plan(c)
+    fam = family.from_config(c)
+    params = jax.jit(fam.init)(jax.random.PRNGKey(0), fam.example_batch(1))
+    cstate = comp.plan.init(params, jax.random.PRNGKey(0))
+    view, before = flatten(jax.jit(comp.plan.view)(params, cstate)), flatten(params)
+    mlp = [p for p in view if "/mlp/" in p and p.endswith("kernel")]
+    assert mlp
+    for p in view:
+      w = np.asarray(before[p], np.float64)
+      want = (np.sign(w) * np.abs(w).mean(axis=0, keepdims=True) if p in mlp else w)
+      np.testing.assert_allclose(np.asarray(view[p], np.float64), want, rtol=1e-6)
+    c.compress.mine = dict(method="toy_method:ternary")
+    with pytest.raises(ValueError, match=r"config.compress.mine.method='toy_method:ternary': "
+                       r"'toy_method' registers no method 'ternary'"):
+      _plan(c)
+  finally:
+    registry.REGISTRY.pop("binary", None)
+    sys.modules.pop("toy_method", None)
+  c.compress.mine = dict(method="no_lab.methods:binary")
+  with pytest.raises(ValueError, match=r"cannot import 'no_lab.methods' .*PYTHONPATH"):
+    _plan(c)
+
+
 def test_different_methods_on_different_paths():
   """Unstructured 50% on the text tower, 2:4 on the image tower, from one config."""
   c = dense.get_config("tiny")

@@ -15,11 +15,15 @@ different methods take different paths. Parts compose in stage order (pruning, w
 quantization, post-training, activations, losses), then by section name. The sections
 named `prune`, `quant`, `post_training`, `activations` and `distill` may omit `method`
 (magnitude, fake_quant, gptq, activations, distill: the configs written before the
-registry). `python -m mmjax.methods` prints the reference (docs/config_reference.md).
+registry). A method in a module of your own is named `method='my_lab.methods:fisher'`:
+the module is imported and its `@register` lines run; a file added to `mmjax/methods/` is
+found without any import line. `python -m mmjax.methods` prints the reference
+(docs/config_reference.md).
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -103,9 +107,23 @@ def register(name: str, *, stage: int, doc: str):
 
 
 def lookup(name, where: str) -> Entry:
+  """A registered method; `"my_lab.methods:fisher"` first imports `my_lab.methods` (whose
+  `@register` lines run), so a method outside mmjax needs no mmjax file edited."""
+  if isinstance(name, str) and ":" in name and name not in REGISTRY:
+    module, _, short = name.partition(":")
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      raise ValueError(f"{where}.method={name!r}: cannot import {module!r} ({e}); put it on "
+                       "PYTHONPATH or fix the module name.") from None
+    if short not in REGISTRY:
+      raise ValueError(f"{where}.method={name!r}: {module!r} registers no method {short!r}; "
+                       f"registered: {', '.join(sorted(REGISTRY))}.")
+    return REGISTRY[short]
   if name not in REGISTRY:
     raise ValueError(f"{where}.method={name!r} is not a registered compression method; "
-                     f"registered: {', '.join(sorted(REGISTRY))}.")
+                     f"registered: {', '.join(sorted(REGISTRY))} (a method in your own "
+                     "module: method='my_lab.methods:name').")
   return REGISTRY[name]
 
 
