@@ -38,8 +38,8 @@ METHODS = {
 }
 
 
-def _compress(method, params, apply, batches):
-  plan = Plan(rules([(r".*kernel", method)]))
+def _compress(method, params, apply, batches, rule=r".*kernel"):
+  plan = Plan(rules([(rule, method)]))
   p0, cs = plan.start(params, jax.random.PRNGKey(0))
   p1, cs = plan.calibrate(apply, p0, cs, batches)
   return plan, p1, cs
@@ -221,3 +221,44 @@ def test_a_stacked_gptq_kernel_exports_and_loads_back_its_view(tmp_path):
   back, view = flatten(export.load(str(tmp_path / "e"))), flatten(plan.view(got, cs))
   for p in view:
     np.testing.assert_array_equal(back[p], view[p], err_msg=p)
+
+
+def _plain_scanned(p, x):
+  """A plain function: jax.checkpoint around a lax.scan over stacked kernels [3, 8, 8]."""
+  body = lambda h, w: (jnp.tanh(h @ w["fc"]), None)
+  h, _ = jax.checkpoint(lambda h, ws: jax.lax.scan(body, h, ws))(x, p["layers"])
+  return h @ p["head"]
+
+
+def _plain_twin(p, x):
+  for i in range(3):
+    x = jnp.tanh(x @ p[f"layer_{i}"]["fc"])
+  return x @ p["head"]
+
+
+@pytest.mark.parametrize("method", ["gptq", "int8_acts"])
+def test_remat_around_a_plain_lax_scan_compresses_as_its_twin(method):
+  r = np.random.default_rng(1)
+  stacked = {"layers": {"fc": jnp.asarray(r.normal(size=(3, 8, 8)) / 3, jnp.float32)},
+             "head": jnp.asarray(r.normal(size=(8, 2)), jnp.float32)}
+  twin = {"head": stacked["head"],
+          **{f"layer_{i}": {"fc": stacked["layers"]["fc"][i]} for i in range(3)}}
+  batches = [jnp.asarray(r.normal(size=(16, 8)), jnp.float32)]
+  make_m = {"gptq": lambda c: gptq.method(formats.grid("int", 3), contract=c),
+            "int8_acts": lambda c: activations.inputs(8, "fake")}[method]
+  plan_s, got, cs_s = _compress(make_m({r"layers/fc": layout.stacked()}), stacked,
+                                _plain_scanned, batches, r".*fc|head")
+  plan_t, want, cs_t = _compress(make_m(None), twin, _plain_twin, batches, r".*fc|head")
+  for i in range(3):
+    _close(got["layers"]["fc"][i], want[f"layer_{i}"]["fc"], f"layer {i}")
+  _close(got["head"], want["head"], "head")
+  if method == "gptq":
+    assert not np.array_equal(got["layers"]["fc"], stacked["layers"]["fc"])
+  else:
+    (scales,), (twin_scales,) = cs_s.values(), cs_t.values()
+    assert scales["layers/fc"].shape == (3,)
+    for i in range(3):
+      _close(scales["layers/fc"][i], twin_scales[f"layer_{i}/fc"], f"scale {i}")
+  y_s = jax.jit(plan_s.apply(_plain_scanned, got, cs_s))(batches[0])
+  np.testing.assert_allclose(y_s, jax.jit(plan_t.apply(_plain_twin, want, cs_t))(batches[0]),
+                             rtol=1e-5, atol=1e-5)
