@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from scan_zoo import make, unstack
-from mmjax.compress import Plan, activations, flatten, formats, layout, quant, rules
-from mmjax.compress.post_training import awq, gptq, smoothquant, sparsegpt, wanda
+from mmjax.compress import Plan, activations, flatten, formats, layout, pruning, quant, rules
+from mmjax.compress.post_training import awq, gptq, rtn, smoothquant, sparsegpt, wanda
 
 STACKED = {r"blocks/.*": layout.stacked(layout.FLAX_ATTENTION)}
 G4 = formats.grid("int", 4, granularity="channel")
@@ -34,7 +34,10 @@ METHODS = {
     "wanda50": lambda c: wanda.method(0.5, contract=c, mode="parallel"),
     "awq4": lambda c: awq.method(G4, n_grid=4, contract=c, mode="parallel"),
     "int8_acts": lambda c: activations.inputs(8, "int8"),
+    "smoothquant": lambda c: smoothquant.method(0.5, mode="int8", contract=c),
     "int8_weights": lambda c: quant.weights(8, contract=c),
+    "rtn3": lambda c: rtn.method(formats.grid("int", 3), contract=c),
+    "nm24": lambda c: pruning.n_of_m(2, 4, contract=c),
 }
 
 
@@ -45,10 +48,18 @@ def _compress(method, params, apply, batches, rule=r".*kernel"):
   return plan, p1, cs
 
 
+def _rules(name):
+  """GPTQ takes every kernel (stacked and not, in one method); the others the blocks' only
+  (fewer levels to compile)."""
+  return (r".*kernel", r".*kernel") if name == "gptq4" else (r"blocks/.*kernel",
+                                                             r"block_\d/.*kernel")
+
+
 @functools.lru_cache(maxsize=None)
 def _twin(name):
   params, _, apply_t, batches = make()
-  return _compress(METHODS[name](layout.FLAX_ATTENTION), unstack(params), apply_t, batches)
+  return _compress(METHODS[name](layout.FLAX_ATTENTION), unstack(params), apply_t, batches,
+                   _rules(name)[1])
 
 
 def _close(a, b, what):
@@ -63,15 +74,16 @@ def _close(a, b, what):
                          + [("gptq3_groups", False), ("int8_acts", False)])
 def test_stacked_layers_compress_as_their_unrolled_twin(name, remat):
   params, apply_s, apply_t, batches = make(remat)
-  plan_s, got, cs_s = _compress(METHODS[name](STACKED), params, apply_s, batches)
+  plan_s, got, cs_s = _compress(METHODS[name](STACKED), params, apply_s, batches,
+                                _rules(name)[0])
   plan_t, want, cs_t = _twin(name)
   got_f, want_f = flatten(unstack(got)), flatten(want)
   for p in want_f:
     _close(got_f[p], want_f[p], p)
   # the per-layer state (grid scales, masks, AWQ's input scales, activation scales) too
   method = plan_s.entries(flatten(params))[0].method.name
-  view_s = flatten(unstack(plan_s.view(got, cs_s)))
-  view_t = flatten(plan_t.view(want, cs_t))
+  view_s = flatten(unstack(jax.jit(plan_s.view)(got, cs_s)))
+  view_t = flatten(jax.jit(plan_t.view)(want, cs_t))
   for p in want_f:
     _close(view_s[p], view_t[p], p)
   masks = {p: s["mask"] for p, s in cs_s[method].items()
@@ -84,6 +96,12 @@ def test_stacked_layers_compress_as_their_unrolled_twin(name, remat):
       for p, s in cs_s[method].items():
         if p.startswith("blocks/"):
           assert float(s[i]) == float(cs_t[method][p.replace("blocks", f"block_{i}")]), p
+  if name == "smoothquant":
+    st = cs_s[method]["blocks/Dense_1/kernel"]
+    assert st["smooth"].shape == (3, 32) and st["act_scale"].shape == (3,)
+    for i in range(3):
+      for k in ("smooth", "act_scale"):
+        _close(st[k][i], cs_t[method][f"block_{i}/Dense_1/kernel"][k], k)
   if name == "awq4":
     s = cs_s[method]["blocks/Dense_0/kernel"]["in_scale"]
     assert s.shape == (3, 16)
@@ -91,12 +109,15 @@ def test_stacked_layers_compress_as_their_unrolled_twin(name, remat):
       _close(s[i], cs_t[method][f"block_{i}/Dense_0/kernel"]["in_scale"], "in_scale")
   changed = [p for p, w in flatten(params).items() if p.startswith("blocks/")
              and p.endswith("kernel") and not np.array_equal(w, flatten(got)[p])]
-  assert changed or name in ("int8_acts", "int8_weights")
+  assert changed or name in ("int8_acts", "int8_weights", "smoothquant")
+  if name == "nm24":  # 2 of every 4 inputs kept, per output, in each layer
+    kept = np.asarray(flatten(got)["blocks/Dense_0/kernel"] != 0).reshape(3, 4, 4, 32)
+    assert (kept.sum(axis=2) == 2).all()
   x = batches[0]
   y_s = jax.jit(plan_s.apply(apply_s, got, cs_s))(x)
   y_t = jax.jit(plan_t.apply(apply_t, want, cs_t))(x)
   np.testing.assert_allclose(y_s, y_t, rtol=1e-5, atol=1e-5)
-  if name == "int8_acts":  # the compressed model keeps its scan (per-layer scales inside)
+  if name in ("int8_acts", "smoothquant"):  # the model keeps its scan (per-layer scales)
     prims = str(jax.make_jaxpr(plan_s.apply(apply_s, got, cs_s))(x))
     assert "scan[" in prims
 
@@ -186,11 +207,6 @@ def test_an_undeclared_stack_is_an_error_naming_the_fix():
 
 
 def test_what_is_not_supported_is_named():
-  params, apply_s, _, batches = make()
-  # SmoothQuant's statistics do not unroll scans
-  with pytest.raises(ValueError, match=r"SmoothQuant: blocks/Dense_0/kernel \(and 5 more\) is "
-                     r"consumed by no dot_general .*read by 6 scan.*not SmoothQuant"):
-    _compress(smoothquant.method(contract=STACKED), params, apply_s, batches[:1])
   # a stacked weight indexed inside a while loop (not a scan's per-layer input)
   w = jnp.ones((3, 4, 4))
 
@@ -198,8 +214,18 @@ def test_what_is_not_supported_is_named():
     body = lambda c: (c[0] + 1, jnp.tanh(c[1] @ p["kernel"][c[0]]))
     return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, x))[1]
 
-  with pytest.raises(ValueError, match=r"kernel \(and 0 more\) is consumed by no dot_general .*read by 1 while"):
+  with pytest.raises(ValueError, match=r"kernel \(and 0 more\) is consumed by no dot_general "
+                     r".*read by 1 while"):
     _compress(gptq.method(G4, contract=layout.stacked(None)), {"kernel": w}, loop,
+              [jnp.ones((2, 4))])
+
+  def also_whole(p, x):  # sliced by the scan, and read whole too
+    h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["kernel"])
+    return h + jnp.sum(p["kernel"])
+
+  with pytest.raises(ValueError, match=r"kernel is a stacked parameter read by reduce_sum, "
+                     r"not only sliced layer by layer .* leave it out of the rule"):
+    _compress(gptq.method(G4, contract=layout.stacked(None)), {"kernel": w}, also_whole,
               [jnp.ones((2, 4))])
 
 

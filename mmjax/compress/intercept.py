@@ -283,7 +283,7 @@ def unseen_message(what: str, unseen: Sequence[str], matched: Sequence[str],
   if set(read_by) & _OPAQUE:
     why += ("; products inside while/cond bodies and scans nested in a layer scan are not "
             "supported; stacked layers under one scan are, for weight quantization, GPTQ, "
-            "SparseGPT, Wanda, AWQ, RTN and activation inputs (not SmoothQuant), with "
+            "SparseGPT, Wanda, AWQ, RTN, SmoothQuant and activation inputs, with "
             "contract=layout.stacked(...)")
   rx = rule_for(sorted(set(matched) - set(unseen)), unseen, universe)
   fix = (f"a rule that leaves them out: {quoted(rx)}." if rx is not None else

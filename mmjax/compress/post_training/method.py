@@ -82,18 +82,25 @@ def calibrate_kernels(calib, flat, solve: Callable, wanted, mode: str, contract=
     return _calibrate(calib, flat, solve, wanted, mode, contract_of, group_by, closed=closed)
   of = {v: (p, i) for p, vs in u.layers.items() for i, v in enumerate(vs)}
   check_stacked(u.layers, {p: flat[p].shape for p in paths}, contract)
-
-  def vcontract(v, ndim):
-    if v not in of:
-      return contract_of(v, ndim)
-    return tuple(a - 1 for a in contract_of(of[v][0], ndim + 1))
-
+  vcontract = layer_contract(contract, u)
   vflat = {v: (flat[of[v][0]][of[v][1]] if v in of else flat[v]) for v in u.paths}
   done = _calibrate(calib._replace(apply_fn=u.apply_fn, params=u.params, paths=tuple(u.paths)),
                     vflat, solve, wanted, mode, vcontract, group_by, u.block_of)
   out = {p: done[p] for p in paths if p not in u.layers}
   out.update({p: side_by_side([done[v] for v in vs]) for p, vs in u.layers.items()})
   return out
+
+
+def layer_contract(contract, u):
+  """f(path, ndim) -> contracted axes for the paths of `u` (an `unroll.Unrolled`): a
+  layer `p[i]` of a stacked leaf gets the stacked spec's axes within one layer."""
+  of = {v: p for p, vs in u.layers.items() for v in vs}
+
+  def f(v, ndim):
+    if v not in of:
+      return layout.contract_axes(contract, v, ndim)
+    return tuple(a - 1 for a in layout.contract_axes(contract, of[v], ndim + 1))
+  return f
 
 
 def _spec_text(contract) -> str:
@@ -180,7 +187,7 @@ def _calibrate(calib, flat, solve, wanted, mode, contract_of, group_by, block_of
   return done
 
 
-def _in_columns(in_scale, n_cols: int):
+def in_columns(in_scale, n_cols: int):
   """Input scales [K] -> [K, 1]; a stacked kernel's [*stack, K] -> [K, n_cols], each
   layer's scales on its own columns (`side_by_side`)."""
   if in_scale.ndim == 1:
@@ -280,7 +287,7 @@ def build(name: str, solve: Callable, wanted: tuple, *, grid=None,
       st, ax = state[p], axes(p, w)
       m = layout.to_matrix(w, ax)
       k = m.shape[0]
-      inv = _in_columns(st["in_scale"], m.shape[1]).astype(m.dtype)
+      inv = in_columns(st["in_scale"], m.shape[1]).astype(m.dtype)
       g = grid_of(p)
       q = g.fake(m * inv, g.expand(st["scale"], k), g.expand(st["zero"], k)) / inv
       out[p] = layout.from_matrix(q, w.shape, ax).astype(w.dtype)
