@@ -219,6 +219,15 @@ def test_what_is_not_supported_is_named():
     _compress(gptq.method(G4, contract=layout.stacked(None)), {"kernel": w}, loop,
               [jnp.ones((2, 4))])
 
+  def nested(p, x):  # an inner scan over each layer's [2, 4, 4] slice
+    inner = lambda h, w: (jnp.tanh(h @ w), None)
+    return jax.lax.scan(lambda h, ws: (jax.lax.scan(inner, h, ws)[0], None), x, p["kernel"])[0]
+
+  with pytest.raises(ValueError, match=r"kernel\[0\] \(and 2 more\) is consumed by no "
+                     r"dot_general .*read by 3 scan.*scans nested in a layer scan are not"):
+    _compress(gptq.method(G4, contract=layout.stacked(None)),
+              {"kernel": jnp.ones((3, 2, 4, 4))}, nested, [jnp.ones((2, 4))])
+
   def also_whole(p, x):  # sliced by the scan, and read whole too
     h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["kernel"])
     return h + jnp.sum(p["kernel"])
@@ -247,6 +256,11 @@ def test_a_stacked_gptq_kernel_exports_and_loads_back_its_view(tmp_path):
   back, view = flatten(export.load(str(tmp_path / "e"))), flatten(plan.view(got, cs))
   for p in view:
     np.testing.assert_array_equal(back[p], view[p], err_msg=p)
+  plan, got, cs = _compress(METHODS["int8_acts"](None), params, apply_s, batches[:1])
+  with pytest.raises(ValueError, match=r"export: blocks/Dense_0/kernel has per-layer "
+                     r"act_scales \(stacked layers under a scan\), which the export does not "
+                     "store yet"):
+    export.export(got, str(tmp_path / "a"), plan, cs)
 
 
 def _plain_scanned(p, x):
