@@ -148,35 +148,37 @@ def _scale_for_output(d: intercept.Dot, w_scale, x_ndim):
 
 
 def _int8_dot(d: intercept.Dot, x_scale):
-  """int8 x int8 -> int32 for any dimension numbers; float straight-through backward."""
+  """int8 x int8 -> int32 for any dimension numbers; float straight-through backward. The
+  scale is an argument, not a closure: inside a scan over stacked layers it is the
+  iteration's (a value of the scan body, which a custom_vjp may not close over)."""
   params = {k: v for k, v in d.params.items() if k != "preferred_element_type"}
 
   @jax.custom_vjp
-  def f(x, w):
+  def f(x, w, x_scale):
     wq, w_scale = quant.quantize(w, 8, "channel", contract=d.w_contract())
     args = (_codes(x, x_scale), wq) if d.w_is_rhs else (wq, _codes(x, x_scale))
     acc = jax.lax.dot_general_p.bind(*args, preferred_element_type=jnp.int32, **params)
     return acc.astype(jnp.float32) * x_scale * _scale_for_output(d, w_scale, x.ndim)
 
-  def deq(x, w):  # the dequantized product, with identity gradients through the rounding
+  def deq(x, w, x_scale):  # the dequantized product, identity gradients through rounding
     wq, w_scale = quant.quantize(w, 8, "channel", contract=d.w_contract())
     xd = x + jax.lax.stop_gradient(_codes(x, x_scale).astype(jnp.float32) * x_scale - x)
     wd = w + jax.lax.stop_gradient(wq.astype(jnp.float32) * w_scale - w)
     args = (xd, wd) if d.w_is_rhs else (wd, xd)
     return jax.lax.dot_general(*args, d.dims)
 
-  def fwd(x, w):
-    return f(x, w), (x, w)
+  def fwd(x, w, x_scale):
+    return f(x, w, x_scale), (x, w, x_scale)
 
   def bwd(res, g):
-    x, w = res
-    _, vjp = jax.vjp(deq, x, w)
+    x, w, x_scale = res
+    _, vjp = jax.vjp(lambda x, w: deq(x, w, x_scale), x, w)
     gx, gw = vjp(g)
     gx = gx * (jnp.abs(x) <= x_scale * quant.qmax(8))
-    return gx, gw  # straight through the weight's rounding
+    return gx, gw, jnp.zeros_like(x_scale)  # straight through the weight's rounding
 
   f.defvjp(fwd, bwd)
-  return f(d.x.astype(jnp.float32), d.w.astype(jnp.float32))
+  return f(d.x.astype(jnp.float32), d.w.astype(jnp.float32), jnp.asarray(x_scale, jnp.float32))
 
 
 def _is_plain_matmul(d: intercept.Dot):
