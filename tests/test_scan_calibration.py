@@ -113,6 +113,8 @@ def test_stacked_layers_compress_as_their_unrolled_twin(name, remat):
   if name == "nm24":  # 2 of every 4 inputs kept, per output, in each layer
     kept = np.asarray(flatten(got)["blocks/Dense_0/kernel"] != 0).reshape(3, 4, 4, 32)
     assert (kept.sum(axis=2) == 2).all()
+  if name not in ("gptq4", "int8_acts", "smoothquant"):
+    return  # equal weights and views give equal outputs; these three rewrite the forward
   x = batches[0]
   y_s = jax.jit(plan_s.apply(apply_s, got, cs_s))(x)
   y_t = jax.jit(plan_t.apply(apply_t, want, cs_t))(x)
