@@ -188,19 +188,25 @@ class _Scanned(nn.Module):
     return nn.Dense(3, name="head")(x)
 
 
-def test_stacked_layers_under_scan_are_named_with_a_rule_for_the_rest():
+def test_stacked_layers_under_scan_need_a_stacked_layout_and_the_one_named_works():
+  """A kernel stacked under nn.scan is calibrated layer by layer (`unroll`), once the layout
+  says it is stacked: the error names the leaf and the spec, which then runs and solves
+  each layer (and the head)."""
   model = _Scanned()
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8)), jnp.float32)
   params = model.init(jax.random.PRNGKey(0), x)["params"]
   apply = lambda p, b: model.apply({"params": p}, b)
-  with pytest.raises(ValueError, match=r"layers/fc/kernel \(and 0 more\) is consumed by no "
-                     r"dot_general .*"
-                     r"read by 1 scan; products inside scan/while/remat bodies \(stacked "
-                     r"layers\) are not supported yet\); a rule that leaves them out") as e:
+  with pytest.raises(ValueError, match=r"layers/fc/kernel \(and 0 more\) of shape \(2, 8, 8\) "
+                     r"is stacked \(a scan slices its axis 0 into 2 layers\) .*pass "
+                     r"contract=\{r'layers/fc/kernel': layout.stacked\(None\)\}") as e:
     _run(Plan(rules([(KERNELS, gptq.method(G3))])), params, apply, [x])
-  rule = _hinted_rule(e.value)
-  solved, _ = _run(Plan(rules([(rule, gptq.method(G3))])), params, apply, [x])
+  rx = re.search(r"contract=\{r'([^']+)'", str(e.value)).group(1)
+  solved, _ = _run(Plan(rules([(KERNELS, gptq.method(G3, contract={rx: layout.stacked()}))])),
+                   params, apply, [x])
   assert not np.array_equal(solved["head"]["kernel"], params["head"]["kernel"])
+  for i in range(2):
+    assert not np.array_equal(solved["layers"]["fc"]["kernel"][i],
+                              params["layers"]["fc"]["kernel"][i])
 
 
 def test_suggested_rules_match_exactly_the_kept_paths():

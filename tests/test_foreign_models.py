@@ -190,7 +190,8 @@ def test_foreign_model_gets_the_whole_kit(name, tmp_path):
 
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "README.md")
 MARKER = r"<!-- own-model: ([\w-]+) -->\n```python\n(.*?)```"
-SNIPPETS = ("optax-loop", "baselines", "calibrate", "contract", "nnx", "artifact")
+SNIPPETS = ("optax-loop", "baselines", "calibrate", "contract", "nnx", "artifact",
+            "scan")  # scan: run by tests/test_scan_calibration.py
 
 
 def run_readme(name, **env):

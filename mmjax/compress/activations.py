@@ -37,7 +37,8 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-from mmjax.compress import formats, intercept, quant
+import numpy as np
+from mmjax.compress import formats, intercept, quant, unroll
 from mmjax.compress.core import Method
 
 MODES = ("fake", "int8")
@@ -147,35 +148,37 @@ def _scale_for_output(d: intercept.Dot, w_scale, x_ndim):
 
 
 def _int8_dot(d: intercept.Dot, x_scale):
-  """int8 x int8 -> int32 for any dimension numbers; float straight-through backward."""
+  """int8 x int8 -> int32 for any dimension numbers; float straight-through backward. The
+  scale is an argument, not a closure: inside a scan over stacked layers it is the
+  iteration's (a value of the scan body, which a custom_vjp may not close over)."""
   params = {k: v for k, v in d.params.items() if k != "preferred_element_type"}
 
   @jax.custom_vjp
-  def f(x, w):
+  def f(x, w, x_scale):
     wq, w_scale = quant.quantize(w, 8, "channel", contract=d.w_contract())
     args = (_codes(x, x_scale), wq) if d.w_is_rhs else (wq, _codes(x, x_scale))
     acc = jax.lax.dot_general_p.bind(*args, preferred_element_type=jnp.int32, **params)
     return acc.astype(jnp.float32) * x_scale * _scale_for_output(d, w_scale, x.ndim)
 
-  def deq(x, w):  # the dequantized product, with identity gradients through the rounding
+  def deq(x, w, x_scale):  # the dequantized product, identity gradients through rounding
     wq, w_scale = quant.quantize(w, 8, "channel", contract=d.w_contract())
     xd = x + jax.lax.stop_gradient(_codes(x, x_scale).astype(jnp.float32) * x_scale - x)
     wd = w + jax.lax.stop_gradient(wq.astype(jnp.float32) * w_scale - w)
     args = (xd, wd) if d.w_is_rhs else (wd, xd)
     return jax.lax.dot_general(*args, d.dims)
 
-  def fwd(x, w):
-    return f(x, w), (x, w)
+  def fwd(x, w, x_scale):
+    return f(x, w, x_scale), (x, w, x_scale)
 
   def bwd(res, g):
-    x, w = res
-    _, vjp = jax.vjp(deq, x, w)
+    x, w, x_scale = res
+    _, vjp = jax.vjp(lambda x, w: deq(x, w, x_scale), x, w)
     gx, gw = vjp(g)
     gx = gx * (jnp.abs(x) <= x_scale * quant.qmax(8))
-    return gx, gw  # straight through the weight's rounding
+    return gx, gw, jnp.zeros_like(x_scale)  # straight through the weight's rounding
 
   f.defvjp(fwd, bwd)
-  return f(d.x.astype(jnp.float32), d.w.astype(jnp.float32))
+  return f(d.x.astype(jnp.float32), d.w.astype(jnp.float32), jnp.asarray(x_scale, jnp.float32))
 
 
 def _is_plain_matmul(d: intercept.Dot):
@@ -208,8 +211,8 @@ def uncalibrated(scales: dict) -> list:
   """The paths whose concrete scale is not calibrated (<= 0, or NaN); traced ones are not
   known here and are not listed."""
   concrete = {p: s for p, s in scales.items() if not isinstance(s, jax.core.Tracer)}
-  values = jax.device_get(concrete)
-  return sorted(p for p, v in values.items() if not float(v) > 0.0)
+  values = jax.device_get(concrete)  # a stacked layer's scales: one per layer
+  return sorted(p for p, v in values.items() if not bool(np.all(np.asarray(v) > 0.0)))
 
 
 def calibrate_first(what: str, missing: list, total: int) -> str:
@@ -227,6 +230,8 @@ def rewriter(scales: dict, bits: int = 8, mode: str = "fake", int8_grads: bool =
 
   def rewrite(d: intercept.Dot):
     s = scales[d.path]
+    if d.layer is not None and jnp.ndim(s):  # stacked layers: this iteration's scale
+      s = jnp.asarray(s)[d.layer]
     if dynamic and isinstance(s, jax.core.Tracer):
       s = jnp.where(s > 0, s, dynamic_scale(d.x, bits, fmt))
     if fp8 is not None:
@@ -249,13 +254,26 @@ def apply_quantized(apply_fn, scales: dict, bits: int = 8, mode: str = "fake",
 
 
 def scales_from_amax(amax: dict, bits: int = 8, fmt: str = "int") -> dict:
+  """{path: max|x|} -> {path: scale}; a stacked layer's list of maxima -> [depth] scales."""
   top = _top(bits, fmt)
-  return {k: jnp.float32(max(v, 1e-8) / top) for k, v in amax.items()}
+  one = lambda v: max(v, 1e-8) / top
+  return {k: (jnp.asarray([one(x) for x in v], jnp.float32) if isinstance(v, list)
+              else jnp.float32(one(v))) for k, v in amax.items()}
 
 
 def calibrate(apply_fn, params, batches, paths, percentile: float | None = None) -> dict:
   """{path: max|input|} over `batches` (max over batches and uses of each batch's max, or
-  of its `percentile`-th percentile of |x|, which ignores rare outliers)."""
+  of its `percentile`-th percentile of |x|, which ignores rare outliers); for a stacked
+  leaf under a scan, a list with each layer's (the scan unrolled: `unroll`)."""
+  if not batches:
+    raise ValueError("activation calibration needs at least one batch.")
+  u = unroll.unroll(apply_fn, params, batches[0], list(paths), "activation calibration")
+  if u is not None:
+    amax = calibrate(u.apply_fn, u.params, batches, u.paths, percentile)
+    for p, vs in u.layers.items():
+      amax[p] = [amax.pop(v) for v in vs]
+    return amax
+
   def stat(d):
     a = jnp.abs(d.x.astype(jnp.float32))
     return jnp.max(a) if percentile is None else jnp.percentile(a, percentile)

@@ -172,6 +172,13 @@ def export(params, out_dir: str, plan: Plan | None = None, cstate=None,
     if keep is not None:
       entry["mask"] = put("masks", np.packbits(keep))
       w = np.where(keep.reshape(w.shape), w, 0.0)  # as `update` leaves them (Plan.start)
+    per_layer = [k for k in ("act_scale", "in_scale") if k in d and np.ndim(d[k]) > (
+        0 if k == "act_scale" else 1)]
+    if per_layer:
+      raise ValueError(f"export: {path} has per-layer {per_layer[0]}s (stacked layers under a "
+                       "scan), which the export does not store yet; export it without "
+                       "activation quantization, AWQ or SmoothQuant (grid codes, masks and "
+                       "weight scales of stacked kernels export).")
     if "act_scale" in d:
       if not float(np.float32(d["act_scale"])) > 0.0:  # 0.0: `activations.inputs` at init
         raise ValueError(f"export: the input scale of {path} is not calibrated; calibrate "

@@ -9,11 +9,17 @@ It works for any JAX model, because it reads the program rather than the model c
 inputs by path, and the jaxpr is re-evaluated equation by equation (inside whatever
 transformation is tracing: jit, grad), with the matched products rewritten. Flax linen
 (`nn.Dense`, `nn.DenseGeneral`, `nn.Einsum`, `nn.Conv`), NNX and plain functions all end in
-`dot_general` or `conv_general_dilated`; calls into nested `jit`s are followed. A matched
-parameter that no visible product consumes (a bias, a conv kernel where convs are not
-handled, a weight used only inside a `scan`/`remat` body) is an error naming it, what
-consumes it, and a rule that leaves it out (generated from the model's paths and checked
-against them): the rewrite never silently does nothing.
+`dot_general` or `conv_general_dilated`; calls into nested `jit`s are followed, and so are
+`remat`/`checkpoint` bodies (rewritten inside a `jax.checkpoint` with the same policy).
+Stacked layers: `dots` follows a `scan` that takes matched parameters as per-layer inputs
+(xs) into its body, where each product sees one layer's slice; the scan is rebuilt with
+the rewritten body and the iteration number as an extra input, and `Dot.layer` /
+`Conv.layer` carry it to the rewrite (per-layer state is indexed with it: the compressed
+model keeps its scan). `observe` (statistics that leave the forward) does not; calibration
+unrolls scans first (`unroll`). A matched parameter that no visible product consumes (a
+bias, a conv kernel where convs are not handled, a weight read inside a while or cond body)
+is an error naming it, what consumes it, and a rule that leaves it out (generated from the
+model's paths and checked against them): the rewrite never silently does nothing.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from collections import Counter
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
@@ -30,7 +37,8 @@ from mmjax.compress.core import flatten
 
 _CASTS = {"convert_element_type", "copy", "copy_p"}
 _CALLS = {"pjit", "jit", "closed_call", "core_call"}
-_OPAQUE = {"scan", "while", "cond", "checkpoint", "remat", "custom_vjp_call",
+_REMAT = {"checkpoint", "remat", "remat2"}
+_OPAQUE = {"scan", "while", "cond", "checkpoint", "remat", "remat2", "custom_vjp_call",
            "custom_vjp_call_jaxpr", "custom_jvp_call", "shard_map", "xla_pmap"}
 
 
@@ -43,6 +51,7 @@ class Dot(NamedTuple):
   params: dict
   w_is_rhs: bool
   out_aval: Any
+  layer: Any = None  # inside a scan over stacked layers: the iteration (a traced int)
 
   @property
   def dims(self):
@@ -71,6 +80,7 @@ class Conv(NamedTuple):
   w: Any
   params: dict
   out_aval: Any
+  layer: Any = None  # inside a scan over stacked layers: the iteration (a traced int)
 
   @property
   def dims(self):
@@ -115,7 +125,7 @@ def _bind(eqn, ins):
   return out if eqn.primitive.multiple_results else [out]
 
 
-def _eval(jaxpr, consts, args, tags_in, rewrite, found, users, convs):
+def _eval(jaxpr, consts, args, tags_in, rewrite, found, users, convs, scans=False):
   env, tags = {}, {}
 
   def read(v):
@@ -143,7 +153,15 @@ def _eval(jaxpr, consts, args, tags_in, rewrite, found, users, convs):
     elif name in _CALLS and ("jaxpr" in eqn.params or "call_jaxpr" in eqn.params):
       sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
       inner, consts = (sub.jaxpr, sub.consts) if hasattr(sub, "jaxpr") else (sub, [])
-      outs = _eval(inner, consts, ins, tin, rewrite, found, users, convs)
+      outs = _eval(inner, consts, ins, tin, rewrite, found, users, convs, scans)
+    elif name in _REMAT and "jaxpr" in eqn.params:  # kept a checkpoint; inlined (observe)
+      f = lambda *a, e=eqn, t=tin: _eval(e.params["jaxpr"], [], a, t, rewrite, found, users,
+                                         convs, scans)
+      outs = (jax.checkpoint(f, prevent_cse=eqn.params.get("prevent_cse", True),
+                             policy=eqn.params.get("policy")) if scans else f)(*ins)
+    elif (name == "scan" and scans is True and not any(tin[:eqn.params["num_consts"]
+                                                   + eqn.params["num_carry"]])):
+      outs = _scan(eqn, ins, tin, rewrite, found, users, convs)
     else:  # used by another op (an add, a conv, a loop body): left as it is
       for t in tin:
         if t is not None:
@@ -154,6 +172,26 @@ def _eval(jaxpr, consts, args, tags_in, rewrite, found, users, convs):
       if t is not None:
         tags[v] = t
   return [read(v) for v in jaxpr.outvars]
+
+
+def _scan(eqn, ins, tin, rewrite, found, users, convs):
+  """A scan whose xs carry matched (stacked) parameters, rebuilt with the rewritten body:
+  the iteration number rides along as an extra xs and reaches the rewrite as `.layer`.
+  A scan nested in it over matched parameters is not followed (an error names them)."""
+  p = eqn.params
+  nc, nk, n = p["num_consts"], p["num_carry"], p["length"]
+  consts, carry, xs = ins[:nc], ins[nc:nc + nk], ins[nc + nk:]
+  body, tags = p["jaxpr"], [None] * (nc + nk) + list(tin[nc + nk:])
+
+  def step(c, x):
+    i, xi = x
+    outs = _eval(body.jaxpr, body.consts, list(consts) + list(c) + list(xi), tags,
+                 lambda d: rewrite(d._replace(layer=i)), found, users, convs, "inner")
+    return outs[:nk], outs[nk:]
+
+  c, ys = lax.scan(step, list(carry), (jnp.arange(n), list(xs)), length=n,
+                   reverse=p["reverse"], unroll=p["unroll"])
+  return list(c) + list(ys)
 
 
 # ------------------------------------------------------- rules suggested by the errors
@@ -243,7 +281,10 @@ def unseen_message(what: str, unseen: Sequence[str], matched: Sequence[str],
     why += ("; convolutions are seen only by the post-training weight methods (GPTQ, "
             "SparseGPT, Wanda, AWQ, RTN)")
   if set(read_by) & _OPAQUE:
-    why += "; products inside scan/while/remat bodies (stacked layers) are not supported yet"
+    why += ("; products inside while/cond bodies and scans nested in a layer scan are not "
+            "supported; stacked layers under one scan are, for weight quantization, GPTQ, "
+            "SparseGPT, Wanda, AWQ, RTN, SmoothQuant and activation inputs, with "
+            "contract=layout.stacked(...)")
   rx = rule_for(sorted(set(matched) - set(unseen)), unseen, universe)
   fix = (f"a rule that leaves them out: {quoted(rx)}." if rx is not None else
          "no parameter of the rule is, so drop the rule.")
@@ -254,9 +295,10 @@ def unseen_message(what: str, unseen: Sequence[str], matched: Sequence[str],
 # ------------------------------------------------------------------ the entry points
 
 def dots(apply_fn: Callable, paths: Sequence[str], rewrite: Callable[[Dot], Any],
-         what: str = "activation rule", convs: bool = False) -> Callable:
+         what: str = "activation rule", convs: bool = False, scans: bool = True) -> Callable:
   """`apply_fn(params, *args)` with the products consuming `paths` computed by `rewrite`
-  (`convs`: convolutions too, as `Conv` records)."""
+  (`convs`: convolutions too, as `Conv` records; `scans`: inside scans over stacked layers
+  too, with `.layer` set)."""
   wanted = set(paths)
 
   def wrapped(params, *args, **kwargs):
@@ -271,7 +313,8 @@ def dots(apply_fn: Callable, paths: Sequence[str], rewrite: Callable[[Dot], Any]
     leaves = jax.tree.leaves((params, args))
     tags = tags + [None] * (len(leaves) - len(tags))
     found, users = set(), {}
-    outs = _eval(closed.jaxpr, closed.consts, leaves, tags, rewrite, found, users, convs)
+    outs = _eval(closed.jaxpr, closed.consts, leaves, tags, rewrite, found, users, convs,
+                 scans)
     unseen = sorted(wanted - found)
     if unseen:
       raise ValueError(unseen_message(what, unseen, sorted(wanted), list(flat), users))
@@ -292,6 +335,6 @@ def observe(apply_fn: Callable, paths: Sequence[str], stat: Callable[[Dot], Any]
       seen.setdefault(d.path, []).append(stat(d))
       return d.bind(d.x, d.w)
 
-    dots(apply_fn, paths, rec, what, convs)(params, *args)
+    dots(apply_fn, paths, rec, what, convs, scans=False)(params, *args)
     return seen
   return f

@@ -40,18 +40,23 @@ def qmax(bits: int) -> int:
   return 2 ** (bits - 1) - 1
 
 
-def reduce_axes(ndim: int, granularity: str, contract=None):
-  """Axes a scale is taken over: the contraction axes per channel, all per tensor."""
-  if granularity == "channel" and ndim >= 2:
-    return tuple(contract) if contract is not None else tuple(range(ndim - 1))
-  return tuple(range(ndim))
+def reduce_axes(ndim: int, granularity: str, contract=None, depth: int = 0):
+  """Axes a scale is taken over: the contraction axes per channel, all per tensor; never
+  the `depth` leading stack axes of stacked layers (`layout.stacked`): scales are per layer."""
+  if granularity == "channel" and ndim - depth >= 2:
+    return tuple(contract) if contract is not None else tuple(range(depth, ndim - 1))
+  return tuple(range(depth, ndim))
 
 
 def scale_of(w, bits: int, granularity: str = "channel", clip_ratio: float = 1.0,
              contract=None):
-  """Float32 scale broadcastable against w (keepdims); never zero."""
-  amax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=reduce_axes(w.ndim, granularity, contract),
-                 keepdims=True)
+  """Float32 scale broadcastable against w (keepdims); never zero. `contract`: the axes
+the scale is taken over (`reduce_axes`; for a per-tensor scale, given explicitly, they
+leave out the stack axes of stacked layers, as `weights` records them in `scale_axes`)."""
+  axes = reduce_axes(w.ndim, granularity, contract)
+  if granularity == "tensor" and contract is not None:
+    axes = tuple(contract)
+  amax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=axes, keepdims=True)
   return jnp.maximum(amax * clip_ratio, 1e-30) / qmax(bits)
 
 
@@ -89,7 +94,8 @@ def uncompressible(path: str, leaf, granularity: str = "channel", contract=None)
   if math.prod(leaf.shape) == 0:
     return "an empty array"
   per_scale = math.prod(leaf.shape[a] for a in reduce_axes(
-      ndim, granularity, layout.contract_axes(contract, path, ndim)))
+      ndim, granularity, layout.contract_axes(contract, path, ndim),
+      layout.depth_axes(contract, path, ndim)))
   if per_scale < 2:
     return (f"shape {tuple(leaf.shape)} gives every {granularity} scale one value: a code "
             "and a float32 scale per value are larger than the float32 value")
@@ -108,7 +114,8 @@ def weights(bits: int = 8, granularity: str = "channel", clip_ratio: float = 1.0
     raise ValueError(f"quantization clip_ratio={clip_ratio} must be in (0, 1].")
 
   def axes(path, w):
-    return reduce_axes(w.ndim, granularity, layout.contract_axes(contract, path, w.ndim))
+    return reduce_axes(w.ndim, granularity, layout.contract_axes(contract, path, w.ndim),
+                       layout.depth_axes(contract, path, w.ndim))
 
   def view(flat, state):
     return {p: fake_quant(w, bits, granularity, clip_ratio, axes(p, w)) for p, w in flat.items()}

@@ -26,6 +26,14 @@ Calibration modes, as in the GPTQ and SparseGPT papers:
               layers are not seen by later ones)
 A block is what `group_by` (a regex, its first group the block's name) gives
 (`schedule.blocks`): by default the prefix up to `block_NN` / `layer_NN` / `layers_N`.
+
+Stacked layers (a scan over layers; the layout says `layout.stacked`): the calibration
+forward is the scan unrolled (`unroll`), each layer's slice a kernel of its own and each
+scan iteration a block, so layer l is solved from the forward through the compressed
+layers < l, exactly as the unrolled twin would be (tested); the layers' results are put
+back side by side (`side_by_side`: grid scales [G, depth * N], masks the kernel's shape,
+AWQ's input scales [depth, K]). Cost: the unrolled forward's compile time grows with depth;
+the passes are those of the twin.
 """
 from __future__ import annotations
 
@@ -35,7 +43,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from mmjax.compress import intercept, layout
+from mmjax.compress import intercept, layout, unroll
 from mmjax.compress.core import Method, flatten, unflatten
 from mmjax.compress.formats import Grid
 from mmjax.compress.post_training import schedule, staged, stats as statistics
@@ -58,11 +66,97 @@ def calibrate_kernels(calib, flat, solve: Callable, wanted, mode: str, contract=
                       group_by: str = GROUP_BY, log=None):
   """-> {path: (w [K, N] solved, Solved)} for `calib.paths`, in sequential or parallel
   mode. `flat` holds the method's master weights (solved from), `calib.params` the view
-  the forward computes with."""
+  the forward computes with. Stacked layers (`layout.stacked`, a scan in the forward) are
+  solved layer by layer from each layer's own statistics (`unroll`); their `Solved` is the
+  layers' side by side along the columns of the stacked kernel's matrix view."""
   contract_of = lambda path, ndim: layout.contract_axes(contract, path, ndim)
   paths = list(calib.paths)
   if not calib.batches:
     raise ValueError("post-training calibration needs at least one batch.")
+  if not wanted:  # round-to-nearest: the weights alone, no forward
+    return {p: _per_layer(p, flat[p], layout.depth_axes(contract, p, flat[p].ndim),
+                          contract_of, solve) for p in paths}
+  closed = jax.make_jaxpr(calib.apply_fn)(calib.params, calib.batches[0])
+  u = unroll.unroll(calib.apply_fn, calib.params, calib.batches[0], paths, closed=closed)
+  if u is None:
+    return _calibrate(calib, flat, solve, wanted, mode, contract_of, group_by, closed=closed)
+  of = {v: (p, i) for p, vs in u.layers.items() for i, v in enumerate(vs)}
+  check_stacked(u.layers, {p: flat[p].shape for p in paths}, contract)
+  vcontract = layer_contract(contract, u)
+  vflat = {v: (flat[of[v][0]][of[v][1]] if v in of else flat[v]) for v in u.paths}
+  done = _calibrate(calib._replace(apply_fn=u.apply_fn, params=u.params, paths=tuple(u.paths)),
+                    vflat, solve, wanted, mode, vcontract, group_by, u.block_of)
+  out = {p: done[p] for p in paths if p not in u.layers}
+  out.update({p: side_by_side([done[v] for v in vs]) for p, vs in u.layers.items()})
+  return out
+
+
+def layer_contract(contract, u):
+  """f(path, ndim) -> contracted axes for the paths of `u` (an `unroll.Unrolled`): a
+  layer `p[i]` of a stacked leaf gets the stacked spec's axes within one layer."""
+  of = {v: p for p, vs in u.layers.items() for v in vs}
+
+  def f(v, ndim):
+    if v not in of:
+      return layout.contract_axes(contract, v, ndim)
+    return tuple(a - 1 for a in layout.contract_axes(contract, of[v], ndim + 1))
+  return f
+
+
+def _spec_text(contract) -> str:
+  if contract is None:
+    return "None"
+  if contract == layout.FLAX_ATTENTION:
+    return "layout.FLAX_ATTENTION"
+  return repr(contract)
+
+
+def check_stacked(layers: dict, shapes: dict, contract, what: str = "post-training"):
+  """The stacked leaves a scan slices (`unroll`: {path: its layers}) are declared stacked
+  by one axis in the layout spec; else one error naming them and the spec that does."""
+  bad = sorted(p for p in layers if layout.depth_axes(contract, p, len(shapes[p])) != 1)
+  if not bad:
+    return
+  p, d = bad[0], layout.depth_axes(contract, bad[0], len(shapes[bad[0]]))
+  rx = min(intercept.rule_for(sorted(layers), sorted(set(shapes) - set(layers)), list(shapes)),
+           "|".join(re.escape(q) for q in sorted(layers)), key=len)
+  spec = _spec_text(contract)
+  rest = ("" if contract is None else
+          f", **{spec}" if isinstance(contract, dict) else f", r'.*': {spec}")
+  has = (f"treats it as one kernel (contraction axes "
+         f"{layout.contract_axes(contract, p, len(shapes[p]))})" if not d
+         else f"gives it {d} stack axes")
+  raise ValueError(f"{what}: {intercept.more(bad)} of shape {tuple(shapes[p])} is stacked (a "
+                   f"scan slices its axis 0 into {len(layers[p])} layers) but the layout spec "
+                   f"{has}; pass contract={{{intercept.quoted(rx)}: layout.stacked({spec})"
+                   f"{rest}}} (axes counted within one layer's kernel) so each layer is solved "
+                   "from its own statistics.")
+
+
+def side_by_side(layers: list) -> Solved:
+  """The `Solved` of each layer of a stacked kernel -> the stacked kernel's: weights, masks
+  and grid scales side by side along the matrix view's columns (layer l's outputs are
+  columns l * N ...), AWQ's input scales stacked [depth, K]."""
+  cat = lambda xs: None if xs[0] is None else jnp.concatenate(xs, axis=1)
+  return Solved(cat([r.w for r in layers]), cat([r.mask for r in layers]),
+                cat([r.scale for r in layers]), cat([r.zero for r in layers]),
+                None if layers[0].in_scale is None else jnp.stack([r.in_scale for r in layers]),
+                None if layers[0].ok is None else jnp.all(jnp.stack([r.ok for r in layers])))
+
+
+def _per_layer(path, w, depth: int, contract_of, solve, st=None):
+  """Solve one kernel, or each layer of a stacked one (statistics-free solvers)."""
+  axes = contract_of(path, w.ndim)
+  if not depth:
+    return solve(path, layout.to_matrix(w, axes), st or {})
+  sub = tuple(a - depth for a in axes)
+  per = w.reshape((-1,) + w.shape[depth:])
+  return side_by_side([solve(path, layout.to_matrix(x, sub), st or {}) for x in per])
+
+
+def _calibrate(calib, flat, solve, wanted, mode, contract_of, group_by, block_of=None,
+               closed=None):
+  paths = list(calib.paths)
   params = flatten(calib.params)
   done = {}
 
@@ -74,9 +168,7 @@ def calibrate_kernels(calib, flat, solve: Callable, wanted, mode: str, contract=
       done[p] = res
       params[p] = layout.from_matrix(res.w, w.shape, axes).astype(w.dtype)
 
-  if not wanted:  # round-to-nearest: the weights alone, no forward
-    solve_block(paths, {p: {} for p in paths})
-  elif mode == "parallel":
+  if mode == "parallel":
     f, _ = statistics.program(calib.apply_fn, paths, wanted, contract_of)
     solve_block(paths, statistics.finish(statistics.accumulate(f, calib.params,
                                                                calib.batches)))
@@ -84,15 +176,24 @@ def calibrate_kernels(calib, flat, solve: Callable, wanted, mode: str, contract=
     # independent blocks (the towers) share a pass; each pass runs only the part of the
     # forward its statistics need that earlier passes have not computed for good (`staged`)
     tree = calib.params
-    closed = jax.make_jaxpr(calib.apply_fn)(tree, calib.batches[0])
+    closed = closed or jax.make_jaxpr(calib.apply_fn)(tree, calib.batches[0])
     _, levels = schedule.solve_order(calib.apply_fn, tree, calib.batches[0], paths,
-                                     group_by, closed)
+                                     group_by, closed, block_of)
     cut = staged.build(calib.apply_fn, tree, list(params), calib.batches, paths, levels,
                        wanted, contract_of, closed)
     leaves_of = lambda batch: jax.tree.leaves((unflatten(params, calib.params), batch))
     for lv, level in enumerate(levels):
       solve_block(level, statistics.finish(cut.stats(lv, leaves_of)))
   return done
+
+
+def in_columns(in_scale, n_cols: int):
+  """Input scales [K] -> [K, 1]; a stacked kernel's [*stack, K] -> [K, n_cols], each
+  layer's scales on its own columns (`side_by_side`)."""
+  if in_scale.ndim == 1:
+    return in_scale[:, None]
+  per = in_scale.reshape(-1, in_scale.shape[-1])
+  return jnp.repeat(per.T, n_cols // per.shape[0], axis=1)
 
 
 def grid_map(grid):
@@ -132,6 +233,10 @@ def build(name: str, solve: Callable, wanted: tuple, *, grid=None,
   def axes(path, w):
     return layout.contract_axes(contract, path, w.ndim)
 
+  def ones_in(path, w, k):  # input scales: [K], or [*stack, K] per layer of a stacked kernel
+    return jnp.ones(tuple(w.shape[:layout.depth_axes(contract, path, w.ndim)]) + (k,),
+                    jnp.float32)
+
   def leave_out(bad, shapes):  # a rule for the method's own leaves without `bad`
     rx = intercept.rule_for(sorted(set(shapes) - set(bad)), sorted(bad), list(shapes))
     return (f"a rule that leaves them out: {intercept.quoted(rx)}" if rx is not None else
@@ -151,6 +256,10 @@ def build(name: str, solve: Callable, wanted: tuple, *, grid=None,
         k *= shape[a]
       if grid is not None:
         grid_of(path).check(k, f"{path}: ")
+        if grid_of(path).granularity == "tensor" and layout.depth_axes(contract, path,
+                                                                       len(shape)):
+          raise ValueError(f"{path} is stacked (layout.stacked): a per-tensor grid would share "
+                           "one scale across its layers; use granularity='channel' or 'group'.")
       if n_m and k % n_m[1]:
         odd.append((path, k))
     if odd:
@@ -166,7 +275,7 @@ def build(name: str, solve: Callable, wanted: tuple, *, grid=None,
       if grid is not None:
         m = layout.to_matrix(w, axes(p, w))
         s["scale"], s["zero"] = grid_of(p).fit(m)
-        s["in_scale"] = jnp.ones((m.shape[0],), jnp.float32)
+        s["in_scale"] = ones_in(p, w, m.shape[0])
       if masks:
         s["mask"] = jnp.ones(w.shape, bool)
       state[p] = s
@@ -178,7 +287,7 @@ def build(name: str, solve: Callable, wanted: tuple, *, grid=None,
       st, ax = state[p], axes(p, w)
       m = layout.to_matrix(w, ax)
       k = m.shape[0]
-      inv = st["in_scale"][:, None].astype(m.dtype)
+      inv = in_columns(st["in_scale"], m.shape[1]).astype(m.dtype)
       g = grid_of(p)
       q = g.fake(m * inv, g.expand(st["scale"], k), g.expand(st["zero"], k)) / inv
       out[p] = layout.from_matrix(q, w.shape, ax).astype(w.dtype)
@@ -199,8 +308,9 @@ def build(name: str, solve: Callable, wanted: tuple, *, grid=None,
       s = dict(state[p])
       if grid is not None:
         s["scale"], s["zero"] = res.scale, res.zero
-        s["in_scale"] = (res.in_scale if res.in_scale is not None
-                         else jnp.ones((res.w.shape[0],), jnp.float32)).astype(jnp.float32)
+        s["in_scale"] = (res.in_scale.reshape(ones_in(p, w, res.w.shape[0]).shape)
+                         if res.in_scale is not None
+                         else ones_in(p, w, res.w.shape[0])).astype(jnp.float32)
       if masks:
         s["mask"] = layout.from_matrix(res.mask, w.shape, ax)
       new_state[p] = s
@@ -221,8 +331,8 @@ def build(name: str, solve: Callable, wanted: tuple, *, grid=None,
         kept = w.size if not masks else jnp.sum(state[p]["mask"])
         nbytes = g.nbytes(k, w.size // k) - w.size * g.code_bits / 8
         nbytes += kept * g.code_bits / 8 + (-(-w.size // 8) if masks else 0)
-        if in_scales:  # AWQ's per-input scales, fp32
-          nbytes += 4 * k
+        if in_scales:  # AWQ's per-input scales, fp32 (per layer of a stacked kernel)
+          nbytes += 4 * state[p]["in_scale"].size
         d.update(codes="grid", format=g.name, bits=g.code_bits, bytes=nbytes,
                  grid=g, scale=state[p]["scale"], zero=state[p]["zero"],
                  contract=list(axes(p, w)))

@@ -15,7 +15,8 @@ The dependence is read off the traced program, for any model: a dataflow pass ov
 jaxpr of `apply_fn(params, batch)`, following nested jits as the interceptor does (a
 kernel's products are its `dot_general`s and `conv_general_dilated`s). What it
 cannot look into (scan, while, cond, custom derivatives) is taken conservatively: each
-output depends on every input. If a block's inputs depend on a block the forward first
+output depends on every input; a scan over stacked layers is unrolled before it runs
+(`unroll`), its layers grouped by iteration (`blocks(block_of=...)`). If a block's inputs depend on a block the forward first
 uses later (a weight used twice), the blocks are kept one per level, in order.
 """
 from __future__ import annotations
@@ -33,15 +34,18 @@ _NONE = frozenset()
 GROUP_BY = r"(.*?(?:[Bb]lock|[Ll]ayers?)_?\d+)/.*"
 
 
-def blocks(order, group_by: str = GROUP_BY):
+def blocks(order, group_by: str = GROUP_BY, block_of: dict | None = None):
   """Paths in forward order -> [[paths of block 1], [block 2], ...] in first-use order; a
   block is what `group_by` (a regex, its first group the block's name) gives: by default
-  the prefix up to `block_NN` / `layer_NN` / `layers_N`; other paths are blocks of their own."""
+  the prefix up to `block_NN` / `layer_NN` / `layers_N`; other paths are blocks of their own.
+  `block_of` {path: block name} overrides it (a stacked layer's kernels: one scan iteration,
+  `unroll`)."""
   rx = re.compile(group_by)
+  block_of = block_of or {}
   out, index = [], {}
   for p in order:
     m = rx.fullmatch(p)
-    key = m.group(1) if m else p
+    key = ("block_of", block_of[p]) if p in block_of else (m.group(1) if m else p)
     if key not in index:
       index[key] = len(out)
       out.append([])
@@ -123,8 +127,8 @@ def levels(groups: Sequence[Sequence[str]], deps: dict) -> list:
 
 
 def solve_order(apply_fn: Callable, params, batch, paths: Sequence[str],
-                group_by: str = GROUP_BY, closed=None) -> tuple:
+                group_by: str = GROUP_BY, closed=None, block_of: dict | None = None) -> tuple:
   """-> (blocks, levels) of `paths` for sequential calibration, from one trace."""
   deps = dependencies(apply_fn, params, batch, paths, closed)
-  groups = blocks(list(deps), group_by)
+  groups = blocks(list(deps), group_by, block_of)
   return groups, levels(groups, deps)

@@ -10,16 +10,20 @@ the preceding LayerNorm); the weights in the parameter tree stay W, and the view
 diag(s)⁻¹ Q(diag(s) W), so the same plan fine-tunes. Products run through the existing
 paths: fake-quant (`mode="fake"`) or real int8 × int8 → int32 (`mode="int8"`), whose
 per-channel weight codes of diag(s) W are exactly the view's.
+
+Stacked layers (`layout.stacked`, a scan over layers): each layer gets its own smoothing
+[depth, K] and activation scale [depth], from its own inputs (the scan unrolled for
+calibration, `unroll`); the rewrite inside the kept scan indexes them by iteration.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from mmjax.compress import activations, intercept, layout, quant
+from mmjax.compress import activations, intercept, layout, quant, unroll
 from mmjax.compress.core import Method
 from mmjax.compress.formats import grid as make_grid
-from mmjax.compress.post_training import stats as statistics
+from mmjax.compress.post_training import method as pt, stats as statistics
 
 W8 = make_grid("int", 8)
 
@@ -57,16 +61,20 @@ def method(alpha: float = 0.5, *, mode: str = "fake", int8_grads: bool = True,
   def axes(path, w):
     return layout.contract_axes(contract, path, w.ndim)
 
+  def stack(path, w):  # the stack axes' shape: () unless stacked
+    return tuple(w.shape[:layout.depth_axes(contract, path, w.ndim)])
+
   def init(flat, rng):
-    return {p: {"smooth": jnp.ones((layout.to_matrix(w, axes(p, w)).shape[0],), jnp.float32),
-                "act_scale": jnp.float32(1.0)} for p, w in flat.items()}
+    return {p: {"smooth": jnp.ones(stack(p, w) + (layout.to_matrix(w, axes(p, w)).shape[0],),
+                                   jnp.float32),
+                "act_scale": jnp.ones(stack(p, w), jnp.float32)} for p, w in flat.items()}
 
   def view(flat, state):
     out = {}
     for p, w in flat.items():
       ax = axes(p, w)
       m = layout.to_matrix(w, ax)
-      s = state[p]["smooth"][:, None].astype(m.dtype)
+      s = pt.in_columns(state[p]["smooth"], m.shape[1]).astype(m.dtype)
       ms = m * s
       q = W8.fake(ms, *W8.fit(jax.lax.stop_gradient(ms))) / s
       out[p] = layout.from_matrix(q, w.shape, ax).astype(w.dtype)
@@ -75,6 +83,8 @@ def method(alpha: float = 0.5, *, mode: str = "fake", int8_grads: bool = True,
   def wrap(apply_fn, state, paths):
     def rewrite(d: intercept.Dot):
       st = state[d.path]
+      if d.layer is not None and st["smooth"].ndim == 2:  # stacked: this layer's
+        st = {k: v[d.layer] for k, v in st.items()}
       s = st["smooth"]
       x = d.x / _for_x(s, d).astype(d.x.dtype)
       w = d.w * _along(s, sorted(d.w_contract()), d.w.shape).astype(d.w.dtype)
@@ -84,28 +94,45 @@ def method(alpha: float = 0.5, *, mode: str = "fake", int8_grads: bool = True,
       return activations.rewriter({d.path: st["act_scale"]}, 8, "int8", int8_grads)(smoothed)
     return intercept.dots(apply_fn, paths, rewrite, "SmoothQuant")
 
+  def one(amax_x, w_mat):
+    s = smoothing(amax_x, w_mat, alpha)
+    return {"smooth": s.astype(jnp.float32),
+            "act_scale": (jnp.max(amax_x / s) / quant.qmax(8)).astype(jnp.float32)}
+
   def calibrate(flat, state, calib):
-    got, _ = statistics.collect(calib.apply_fn, calib.params, calib.batches, calib.paths,
-                                ("amax",), lambda path, ndim: layout.contract_axes(contract, path, ndim),
+    fn, params, paths = calib.apply_fn, calib.params, list(calib.paths)
+    contract_of = lambda path, ndim: layout.contract_axes(contract, path, ndim)
+    layers = {}
+    if calib.batches:
+      u = unroll.unroll(fn, params, calib.batches[0], paths, "SmoothQuant")
+      if u is not None:
+        pt.check_stacked(u.layers, {p: w.shape for p, w in flat.items()}, contract,
+                         "SmoothQuant")
+        fn, params, paths, layers = u.apply_fn, u.params, u.paths, u.layers
+        contract_of = pt.layer_contract(contract, u)
+    got, _ = statistics.collect(fn, params, calib.batches, paths, ("amax",), contract_of,
                                 convs=False, what="SmoothQuant")
     new = {}
     for p, w in flat.items():
-      amax_x = got[p]["amax"]
-      s = smoothing(amax_x, layout.to_matrix(w, axes(p, w)), alpha)
-      new[p] = {"smooth": s.astype(jnp.float32),
-                "act_scale": (jnp.max(amax_x / s) / quant.qmax(8)).astype(jnp.float32)}
+      if p not in layers:
+        new[p] = one(got[p]["amax"], layout.to_matrix(w, axes(p, w)))
+        continue
+      sub = tuple(a - 1 for a in axes(p, w))
+      per = [one(got[v]["amax"], layout.to_matrix(w[i], sub)) for i, v in enumerate(layers[p])]
+      new[p] = {k: jnp.stack([s[k] for s in per]) for k in per[0]}
     return flat, new
 
   def describe(flat, state):
     out = {}
     for p, w in flat.items():
       s = state[p]["smooth"]
-      k = s.shape[0]
-      scale, zero = W8.fit(layout.to_matrix(w, axes(p, w)) * s[:, None])
+      k = s.shape[-1]
+      m = layout.to_matrix(w, axes(p, w))
+      scale, zero = W8.fit(m * pt.in_columns(s, m.shape[1]))
       # the export stores the weights (codes of diag(s) W, and s); the smoothed int8
       # activations are served through the plan's wrap
       out[p] = {"codes": "grid", "format": "w8c_smoothed", "bits": 8,
-                "bytes": w.size + 4 * (w.size // k) + 4 * k, "grid": W8, "scale": scale,
+                "bytes": w.size + 4 * (w.size // k) + 4 * s.size, "grid": W8, "scale": scale,
                 "zero": zero, "in_scale": s, "contract": list(axes(p, w))}
     return out
 
