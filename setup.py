@@ -34,6 +34,8 @@ setup(
         "tensorboardX>=2.6",
         # jax.export's serialization (deployable artifacts, python -m mmjax.deploy).
         "flatbuffers>=24",
+        # Hugging Face checkpoints of the pretrained families (mmjax.pretrained).
+        "safetensors>=0.4",
     ],
     extras_require={
         "test": [
@@ -49,5 +51,7 @@ setup(
         # Benchmarks only: the PyTorch twin of bench/train_step.py --vs_torch (CPU wheel), and
         # Qwix, the peer that bench/post_training.py --qwix compares GPTQ against.
         "bench": ["torch==2.13.0", "qwix==0.1.8"],
+        # tests/golden/make_golden.py: the reference models the golden files come from.
+        "golden": ["torch==2.13.0", "transformers>=4.50,<5"],
     },
 )

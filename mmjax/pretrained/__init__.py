@@ -1,0 +1,10 @@
+"""Pretrained encoders as mmjax model modules (`config.model_module`): pure Flax modules on
+mmjax's attention kernel, with loaders for the checkpoints users have (Hugging Face
+safetensors; big_vision `.npz` to come). Each module's `family(args)` is what the harness
+loads; its `load(path, abstract)` reads a checkpoint from disk (never downloads) and names
+every missing, unexpected or mis-shaped key.
+
+  encoder.py            the transformer block the families share (pre- or post-LN, eps)
+  checkpoint_files.py   read safetensors; map a checkpoint's names onto a params tree
+  vit.py                ViT (the AugReg/DeiT layout of Hugging Face's ViTModel)
+"""

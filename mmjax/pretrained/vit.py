@@ -1,0 +1,170 @@
+"""ViT (Dosovitskiy et al. 2021) in the layout of Hugging Face's `ViTModel` /
+`ViTForImageClassification` (AugReg and DeiT weights): a conv patch stem, a class token,
+learned position embeddings, pre-LN blocks, a final LayerNorm, and a linear head on the
+class token. A model module (`config.model_module = "mmjax.pretrained.vit"`):
+
+    config.model = dict(variant="B/16", image_size=224, num_classes=1000)
+    config.init = "/path/to/model.safetensors"      # a Hugging Face ViT checkpoint
+
+The input is `batch["image"]`, `[batch, height, width, channels]`, already resized and
+normalized as the checkpoint expects. `apply` returns (logits, intermediates: each
+block's tokens, the final tokens, the pooled class token); with `num_classes=0`, the
+pooled features instead of logits.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.family import Family
+from mmjax.pretrained import checkpoint_files
+from mmjax.pretrained.checkpoint_files import Tensor
+from mmjax.pretrained.encoder import encode
+
+SIZES = {  # width, depth, heads, mlp_dim
+    "Ti": (192, 12, 3, 768), "S": (384, 12, 6, 1536), "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096), "H": (1280, 32, 16, 5120)}
+ARGS = {"variant": "B/16", "width": None, "depth": None, "heads": None, "mlp_dim": None,
+        "patch": None, "image_size": 224, "channels": 3, "num_classes": 1000, "eps": 1e-12,
+        "attention_impl": None}
+MATMULS = r"block_\d+/(attn/(query|key|value|out)|mlp/(fc1|fc2))/kernel"
+
+
+def resolve(args: dict) -> dict:
+  """ARGS with the variant's sizes filled in (explicit fields win); checked."""
+  bad = sorted(set(args) - set(ARGS))
+  if bad:
+    raise ValueError(f"config.model has unknown field(s) {bad} for mmjax.pretrained.vit; "
+                     f"valid: {sorted(ARGS)}.")
+  a = {**ARGS, **args}
+  if a["variant"]:
+    size, _, patch = str(a["variant"]).partition("/")
+    if size not in SIZES or not patch.isdigit():
+      raise ValueError(f"config.model.variant={a['variant']!r} is unknown; valid: "
+                       f"{', '.join(f'{s}/16' for s in SIZES)} (any patch size), or None "
+                       "with width, depth, heads, mlp_dim and patch given.")
+    for k, v in zip(("width", "depth", "heads", "mlp_dim"), SIZES[size]):
+      a[k] = v if a[k] is None else a[k]
+    a["patch"] = int(patch) if a["patch"] is None else a["patch"]
+  missing = [k for k in ("width", "depth", "heads", "mlp_dim", "patch") if a[k] is None]
+  if missing:
+    raise ValueError(f"config.model: {', '.join(missing)} not set; name a variant (e.g. "
+                     "'B/16') or give them.")
+  if a["image_size"] % a["patch"]:
+    raise ValueError(f"config.model: image_size={a['image_size']} is not a multiple of "
+                     f"patch={a['patch']}.")
+  if a["width"] % a["heads"]:
+    raise ValueError(f"config.model: width={a['width']} is not divisible by "
+                     f"heads={a['heads']}.")
+  return a
+
+
+class ViT(nn.Module):
+  width: int
+  depth: int
+  heads: int
+  mlp_dim: int
+  patch: int
+  image_size: int
+  channels: int
+  num_classes: int
+  eps: float
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, batch, rng=None):
+    image = batch["image"]
+    if image.shape[1:] != (self.image_size, self.image_size, self.channels):
+      raise ValueError(f"ViT expects images [batch, {self.image_size}, {self.image_size}, "
+                       f"{self.channels}], got {tuple(image.shape)}; resize them first.")
+    x = nn.Conv(self.width, (self.patch, self.patch), strides=self.patch, padding="VALID",
+                name="stem")(image)
+    x = x.reshape(x.shape[0], -1, self.width)
+    cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+    x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1,) + x.shape[1:])
+    inter = {}
+    x = encode(x, None, self.depth, dict(num_heads=self.heads, mlp_dim=self.mlp_dim,
+                                         eps=self.eps, implementation=self.attention_impl),
+               inter)
+    x = inter["final"] = nn.LayerNorm(self.eps, name="norm")(x)
+    pooled = inter["pooled"] = x[:, 0]
+    if not self.num_classes:
+      return pooled, inter
+    return nn.Dense(self.num_classes, name="head")(pooled), inter
+
+
+# ------------------------------------------------------------------ Hugging Face names
+
+def _linear(w):
+  return np.ascontiguousarray(w.T)  # torch Linear [out, in] -> [in, out]
+
+
+def hf_spec(a: dict, prefix: str) -> list:
+  """The (Hugging Face name, mmjax path, conversion) of every tensor."""
+  e = f"{prefix}embeddings."
+  spec = [Tensor(f"{e}cls_token", "cls"),
+          Tensor(f"{e}position_embeddings", "pos_embedding"),
+          Tensor(f"{e}patch_embeddings.projection.weight", "stem/kernel",
+                 lambda w: np.ascontiguousarray(w.transpose(2, 3, 1, 0))),
+          Tensor(f"{e}patch_embeddings.projection.bias", "stem/bias"),
+          Tensor(f"{prefix}layernorm.weight", "norm/scale"),
+          Tensor(f"{prefix}layernorm.bias", "norm/bias")]
+  parts = {"attention.attention.query": "attn/query", "attention.attention.key": "attn/key",
+           "attention.attention.value": "attn/value", "attention.output.dense": "attn/out",
+           "intermediate.dense": "mlp/fc1", "output.dense": "mlp/fc2"}
+  norms = {"layernorm_before": "ln_attn", "layernorm_after": "ln_mlp"}
+  for i in range(a["depth"]):
+    src, dst = f"{prefix}encoder.layer.{i}.", f"block_{i:02d}/"
+    for s, d in parts.items():
+      spec += [Tensor(f"{src}{s}.weight", f"{dst}{d}/kernel", _linear),
+               Tensor(f"{src}{s}.bias", f"{dst}{d}/bias")]
+    for s, d in norms.items():
+      spec += [Tensor(f"{src}{s}.weight", f"{dst}{d}/scale"),
+               Tensor(f"{src}{s}.bias", f"{dst}{d}/bias")]
+  if a["num_classes"]:
+    spec += [Tensor("classifier.weight", "head/kernel", _linear),
+             Tensor("classifier.bias", "head/bias")]
+  return spec
+
+
+def load(path: str, abstract, args: dict):
+  """A Hugging Face ViT checkpoint (`ViTModel` or `ViTForImageClassification`
+  safetensors) -> params shaped like `abstract`."""
+  from mmjax.compress import flatten, unflatten
+  if not str(path).endswith(".safetensors"):
+    raise checkpoint_files.CheckpointError(
+        f"checkpoint {path}: mmjax.pretrained.vit reads Hugging Face .safetensors files "
+        "(big_vision .npz is not supported yet).")
+  tensors = checkpoint_files.read_safetensors(path)
+  prefix = "vit." if any(k.startswith("vit.") for k in tensors) else ""
+  flat_abstract = flatten(abstract)
+  flat = checkpoint_files.assemble(tensors, hf_spec(args, prefix), flat_abstract,
+                                   f"ViT checkpoint {path}", ignore=(rf"{prefix}pooler\..*",))
+  return unflatten({k: jnp.asarray(v) for k, v in flat.items()}, abstract)
+
+
+def family(args: dict) -> Family:
+  a = resolve(args)
+  model = ViT(**{k: a[k] for k in ("width", "depth", "heads", "mlp_dim", "patch",
+                                    "image_size", "channels", "num_classes", "eps",
+                                    "attention_impl")})
+
+  def example_batch(batch_size, data=None, seed=0, with_labels=True):
+    rng = np.random.default_rng(seed)
+    s = a["image_size"]
+    out = {"image": rng.normal(size=(batch_size, s, s, a["channels"])).astype(np.float32)}
+    if with_labels:
+      out["label"] = rng.integers(0, max(a["num_classes"], 1), batch_size).astype(np.int32)
+    return out
+
+  return Family(
+      "mmjax.pretrained.vit", init=lambda rng, batch: model.init(rng, batch)["params"],
+      apply=lambda params, batch, rng=None: model.apply({"params": params}, batch),
+      example_batch=example_batch, modalities=("image",),
+      patterns={"matmul": MATMULS, "weights": r".*kernel", "activations": MATMULS},
+      labels=tuple(str(i) for i in range(a["num_classes"])) or None,
+      load=lambda path, abstract: load(path, abstract, a),
+      unit_types={"attention": r".*/attn/\w+/kernel", "mlp": r".*/mlp/\w+/kernel",
+                  "stem": r"stem/kernel", "head": r"head/kernel"}, args=a)

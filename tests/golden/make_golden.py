@@ -1,0 +1,72 @@
+"""Writes the golden files the pretrained-family tests compare against: each family built
+in its reference implementation (Hugging Face transformers, PyTorch) from a small config
+with random weights (every tensor perturbed, so LayerNorms and biases are not 1 and 0),
+saved as the safetensors a user would have, with inputs and the reference's outputs.
+
+Needs the golden extra (torch, transformers); CI never runs it, the tests read its files:
+
+  python -m venv /tmp/golden && /tmp/golden/bin/pip install -e '.[golden]'
+  /tmp/golden/bin/python tests/golden/make_golden.py [--only=vit]
+
+Output, per family, under tests/golden/<family>/: model.safetensors, config.json,
+io.npz (inputs and outputs, float32), and versions.json (what made them).
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _perturb(model, seed):
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn(p.shape, generator=g))
+  return model.eval()
+
+
+def _save(name, model, io):
+  import transformers
+  from safetensors.torch import save_file
+  out = os.path.join(HERE, name)
+  os.makedirs(out, exist_ok=True)
+  save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+            os.path.join(out, "model.safetensors"))
+  model.config.to_json_file(os.path.join(out, "config.json"))
+  np.savez(os.path.join(out, "io.npz"),
+           **{k: np.asarray(v.detach().numpy() if torch.is_tensor(v) else v, np.float32)
+              for k, v in io.items()})
+  with open(os.path.join(out, "versions.json"), "w") as f:
+    json.dump({"torch": torch.__version__, "transformers": transformers.__version__}, f)
+  print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters -> {out}")
+
+
+def vit():
+  from transformers import ViTConfig, ViTForImageClassification
+  torch.manual_seed(0)
+  cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, image_size=32, patch_size=8, num_channels=3,
+                  num_labels=5, hidden_act="gelu", layer_norm_eps=1e-12,
+                  attn_implementation="eager")
+  model = _perturb(ViTForImageClassification(cfg), 1)
+  pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+  with torch.no_grad():
+    out = model(pixel_values=pixels, output_hidden_states=True)
+  io = {"pixel_values": pixels, "logits": out.logits,
+        "hidden_states": torch.stack(out.hidden_states)}  # embeddings, then each block
+  _save("vit", model, io)
+
+
+FAMILIES = {"vit": vit}
+
+if __name__ == "__main__":
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--only", choices=sorted(FAMILIES), default=None)
+  flags = parser.parse_args()
+  for name, make in FAMILIES.items():
+    if flags.only in (None, name):
+      make()
