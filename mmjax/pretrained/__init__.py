@@ -7,4 +7,5 @@ every missing, unexpected or mis-shaped key.
   encoder.py            the transformer block the families share (pre- or post-LN, eps)
   checkpoint_files.py   read safetensors; map a checkpoint's names onto a params tree
   vit.py                ViT (the AugReg/DeiT layout of Hugging Face's ViTModel)
+  clip.py               CLIP's two towers (Hugging Face's CLIPModel)
 """

@@ -61,7 +61,39 @@ def vit():
   _save("vit", model, io)
 
 
-FAMILIES = {"vit": vit}
+def clip():
+  from transformers import CLIPConfig, CLIPModel
+  torch.manual_seed(0)
+  text = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=64, max_position_embeddings=16, hidden_act="quick_gelu",
+              layer_norm_eps=1e-5, bos_token_id=97, eos_token_id=98, pad_token_id=0)
+  vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, image_size=32, patch_size=8, num_channels=3,
+                hidden_act="quick_gelu", layer_norm_eps=1e-5)
+  cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16,
+                   attn_implementation="eager")
+  model = _perturb(CLIPModel(cfg), 3)
+  g = torch.Generator().manual_seed(4)
+  pixels = torch.randn(3, 3, 32, 32, generator=g)
+  lengths = [16, 9, 4]  # bos, tokens, eos, then padding
+  ids = torch.zeros(3, 16, dtype=torch.long)
+  mask = torch.zeros(3, 16, dtype=torch.long)
+  for i, n in enumerate(lengths):
+    ids[i, :n] = torch.randint(1, 97, (n,), generator=g)
+    ids[i, 0], ids[i, n - 1] = 97, 98
+    mask[i, :n] = 1
+  with torch.no_grad():
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                output_hidden_states=True)
+  io = {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask,
+        "image_embeds": out.image_embeds, "text_embeds": out.text_embeds,
+        "logits_per_image": out.logits_per_image,
+        "text_hidden": out.text_model_output.last_hidden_state,
+        "vision_hidden": torch.stack(out.vision_model_output.hidden_states)}
+  _save("clip", model, io)
+
+
+FAMILIES = {"vit": vit, "clip": clip}
 
 if __name__ == "__main__":
   parser = argparse.ArgumentParser()
