@@ -85,3 +85,10 @@ def test_bad_inputs_are_one_line():
   params = fam.load(os.path.join(GOLDEN, "clip", "model.safetensors"), fam.abstract_params())
   with pytest.raises(ValueError, match=r"at most 16 tokens, got 20"):
     fam.apply(params, {"text": np.zeros((1, 20), np.int32)})
+
+
+def test_variants_have_the_published_sizes():
+  """CLIP B/32 at 224: as many parameters as transformers' CLIPModel with its default
+  (ViT-B/32) config."""
+  n = sum(int(np.prod(s)) for s in clip.family({"variant": "B/32"}).param_shapes().values())
+  assert n == 151_277_313

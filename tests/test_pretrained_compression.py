@@ -18,12 +18,14 @@ from mmjax.compress.post_training import gptq, schedule, sparsegpt, stats
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_pretrained_clip  # noqa: E402  (each family's golden configuration)
+import test_pretrained_siglip  # noqa: E402
 import test_pretrained_vit  # noqa: E402
-from mmjax.pretrained import clip, vit  # noqa: E402
+from mmjax.pretrained import clip, siglip, vit  # noqa: E402
 
 G3 = formats.grid("int", 3, granularity="channel")
 FAMILIES = {"vit": (vit, test_pretrained_vit._args, "image_stem|stem"),
-            "clip": (clip, test_pretrained_clip._args, "image_stem")}
+            "clip": (clip, test_pretrained_clip._args, "image_stem"),
+            "siglip": (siglip, test_pretrained_siglip._args, "image_stem")}
 
 
 def _family(name):

@@ -8,4 +8,5 @@ every missing, unexpected or mis-shaped key.
   checkpoint_files.py   read safetensors; map a checkpoint's names onto a params tree
   vit.py                ViT (the AugReg/DeiT layout of Hugging Face's ViTModel)
   clip.py               CLIP's two towers (Hugging Face's CLIPModel)
+  siglip.py             SigLIP's two towers (Hugging Face's SiglipModel)
 """

@@ -22,7 +22,7 @@ import numpy as np
 from mmjax.family import Family
 from mmjax.pretrained import checkpoint_files
 from mmjax.pretrained.checkpoint_files import Tensor
-from mmjax.pretrained.encoder import check_activation, encode, pooled_at
+from mmjax.pretrained.encoder import Tower, check_activation, pooled_at
 
 # image (width, depth, heads, mlp), text (width, depth, heads, mlp), projection dim
 SIZES = {"B": ((768, 12, 12, 3072), (512, 12, 8, 2048), 512),
@@ -117,16 +117,6 @@ class Clip(nn.Module):
            else jnp.argmax(ids == c["eos_token_id"], -1))
     pooled = inter["text/pooled"] = pooled_at(x, eos)
     return nn.Dense(c["dim"], use_bias=False, name="text_proj")(pooled)
-
-
-class Tower(nn.Module):
-  """A tower's blocks under its name (`image/block_00/...`, `text/block_00/...`)."""
-  block: dict
-  depth: int
-
-  @nn.compact
-  def __call__(self, x, inter, mask=None):
-    return encode(x, mask, self.depth, self.block, inter, prefix=f"{self.name}/")
 
 
 # ------------------------------------------------------------------ Hugging Face names

@@ -82,6 +82,17 @@ def encode(x, mask, depth: int, block: dict, intermediates: dict, prefix: str = 
   return x
 
 
+class Tower(nn.Module):
+  """A tower's blocks under its own name (`image/block_00/...`, `text/block_00/...`), so
+  each tower of a two-tower model has its own paths."""
+  block: dict
+  depth: int
+
+  @nn.compact
+  def __call__(self, x, inter, mask=None):
+    return encode(x, mask, self.depth, self.block, inter, prefix=f"{self.name}/")
+
+
 def check_activation(name: str, where: str):
   if name not in ACTIVATIONS:
     raise ValueError(f"{where}={name!r} is unknown; valid: {', '.join(ACTIVATIONS)}.")

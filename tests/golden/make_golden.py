@@ -93,7 +93,34 @@ def clip():
   _save("clip", model, io)
 
 
-FAMILIES = {"vit": vit, "clip": clip}
+def siglip():
+  from transformers import SiglipConfig, SiglipModel
+  torch.manual_seed(0)
+  text = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=64, max_position_embeddings=16, layer_norm_eps=1e-6,
+              hidden_act="gelu_pytorch_tanh")
+  vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, image_size=32, patch_size=8, num_channels=3,
+                layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
+  cfg = SiglipConfig(text_config=text, vision_config=vision, attn_implementation="eager")
+  model = _perturb(SiglipModel(cfg), 5)
+  g = torch.Generator().manual_seed(6)
+  pixels = torch.randn(3, 3, 32, 32, generator=g)
+  ids = torch.randint(0, 99, (3, 16), generator=g)  # SigLIP: fixed length, no mask
+  blocks = []  # each image block's output, caught by hooks (hidden_states is None here)
+  for layer in model.vision_model.encoder.layers:
+    layer.register_forward_hook(
+        lambda m, a, o: blocks.append(o[0] if isinstance(o, tuple) else o))
+  with torch.no_grad():
+    out = model(input_ids=ids, pixel_values=pixels)
+  io = {"pixel_values": pixels, "input_ids": ids, "image_embeds": out.image_embeds,
+        "text_embeds": out.text_embeds, "logits_per_image": out.logits_per_image,
+        "text_hidden": out.text_model_output.last_hidden_state,
+        "vision_blocks": torch.stack(blocks)}
+  _save("siglip", model, io)
+
+
+FAMILIES = {"vit": vit, "clip": clip, "siglip": siglip}
 
 if __name__ == "__main__":
   parser = argparse.ArgumentParser()
