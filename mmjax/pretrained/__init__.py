@@ -9,4 +9,5 @@ every missing, unexpected or mis-shaped key.
   vit.py                ViT (the AugReg/DeiT layout of Hugging Face's ViTModel)
   clip.py               CLIP's two towers (Hugging Face's CLIPModel)
   siglip.py             SigLIP's two towers (Hugging Face's SiglipModel)
+  whisper.py            Whisper's audio encoder (Hugging Face's WhisperModel.encoder)
 """

@@ -27,13 +27,15 @@ class SelfAttention(nn.Module):
   num_heads: int
   causal: bool = False
   implementation: Optional[str] = None
+  key_bias: bool = True  # Whisper's key projection has none
 
   @nn.compact
   def __call__(self, x, mask=None):
     d = x.shape[-1]
     hd = d // self.num_heads
     split = lambda y: y.reshape(y.shape[:2] + (self.num_heads, hd))
-    q, k, v = (split(nn.Dense(d, name=n)(x)) for n in ("query", "key", "value"))
+    q, k, v = (split(nn.Dense(d, use_bias=self.key_bias or n != "key", name=n)(x))
+               for n in ("query", "key", "value"))
     out = dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None, None, :],
                                 is_causal=self.causal, implementation=self.implementation)
     return nn.Dense(d, name="out")(out.reshape(x.shape[:2] + (d,)))
@@ -59,10 +61,12 @@ class Block(nn.Module):
   activation: str = "gelu"
   causal: bool = False
   implementation: Optional[str] = None
+  key_bias: bool = True
 
   @nn.compact
   def __call__(self, x, mask=None):
-    attn = SelfAttention(self.num_heads, self.causal, self.implementation, name="attn")
+    attn = SelfAttention(self.num_heads, self.causal, self.implementation, self.key_bias,
+                         name="attn")
     mlp = Mlp(self.mlp_dim, self.activation, name="mlp")
     ln_attn = nn.LayerNorm(self.eps, name="ln_attn")
     ln_mlp = nn.LayerNorm(self.eps, name="ln_mlp")

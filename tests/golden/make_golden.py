@@ -120,7 +120,25 @@ def siglip():
   _save("siglip", model, io)
 
 
-FAMILIES = {"vit": vit, "clip": clip, "siglip": siglip}
+def whisper():
+  from transformers import WhisperConfig, WhisperModel
+  torch.manual_seed(0)
+  cfg = WhisperConfig(vocab_size=99, num_mel_bins=8, d_model=32, encoder_layers=2,
+                      encoder_attention_heads=4, encoder_ffn_dim=64, decoder_layers=1,
+                      decoder_attention_heads=4, decoder_ffn_dim=64, max_source_positions=8,
+                      max_target_positions=8, activation_function="gelu", pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+                      attn_implementation="eager")
+  model = _perturb(WhisperModel(cfg), 7)
+  features = torch.randn(3, 8, 16, generator=torch.Generator().manual_seed(8))  # [b, mels, frames]
+  with torch.no_grad():
+    out = model.encoder(input_features=features, output_hidden_states=True)
+  io = {"input_features": features, "last_hidden_state": out.last_hidden_state,
+        "hidden_states": torch.stack(out.hidden_states)}  # embeddings, blocks, final (normed)
+  _save("whisper", model, io)
+
+
+FAMILIES = {"vit": vit, "clip": clip, "siglip": siglip, "whisper": whisper}
 
 if __name__ == "__main__":
   parser = argparse.ArgumentParser()
