@@ -10,4 +10,5 @@ every missing, unexpected or mis-shaped key.
   clip.py               CLIP's two towers (Hugging Face's CLIPModel)
   siglip.py             SigLIP's two towers (Hugging Face's SiglipModel)
   whisper.py            Whisper's audio encoder (Hugging Face's WhisperModel.encoder)
+  bert.py               BERT's encoder (Hugging Face's BertModel)
 """

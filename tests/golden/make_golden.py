@@ -138,7 +138,31 @@ def whisper():
   _save("whisper", model, io)
 
 
-FAMILIES = {"vit": vit, "clip": clip, "siglip": siglip, "whisper": whisper}
+def bert():
+  from transformers import BertConfig, BertForSequenceClassification
+  torch.manual_seed(0)
+  cfg = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                   intermediate_size=64, max_position_embeddings=16, type_vocab_size=2,
+                   num_labels=3, hidden_act="gelu", layer_norm_eps=1e-12,
+                   attn_implementation="eager")
+  model = _perturb(BertForSequenceClassification(cfg), 9)
+  g = torch.Generator().manual_seed(10)
+  ids = torch.randint(1, 99, (3, 16), generator=g)
+  mask = torch.zeros(3, 16, dtype=torch.long)
+  types = torch.zeros(3, 16, dtype=torch.long)
+  for i, (n, first) in enumerate([(16, 9), (11, 6), (5, 5)]):  # [CLS] a [SEP] b [SEP], padded
+    mask[i, :n] = 1
+    types[i, first:n] = 1
+    ids[i, n:] = 0
+  with torch.no_grad():
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=types,
+                output_hidden_states=True)
+  io = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
+        "logits": out.logits, "hidden_states": torch.stack(out.hidden_states)}
+  _save("bert", model, io)
+
+
+FAMILIES = {"vit": vit, "clip": clip, "siglip": siglip, "whisper": whisper, "bert": bert}
 
 if __name__ == "__main__":
   parser = argparse.ArgumentParser()
