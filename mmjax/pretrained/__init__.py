@@ -1,6 +1,6 @@
 """Pretrained encoders as mmjax model modules (`config.model_module`): pure Flax modules on
 mmjax's attention kernel, with loaders for the checkpoints users have (Hugging Face
-safetensors; big_vision `.npz` to come). Each module's `family(args)` is what the harness
+safetensors; big_vision `.npz` for ViT). Each module's `family(args)` is what the harness
 loads; its `load(path, abstract)` reads a checkpoint from disk (never downloads) and names
 every missing, unexpected or mis-shaped key.
 
@@ -11,4 +11,5 @@ every missing, unexpected or mis-shaped key.
   siglip.py             SigLIP's two towers (Hugging Face's SiglipModel)
   whisper.py            Whisper's audio encoder (Hugging Face's WhisperModel.encoder)
   bert.py               BERT's encoder (Hugging Face's BertModel)
+  big_vision.py         big_vision / vision_transformer .npz checkpoints (ViT)
 """

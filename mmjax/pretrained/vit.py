@@ -5,6 +5,8 @@ class token. A model module (`config.model_module = "mmjax.pretrained.vit"`):
 
     config.model = dict(variant="B/16", image_size=224, num_classes=1000)
     config.init = "/path/to/model.safetensors"      # a Hugging Face ViT checkpoint
+    # big_vision / vision_transformer .npz (AugReg): pool="cls" ("tok") or "gap",
+    # activation="gelu_tanh" (flax's nn.gelu), eps=1e-6 (flax's LayerNorm)
 
 The input is `batch["image"]`, `[batch, height, width, channels]`, already resized and
 normalized as the checkpoint expects. `apply` returns (logits, intermediates: each
@@ -20,14 +22,15 @@ import numpy as np
 from mmjax.family import Family
 from mmjax.pretrained import checkpoint_files
 from mmjax.pretrained.checkpoint_files import Tensor
-from mmjax.pretrained.encoder import encode
+from mmjax.pretrained.encoder import check_activation, encode
 
 SIZES = {  # width, depth, heads, mlp_dim
     "Ti": (192, 12, 3, 768), "S": (384, 12, 6, 1536), "B": (768, 12, 12, 3072),
     "L": (1024, 24, 16, 4096), "H": (1280, 32, 16, 5120)}
 ARGS = {"variant": "B/16", "width": None, "depth": None, "heads": None, "mlp_dim": None,
         "patch": None, "image_size": 224, "channels": 3, "num_classes": 1000, "eps": 1e-12,
-        "attention_impl": None}
+        "pool": "cls", "activation": "gelu", "attention_impl": None}
+POOLS = ("cls", "gap")  # the class token (HF, big_vision "tok"); the mean (big_vision "gap")
 MATMULS = r"block_\d+/(attn/(query|key|value|out)|mlp/(fc1|fc2))/kernel"
 
 
@@ -57,6 +60,9 @@ def resolve(args: dict) -> dict:
   if a["width"] % a["heads"]:
     raise ValueError(f"config.model: width={a['width']} is not divisible by "
                      f"heads={a['heads']}.")
+  if a["pool"] not in POOLS:
+    raise ValueError(f"config.model.pool={a['pool']!r} is unknown; valid: {', '.join(POOLS)}.")
+  check_activation(a["activation"], "config.model.activation")
   return a
 
 
@@ -70,6 +76,8 @@ class ViT(nn.Module):
   channels: int
   num_classes: int
   eps: float
+  pool: str = "cls"
+  activation: str = "gelu"
   attention_impl: str | None = None
 
   @nn.compact
@@ -81,15 +89,16 @@ class ViT(nn.Module):
     x = nn.Conv(self.width, (self.patch, self.patch), strides=self.patch, padding="VALID",
                 name="stem")(image)
     x = x.reshape(x.shape[0], -1, self.width)
-    cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
-    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+    if self.pool == "cls":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
+      x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
     x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1,) + x.shape[1:])
     inter = {}
     x = encode(x, None, self.depth, dict(num_heads=self.heads, mlp_dim=self.mlp_dim,
-                                         eps=self.eps, implementation=self.attention_impl),
-               inter)
+                                         eps=self.eps, activation=self.activation,
+                                         implementation=self.attention_impl), inter)
     x = inter["final"] = nn.LayerNorm(self.eps, name="norm")(x)
-    pooled = inter["pooled"] = x[:, 0]
+    pooled = inter["pooled"] = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
     if not self.num_classes:
       return pooled, inter
     return nn.Dense(self.num_classes, name="head")(pooled), inter
@@ -131,12 +140,19 @@ def hf_spec(a: dict, prefix: str) -> list:
 
 def load(path: str, abstract, args: dict):
   """A Hugging Face ViT checkpoint (`ViTModel` or `ViTForImageClassification`
-  safetensors) -> params shaped like `abstract`."""
+  `.safetensors`) or a big_vision one (`.npz`) -> params shaped like `abstract`."""
   from mmjax.compress import flatten, unflatten
+  if str(path).endswith(".npz"):
+    from mmjax.pretrained import big_vision
+    return big_vision.load_vit(path, abstract, args)
   if not str(path).endswith(".safetensors"):
     raise checkpoint_files.CheckpointError(
-        f"checkpoint {path}: mmjax.pretrained.vit reads Hugging Face .safetensors files "
-        "(big_vision .npz is not supported yet).")
+        f"checkpoint {path}: mmjax.pretrained.vit reads Hugging Face .safetensors and "
+        "big_vision .npz files.")
+  if args["pool"] != "cls":
+    raise checkpoint_files.CheckpointError(
+        f"checkpoint {path}: Hugging Face's ViT pools the class token; set "
+        "config.model.pool='cls'.")
   tensors = checkpoint_files.read_safetensors(path)
   prefix = "vit." if any(k.startswith("vit.") for k in tensors) else ""
   flat_abstract = flatten(abstract)
@@ -148,8 +164,8 @@ def load(path: str, abstract, args: dict):
 def family(args: dict) -> Family:
   a = resolve(args)
   model = ViT(**{k: a[k] for k in ("width", "depth", "heads", "mlp_dim", "patch",
-                                    "image_size", "channels", "num_classes", "eps",
-                                    "attention_impl")})
+                                    "image_size", "channels", "num_classes", "eps", "pool",
+                                    "activation", "attention_impl")})
 
   def example_batch(batch_size, data=None, seed=0, with_labels=True):
     rng = np.random.default_rng(seed)
