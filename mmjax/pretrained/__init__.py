@@ -10,6 +10,7 @@ every missing, unexpected or mis-shaped key.
   clip.py               CLIP's two towers (Hugging Face's CLIPModel)
   siglip.py             SigLIP's two towers (Hugging Face's SiglipModel)
   whisper.py            Whisper's audio encoder (Hugging Face's WhisperModel.encoder)
+  whisper_features.py   Whisper's log-mel front end, in JAX
   bert.py               BERT's encoder (Hugging Face's BertModel)
   big_vision.py         big_vision / vision_transformer .npz checkpoints (ViT)
 """

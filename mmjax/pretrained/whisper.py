@@ -8,7 +8,9 @@ module (`config.model_module = "mmjax.pretrained.whisper"`):
     config.init = "/path/to/model.safetensors"
 
 The input is `batch["mel"]`, log-mel features `[batch, frames, n_mels]` (Whisper's own
-are 3000 frames of 80 or 128 bins: 30 s; shorter clips run on the first positions).
+are 3000 frames of 80 or 128 bins: 30 s; shorter clips run on the first positions), or
+with `input="audio"`, `batch["audio"]`, 16 kHz audio `[batch, samples]` turned into them
+inside the forward by `whisper_features.log_mel`, as Whisper's feature extractor does.
 `apply` returns (logits of a linear head on the mean-pooled encoder states, or with
 `num_classes=0` those pooled states; intermediates: each block, the final states).
 """
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.family import Family
-from mmjax.pretrained import checkpoint_files
+from mmjax.pretrained import checkpoint_files, whisper_features
 from mmjax.pretrained.checkpoint_files import Tensor
 from mmjax.pretrained.clip import _linear
 from mmjax.pretrained.encoder import encode
@@ -28,7 +30,8 @@ SIZES = {"tiny": (384, 4, 6, 1536), "base": (512, 6, 8, 2048), "small": (768, 12
          "medium": (1024, 24, 16, 4096), "large": (1280, 32, 20, 5120)}
 ARGS = {"variant": "base", "width": None, "depth": None, "heads": None, "mlp_dim": None,
         "n_mels": 80, "max_positions": 1500, "num_classes": 0, "eps": 1e-5,
-        "attention_impl": None}
+        "input": "mel", "attention_impl": None}
+INPUTS = ("mel", "audio")  # log-mel features, or 16 kHz audio (whisper_features.log_mel)
 MATMULS = r"block_\d+/(attn/(query|key|value|out)|mlp/(fc1|fc2))/kernel"
 
 
@@ -51,6 +54,9 @@ def resolve(args: dict) -> dict:
   if a["width"] % a["heads"]:
     raise ValueError(f"config.model: width={a['width']} is not divisible by "
                      f"heads={a['heads']}.")
+  if a["input"] not in INPUTS:
+    raise ValueError(f"config.model.input={a['input']!r} is unknown; valid: "
+                     f"{', '.join(INPUTS)}.")
   return a
 
 
@@ -60,7 +66,8 @@ class WhisperEncoder(nn.Module):
   @nn.compact
   def __call__(self, batch, rng=None):
     c = self.cfg
-    mel = batch["mel"]
+    mel = (whisper_features.log_mel(batch["audio"], c["n_mels"]) if c["input"] == "audio"
+           else batch["mel"])
     if mel.ndim != 3 or mel.shape[-1] != c["n_mels"]:
       raise ValueError(f"Whisper's encoder expects log-mel features [batch, frames, "
                        f"{c['n_mels']}], got {tuple(mel.shape)}.")
@@ -133,7 +140,10 @@ def family(args: dict) -> Family:
   def example_batch(batch_size, data=None, seed=0, with_labels=True):
     rng = np.random.default_rng(seed)
     frames = 2 * a["max_positions"]  # Whisper's input: always 30 s (3000 frames)
-    out = {"mel": rng.normal(size=(batch_size, frames, a["n_mels"])).astype(np.float32)}
+    if a["input"] == "audio":
+      out = {"audio": (0.1 * rng.normal(size=(batch_size, 160 * frames))).astype(np.float32)}
+    else:
+      out = {"mel": rng.normal(size=(batch_size, frames, a["n_mels"])).astype(np.float32)}
     if with_labels and a["num_classes"]:
       out["label"] = rng.integers(0, a["num_classes"], batch_size).astype(np.int32)
     return out
@@ -141,7 +151,7 @@ def family(args: dict) -> Family:
   return Family(
       "mmjax.pretrained.whisper", init=lambda rng, batch: model.init(rng, batch)["params"],
       apply=lambda params, batch, rng=None: model.apply({"params": params}, batch),
-      example_batch=example_batch, modalities=("mel",),
+      example_batch=example_batch, modalities=(a["input"],),
       patterns={"matmul": MATMULS, "weights": r".*kernel", "activations": MATMULS},
       labels=tuple(str(i) for i in range(a["num_classes"])) or None,
       load=lambda path, abstract: load(path, abstract, a),
