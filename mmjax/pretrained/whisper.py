@@ -140,8 +140,9 @@ def family(args: dict) -> Family:
   def example_batch(batch_size, data=None, seed=0, with_labels=True):
     rng = np.random.default_rng(seed)
     frames = 2 * a["max_positions"]  # Whisper's input: always 30 s (3000 frames)
-    if a["input"] == "audio":
-      out = {"audio": (0.1 * rng.normal(size=(batch_size, 160 * frames))).astype(np.float32)}
+    if a["input"] == "audio":  # the input pipeline's clip length when a run gives one
+      samples = getattr(data, "audio_samples", None) or 160 * frames
+      out = {"audio": (0.1 * rng.normal(size=(batch_size, samples))).astype(np.float32)}
     else:
       out = {"mel": rng.normal(size=(batch_size, frames, a["n_mels"])).astype(np.float32)}
     if with_labels and a["num_classes"]:
