@@ -97,3 +97,81 @@ def test_a_big_vision_checkpoint_that_does_not_fit_is_named(tmp_path):
   with pytest.raises(checkpoint_files.CheckpointError, match=r"does not fit the configured "
                      r"model: 1 missing .*; 1 unexpected \(cls\)\. Is it"):  # has a class token
     gap.load(path, gap.abstract_params())
+
+
+def _big_vision_siglip(scan: bool) -> dict:
+  """The golden SigLIP's weights under big_vision's two_towers names (`img`: a ViT with a
+  MAP head; `txt`: a text transformer with a head; `t`, `b`)."""
+  from test_pretrained_siglip import GOLDEN as SIGLIP, _args as siglip_args
+  t = load_file(os.path.join(SIGLIP, "siglip", "model.safetensors"))
+  a = siglip_args()
+  d, h = a["image"]["width"], a["image"]["heads"]
+  heads_in = lambda w: w.T.reshape(d, h, d // h)  # torch [out, in] -> flax [in, heads, hd]
+  out = {}
+
+  def attention(dst, q, k, v, qb, kb, vb, o, ob):
+    for name, w, b in (("query", q, qb), ("key", k, kb), ("value", v, vb)):
+      out[f"{dst}{name}/kernel"], out[f"{dst}{name}/bias"] = heads_in(w), b.reshape(h, d // h)
+    out[f"{dst}out/kernel"], out[f"{dst}out/bias"] = o.T.reshape(h, d // h, d), ob
+
+  def block(dst, src):
+    g = lambda k: t[src + k]
+    attention(f"{dst}MultiHeadDotProductAttention_0/", *(g(f"self_attn.{p}_proj.{w}") for w, p in (
+        ("weight", "q"), ("weight", "k"), ("weight", "v"), ("bias", "q"), ("bias", "k"),
+        ("bias", "v"))), g("self_attn.out_proj.weight"), g("self_attn.out_proj.bias"))
+    for ln, s in (("LayerNorm_0", "layer_norm1"), ("LayerNorm_1", "layer_norm2")):
+      out[f"{dst}{ln}/scale"], out[f"{dst}{ln}/bias"] = g(f"{s}.weight"), g(f"{s}.bias")
+    for j in (0, 1):
+      out[f"{dst}MlpBlock_0/Dense_{j}/kernel"] = g(f"mlp.fc{j + 1}.weight").T
+      out[f"{dst}MlpBlock_0/Dense_{j}/bias"] = g(f"mlp.fc{j + 1}.bias")
+
+  v, x = "vision_model.", "text_model."
+  out["img/embedding/kernel"] = t[v + "embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0)
+  out["img/embedding/bias"] = t[v + "embeddings.patch_embedding.bias"]
+  out["img/pos_embedding"] = t[v + "embeddings.position_embedding.weight"][None]
+  out["img/Transformer/encoder_norm/scale"] = t[v + "post_layernorm.weight"]
+  out["img/Transformer/encoder_norm/bias"] = t[v + "post_layernorm.bias"]
+  hd = v + "head."
+  out["img/MAPHead_0/probe"] = t[hd + "probe"]
+  w, b = t[hd + "attention.in_proj_weight"], t[hd + "attention.in_proj_bias"]
+  attention("img/MAPHead_0/MultiHeadDotProductAttention_0/", w[:d], w[d:2 * d], w[2 * d:],
+            b[:d], b[d:2 * d], b[2 * d:], t[hd + "attention.out_proj.weight"],
+            t[hd + "attention.out_proj.bias"])
+  out["img/MAPHead_0/LayerNorm_0/scale"] = t[hd + "layernorm.weight"]
+  out["img/MAPHead_0/LayerNorm_0/bias"] = t[hd + "layernorm.bias"]
+  for j in (0, 1):
+    out[f"img/MAPHead_0/MlpBlock_0/Dense_{j}/kernel"] = t[f"{hd}mlp.fc{j + 1}.weight"].T
+    out[f"img/MAPHead_0/MlpBlock_0/Dense_{j}/bias"] = t[f"{hd}mlp.fc{j + 1}.bias"]
+  out["txt/Embed_0/embedding"] = t[x + "embeddings.token_embedding.weight"]
+  out["txt/pos_embedding"] = t[x + "embeddings.position_embedding.weight"][None]
+  out["txt/Transformer/encoder_norm/scale"] = t[x + "final_layer_norm.weight"]
+  out["txt/Transformer/encoder_norm/bias"] = t[x + "final_layer_norm.bias"]
+  out["txt/head/kernel"], out["txt/head/bias"] = t[x + "head.weight"].T, t[x + "head.bias"]
+  out["t"], out["b"] = t["logit_scale"], t["logit_bias"]
+  for tower, src, depth in (("img", v, a["image"]["depth"]), ("txt", x, a["text"]["depth"])):
+    for i in range(depth):
+      block(f"{tower}/Transformer/encoderblock_{i}/", f"{src}encoder.layers.{i}.")
+    if scan:
+      prefix = f"{tower}/Transformer/encoderblock_0/"
+      for k in [k for k in out if k.startswith(prefix)]:
+        rest = k[len(prefix):]
+        out[f"{tower}/Transformer/encoderblock/{rest}"] = np.stack(
+            [out.pop(f"{tower}/Transformer/encoderblock_{i}/{rest}") for i in range(depth)])
+  return {"params/" + k: val for k, val in out.items()}
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_big_vision_siglip_gives_the_reference_embeddings(scan, tmp_path):
+  from test_pretrained_siglip import GOLDEN as SIGLIP, _args as siglip_args, _unit
+  from mmjax.pretrained import siglip
+  path = str(tmp_path / "siglip.npz")
+  np.savez(path, **_big_vision_siglip(scan))
+  fam = siglip.family(siglip_args())  # the golden model (big_vision's own: the same GELU)
+  params = fam.load(path, fam.abstract_params())
+  io = np.load(os.path.join(SIGLIP, "siglip", "io.npz"))
+  out, _ = jax.jit(fam.apply)(params, {"image": io["pixel_values"].transpose(0, 2, 3, 1),
+                                       "text": io["input_ids"].astype(np.int32)})
+  assert _rel(_unit(out["image"]), io["image_embeds"]) < 1e-5
+  assert _rel(_unit(out["text"]), io["text_embeds"]) < 1e-5
+  z = np.exp(float(out["logit_scale"])) * _unit(out["image"]) @ _unit(out["text"]).T
+  assert _rel(z + float(out["logit_bias"]), io["logits_per_image"]) < 1e-5

@@ -1,6 +1,6 @@
 """Pretrained encoders as mmjax model modules (`config.model_module`): pure Flax modules on
 mmjax's attention kernel, with loaders for the checkpoints users have (Hugging Face
-safetensors; big_vision `.npz` for ViT). Each module's `family(args)` is what the harness
+safetensors; big_vision `.npz` for ViT and SigLIP). Each module's `family(args)` is what the harness
 loads; its `load(path, abstract)` reads a checkpoint from disk (never downloads) and names
 every missing, unexpected or mis-shaped key.
 
@@ -12,5 +12,5 @@ every missing, unexpected or mis-shaped key.
   whisper.py            Whisper's audio encoder (Hugging Face's WhisperModel.encoder)
   whisper_features.py   Whisper's log-mel front end, in JAX
   bert.py               BERT's encoder (Hugging Face's BertModel)
-  big_vision.py         big_vision / vision_transformer .npz checkpoints (ViT)
+  big_vision.py         big_vision / vision_transformer .npz checkpoints (ViT, SigLIP)
 """

@@ -50,15 +50,14 @@ def normalize(tensors: dict) -> dict:
   """Scanned blocks split per layer, pre-linen names and positions as linen's."""
   out = {}
   for k, v in tensors.items():
-    m = re.match(r"Transformer/encoderblock/(.*)", k)
+    m = re.match(r"((?:img/|txt/)?)Transformer/encoderblock/(.*)", k)
     if m:  # nn.scan: [depth, ...] under one block
       for i in range(v.shape[0]):
-        out[f"Transformer/encoderblock_{i}/{m.group(1)}"] = v[i]
+        out[f"{m.group(1)}Transformer/encoderblock_{i}/{m.group(2)}"] = v[i]
       continue
-    if k.startswith("Transformer/encoderblock_"):
-      parts = k.split("/")
-      parts[2] = _PRE_LINEN.get(parts[2], parts[2])
-      k = "/".join(parts)
+    m = re.match(r"((?:img/|txt/)?Transformer/encoderblock_\d+/)([^/]+)(/.*)", k)
+    if m:
+      k = m.group(1) + _PRE_LINEN.get(m.group(2), m.group(2)) + m.group(3)
     if k in ("Transformer/posembed_input/pos_embedding", "Transformer/pos_embedding"):
       k = "pos_embedding"
     out[k] = v
@@ -71,6 +70,36 @@ def _heads_in(w):   # [width, heads, head_dim] -> [width, width]
 
 def _heads_out(w):  # [heads, head_dim, width] -> [width, width]
   return w.reshape(-1, w.shape[-1])
+
+
+def _attention(src: str, dst: str) -> list:
+  """flax's MultiHeadDotProductAttention at `src` -> mmjax's 2-D projections at `dst`."""
+  spec = []
+  for name in ("query", "key", "value"):
+    spec += [Tensor(f"{src}{name}/kernel", f"{dst}{name}/kernel", _heads_in),
+             Tensor(f"{src}{name}/bias", f"{dst}{name}/bias", lambda b: b.reshape(-1))]
+  return spec + [Tensor(f"{src}out/kernel", f"{dst}out/kernel", _heads_out),
+                 Tensor(f"{src}out/bias", f"{dst}out/bias")]
+
+
+def _mlp(src: str, dst: str) -> list:
+  return [Tensor(f"{src}Dense_{j}/{w}", f"{dst}{name}/{w}")
+          for j, name in ((0, "fc1"), (1, "fc2")) for w in ("kernel", "bias")]
+
+
+def _ln(src: str, dst: str) -> list:
+  return [Tensor(f"{src}/scale", f"{dst}/scale"), Tensor(f"{src}/bias", f"{dst}/bias")]
+
+
+def _encoder(src: str, dst: str, depth: int) -> list:
+  """big_vision's `Transformer/encoderblock_i` under `src` -> mmjax's blocks under `dst`."""
+  spec = []
+  for i in range(depth):
+    s, d = f"{src}Transformer/encoderblock_{i}/", f"{dst}block_{i:02d}/"
+    spec += (_attention(f"{s}MultiHeadDotProductAttention_0/", f"{d}attn/")
+             + _ln(f"{s}LayerNorm_0", f"{d}ln_attn") + _ln(f"{s}LayerNorm_1", f"{d}ln_mlp")
+             + _mlp(f"{s}MlpBlock_0/", f"{d}mlp/"))
+  return spec
 
 
 def vit_spec(a: dict, tensors: dict) -> list:
@@ -87,19 +116,7 @@ def vit_spec(a: dict, tensors: dict) -> list:
           Tensor("Transformer/encoder_norm/bias", "norm/bias")]
   if a["pool"] == "cls":
     spec.append(Tensor("cls", "cls"))
-  for i in range(a["depth"]):
-    s, d = f"Transformer/encoderblock_{i}/", f"block_{i:02d}/"
-    attn = f"{s}MultiHeadDotProductAttention_0/"
-    for name in ("query", "key", "value"):
-      spec += [Tensor(f"{attn}{name}/kernel", f"{d}attn/{name}/kernel", _heads_in),
-               Tensor(f"{attn}{name}/bias", f"{d}attn/{name}/bias", lambda b: b.reshape(-1))]
-    spec += [Tensor(f"{attn}out/kernel", f"{d}attn/out/kernel", _heads_out),
-             Tensor(f"{attn}out/bias", f"{d}attn/out/bias")]
-    for ln, dst in (("LayerNorm_0", "ln_attn"), ("LayerNorm_1", "ln_mlp")):
-      spec += [Tensor(f"{s}{ln}/scale", f"{d}{dst}/scale"), Tensor(f"{s}{ln}/bias", f"{d}{dst}/bias")]
-    for j, dst in ((0, "fc1"), (1, "fc2")):
-      spec += [Tensor(f"{s}MlpBlock_0/Dense_{j}/kernel", f"{d}mlp/{dst}/kernel"),
-               Tensor(f"{s}MlpBlock_0/Dense_{j}/bias", f"{d}mlp/{dst}/bias")]
+  spec += _encoder("", "", a["depth"])
   if a["num_classes"]:
     spec += [Tensor("head/kernel", "head/kernel"), Tensor("head/bias", "head/bias")]
   return spec
@@ -118,4 +135,38 @@ def load_vit(path: str, abstract, args: dict):
   flat = assemble(tensors, vit_spec(args, tensors), flatten(abstract),
                   f"big_vision ViT checkpoint {path}",
                   ignore=() if args["num_classes"] else (r"head/.*",))
+  return unflatten({k: jnp.asarray(v) for k, v in flat.items()}, abstract)
+
+
+def siglip_spec(a: dict) -> list:
+  """big_vision's SigLIP (`two_towers`: `img` a ViT pooled by a MAP head, `txt` a text
+  transformer pooled at the last token with a linear head, `t` and `b`)."""
+  first = lambda p: p[0]  # [1, n, d] -> [n, d]
+  head = "img/MAPHead_0/"
+  return ([Tensor("img/embedding/kernel", "image_stem/kernel"),
+           Tensor("img/embedding/bias", "image_stem/bias"),
+           Tensor("img/pos_embedding", "image_pos_embedding", first)]
+          + _ln("img/Transformer/encoder_norm", "image_norm")
+          + _encoder("img/", "image/", a["image"]["depth"])
+          + [Tensor(f"{head}probe", "image_head/probe")]
+          + _attention(f"{head}MultiHeadDotProductAttention_0/", "image_head/attn/")
+          + _ln(f"{head}LayerNorm_0", "image_head/ln") + _mlp(f"{head}MlpBlock_0/",
+                                                              "image_head/mlp/")
+          + [Tensor("txt/Embed_0/embedding", "text_embed/embedding"),
+             Tensor("txt/pos_embedding", "text_pos_embedding", first)]
+          + _ln("txt/Transformer/encoder_norm", "text_norm")
+          + _encoder("txt/", "text/", a["text"]["depth"])
+          + [Tensor("txt/head/kernel", "text_head/kernel"), Tensor("txt/head/bias", "text_head/bias"),
+             Tensor("t", "logit_scale", lambda x: x.reshape(())),
+             Tensor("b", "logit_bias", lambda x: x.reshape(()))])
+
+
+def load_siglip(path: str, abstract, args: dict):
+  """A big_vision SigLIP `.npz` -> `mmjax.pretrained.siglip` params shaped like
+  `abstract`. Its text positions cover the length it was trained at: `max_len` must be
+  that length (64 for the released models)."""
+  from mmjax.compress import flatten, unflatten
+  tensors = normalize(read_npz(path))
+  flat = assemble(tensors, siglip_spec(args), flatten(abstract),
+                  f"big_vision SigLIP checkpoint {path}")
   return unflatten({k: jnp.asarray(v) for k, v in flat.items()}, abstract)

@@ -7,7 +7,8 @@ model module (`config.model_module = "mmjax.pretrained.siglip"`) for
 `mmjax.tasks.retrieval` with `loss="sigmoid"`:
 
     config.model = dict(variant="B/16")          # B/16, L/16, So400m/14
-    config.init = "/path/to/model.safetensors"   # a Hugging Face SiglipModel checkpoint
+    config.init = "/path/to/model.safetensors"   # a Hugging Face SiglipModel checkpoint,
+                                                 # or big_vision's .npz (two_towers)
 
 Inputs: `image` `[batch, size, size, 3]` (resized, normalized), `text` `[batch, len]`
 (SigLIP pads to a fixed length; `text_mask`, when given, masks keys as the reference's
@@ -169,12 +170,16 @@ def hf_spec(a: dict) -> list:
 
 
 def load(path: str, abstract, args: dict):
-  """A Hugging Face `SiglipModel` safetensors checkpoint -> params shaped like `abstract`."""
+  """A Hugging Face `SiglipModel` safetensors checkpoint, or big_vision's `.npz`, -> params
+  shaped like `abstract`."""
   from mmjax.compress import flatten, unflatten
+  if str(path).endswith(".npz"):
+    from mmjax.pretrained import big_vision
+    return big_vision.load_siglip(path, abstract, args)
   if not str(path).endswith(".safetensors"):
     raise checkpoint_files.CheckpointError(
-        f"checkpoint {path}: mmjax.pretrained.siglip reads Hugging Face .safetensors files "
-        "(big_vision .npz is not supported yet).")
+        f"checkpoint {path}: mmjax.pretrained.siglip reads Hugging Face .safetensors and "
+        "big_vision .npz files.")
   tensors = checkpoint_files.read_safetensors(path)
   flat = checkpoint_files.assemble(tensors, hf_spec(args), flatten(abstract),
                                    f"SigLIP checkpoint {path}", ignore=(r".*position_ids",))
