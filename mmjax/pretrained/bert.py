@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.family import Family
-from mmjax.pretrained import checkpoint_files
+from mmjax.pretrained import checkpoint_files, model_args
 from mmjax.pretrained.checkpoint_files import Tensor
 from mmjax.pretrained.clip import _linear
 from mmjax.pretrained.encoder import encode
@@ -32,24 +32,12 @@ MATMULS = r"block_\d+/(attn/(query|key|value|out)|mlp/(fc1|fc2))/kernel"
 
 
 def resolve(args: dict) -> dict:
-  bad = sorted(set(args) - set(ARGS))
-  if bad:
-    raise ValueError(f"config.model has unknown field(s) {bad} for mmjax.pretrained.bert; "
-                     f"valid: {sorted(ARGS)}.")
-  a = {**ARGS, **args}
+  a = model_args.merge(args, ARGS, "mmjax.pretrained.bert")
   if a["variant"]:
-    if a["variant"] not in SIZES:
-      raise ValueError(f"config.model.variant={a['variant']!r} is unknown; valid: "
-                       f"{', '.join(SIZES)}, or None with width, depth, heads and mlp_dim.")
-    for k, v in zip(("width", "depth", "heads", "mlp_dim"), SIZES[a["variant"]]):
-      a[k] = v if a[k] is None else a[k]
-  missing = [k for k in ("width", "depth", "heads", "mlp_dim") if a[k] is None]
-  if missing:
-    raise ValueError(f"config.model: {', '.join(missing)} not set; name a variant (e.g. "
-                     "'base') or give them.")
-  if a["width"] % a["heads"]:
-    raise ValueError(f"config.model: width={a['width']} is not divisible by "
-                     f"heads={a['heads']}.")
+    sizes, _ = model_args.variant(a["variant"], SIZES, ", ".join(SIZES), patched=False)
+    model_args.fill(a, dict(zip(model_args.TOWER, sizes)))
+  model_args.require(a, model_args.TOWER, "base")
+  model_args.check_tower({k: a[k] for k in model_args.TOWER}, "config.model")
   return a
 
 
@@ -109,24 +97,15 @@ def hf_spec(a: dict, prefix: str, gamma: bool) -> list:
 def load(path: str, abstract, args: dict):
   """A Hugging Face BERT checkpoint (`BertModel`, `BertForSequenceClassification`, or a
   pretraining checkpoint, whose heads are left aside) -> params shaped like `abstract`."""
-  from mmjax.compress import flatten, unflatten
-  if not str(path).endswith(".safetensors"):
-    raise checkpoint_files.CheckpointError(
-        f"checkpoint {path}: mmjax.pretrained.bert reads Hugging Face .safetensors files.")
+  checkpoint_files.check_format(path, "mmjax.pretrained.bert")
   tensors = checkpoint_files.read_safetensors(path)
   prefix = "bert." if any(k.startswith("bert.") for k in tensors) else ""
   gamma = any(k.endswith("LayerNorm.gamma") for k in tensors)
-  flat_abstract = flatten(abstract)
-  head = {p: x for p, x in flat_abstract.items() if p.startswith("head/")}
   has_head = "classifier.weight" in tensors
   spec = hf_spec(args if has_head else {**args, "num_classes": 0}, prefix, gamma)
-  flat = checkpoint_files.assemble(
-      tensors, spec, flat_abstract if has_head else {
-          p: x for p, x in flat_abstract.items() if p not in head},
-      f"BERT checkpoint {path}", ignore=(r"cls\..*", r".*position_ids"))
-  if head and not has_head:  # a new task's head: zeros
-    flat.update({p: np.zeros(x.shape, x.dtype) for p, x in head.items()})
-  return unflatten({k: jnp.asarray(v) for k, v in flat.items()}, abstract)
+  return checkpoint_files.to_params(tensors, spec, abstract, f"BERT checkpoint {path}",
+                                    new=() if has_head else ("head/",),
+                                    ignore=(r"cls\..*", r".*position_ids"))
 
 
 def family(args: dict) -> Family:

@@ -21,10 +21,9 @@ import os
 import re
 import zipfile
 
-import jax.numpy as jnp
 import numpy as np
 
-from mmjax.pretrained.checkpoint_files import CheckpointError, Tensor, assemble
+from mmjax.pretrained.checkpoint_files import CheckpointError, Tensor, to_params
 
 _PRE_LINEN = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
               "LayerNorm_2": "LayerNorm_1", "MlpBlock_3": "MlpBlock_0"}
@@ -124,7 +123,6 @@ def vit_spec(a: dict, tensors: dict) -> list:
 
 def load_vit(path: str, abstract, args: dict):
   """A big_vision ViT `.npz` -> `mmjax.pretrained.vit` params shaped like `abstract`."""
-  from mmjax.compress import flatten, unflatten
   tensors = normalize(read_npz(path))
   if "pre_logits/kernel" in tensors:
     raise CheckpointError(f"checkpoint {path} has a pre_logits layer (rep_size), which "
@@ -132,10 +130,9 @@ def load_vit(path: str, abstract, args: dict):
   if "MAPHead_0/probe" in tensors:
     raise CheckpointError(f"checkpoint {path} pools with a MAP head, which "
                           "mmjax.pretrained.vit does not build (SigLIP's image tower does).")
-  flat = assemble(tensors, vit_spec(args, tensors), flatten(abstract),
-                  f"big_vision ViT checkpoint {path}",
-                  ignore=() if args["num_classes"] else (r"head/.*",))
-  return unflatten({k: jnp.asarray(v) for k, v in flat.items()}, abstract)
+  return to_params(tensors, vit_spec(args, tensors), abstract,
+                   f"big_vision ViT checkpoint {path}",
+                   ignore=() if args["num_classes"] else (r"head/.*",))
 
 
 def siglip_spec(a: dict) -> list:
@@ -165,8 +162,5 @@ def load_siglip(path: str, abstract, args: dict):
   """A big_vision SigLIP `.npz` -> `mmjax.pretrained.siglip` params shaped like
   `abstract`. Its text positions cover the length it was trained at: `max_len` must be
   that length (64 for the released models)."""
-  from mmjax.compress import flatten, unflatten
-  tensors = normalize(read_npz(path))
-  flat = assemble(tensors, siglip_spec(args), flatten(abstract),
-                  f"big_vision SigLIP checkpoint {path}")
-  return unflatten({k: jnp.asarray(v) for k, v in flat.items()}, abstract)
+  return to_params(normalize(read_npz(path)), siglip_spec(args), abstract,
+                   f"big_vision SigLIP checkpoint {path}")

@@ -58,6 +58,14 @@ def _read_bf16(path):
   return out
 
 
+def check_format(path: str, module: str, npz: bool = False) -> None:
+  """A checkpoint path the family reads: `.safetensors` (and big_vision `.npz`)."""
+  if str(path).endswith(".safetensors") or (npz and str(path).endswith(".npz")):
+    return
+  raise CheckpointError(f"checkpoint {path}: {module} reads Hugging Face .safetensors"
+                        f"{' and big_vision .npz' if npz else ''} files.")
+
+
 def assemble(tensors: dict, spec: list, abstract: dict, what: str, *, ignore=()) -> dict:
   """The flat `{path: array}` of `abstract` (a flat `{path: ShapeDtypeStruct}`) from the
   checkpoint's `tensors` by `spec`; every problem named in one error."""
@@ -97,3 +105,17 @@ def assemble(tensors: dict, spec: list, abstract: dict, what: str, *, ignore=())
                           + "; ".join(problems) + ". Is it a checkpoint of this family and "
                           "size? Set config.model to the checkpoint's configuration.")
   return out
+
+
+def to_params(tensors: dict, spec: list, abstract, what: str, *, ignore=(), new=()):
+  """`assemble` onto a nested params tree shaped like `abstract`, as jax arrays. Leaves
+  under a prefix in `new` (a task head no checkpoint has) are not looked for: they start
+  at zero, so a fresh head's first outputs are 0 and the pretrained encoder decides."""
+  import jax.numpy as jnp
+  from mmjax.compress import flatten, unflatten
+  flat_abstract = flatten(abstract)
+  fresh = {p: x for p, x in flat_abstract.items() if new and p.startswith(tuple(new))}
+  flat = assemble(tensors, spec, {p: x for p, x in flat_abstract.items() if p not in fresh},
+                  what, ignore=ignore)
+  flat.update({p: np.zeros(x.shape, x.dtype) for p, x in fresh.items()})
+  return unflatten({k: jnp.asarray(v) for k, v in flat.items()}, abstract)

@@ -20,14 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.family import Family
-from mmjax.pretrained import checkpoint_files
+from mmjax.pretrained import checkpoint_files, model_args
 from mmjax.pretrained.checkpoint_files import Tensor
 from mmjax.pretrained.encoder import Tower, check_activation, pooled_at
 
 # image (width, depth, heads, mlp), text (width, depth, heads, mlp), projection dim
 SIZES = {"B": ((768, 12, 12, 3072), (512, 12, 8, 2048), 512),
          "L": ((1024, 24, 16, 4096), (768, 12, 12, 3072), 768)}
-TOWER = ("width", "depth", "heads", "mlp_dim")
+TOWER = model_args.TOWER
 ARGS = {"variant": "B/32", "image": None, "text": None, "patch": None, "dim": None,
         "image_size": 224, "vocab_size": 49408, "max_len": 77, "eos_token_id": 49407,
         "eps": 1e-5, "activation": "quick_gelu", "attention_impl": None}
@@ -35,32 +35,16 @@ MATMULS = r"(image|text)/block_\d+/(attn/(query|key|value|out)|mlp/(fc1|fc2))/ke
 
 
 def resolve(args: dict) -> dict:
-  bad = sorted(set(args) - set(ARGS))
-  if bad:
-    raise ValueError(f"config.model has unknown field(s) {bad} for mmjax.pretrained.clip; "
-                     f"valid: {sorted(ARGS)}.")
-  a = {**ARGS, **args}
+  a = model_args.merge(args, ARGS, "mmjax.pretrained.clip")
   if a["variant"]:
-    size, _, patch = str(a["variant"]).partition("/")
-    if size not in SIZES or not patch.isdigit():
-      raise ValueError(f"config.model.variant={a['variant']!r} is unknown; valid: B/32, "
-                       "B/16, L/14 (any patch size), or None with image, text, patch and "
-                       "dim given.")
-    image, text, dim = SIZES[size]
-    a["image"] = a["image"] or dict(zip(TOWER, image))
-    a["text"] = a["text"] or dict(zip(TOWER, text))
-    a["patch"] = a["patch"] or int(patch)
-    a["dim"] = a["dim"] or dim
+    (image, text, dim), patch = model_args.variant(a["variant"], SIZES, "B/32, B/16, L/14",
+                                                   patched=True)
+    model_args.fill(a, dict(image=dict(zip(TOWER, image)), text=dict(zip(TOWER, text)),
+                            patch=patch, dim=dim))
   for tower in ("image", "text"):
-    t = a[tower]
-    if not isinstance(t, dict) or sorted(t) != sorted(TOWER):
-      raise ValueError(f"config.model.{tower}={t!r} must be a dict of {', '.join(TOWER)}.")
-    if t["width"] % t["heads"]:
-      raise ValueError(f"config.model.{tower}: width={t['width']} is not divisible by "
-                       f"heads={t['heads']}.")
-  if not a["patch"] or not a["dim"] or a["image_size"] % a["patch"]:
-    raise ValueError(f"config.model: image_size={a['image_size']} must be a multiple of "
-                     f"patch={a['patch']}, and dim={a['dim']} set.")
+    model_args.check_tower(a[tower], f"config.model.{tower}")
+  model_args.require(a, ("patch", "dim"), "B/32")
+  model_args.check_patch(a)
   check_activation(a["activation"], "config.model.activation")
   return a
 
@@ -76,7 +60,7 @@ class Clip(nn.Module):
 
   @nn.compact
   def __call__(self, batch, rng=None):
-    c, inter, out = self.cfg, {}, {}
+    inter, out = {}, {}
     if "image" in batch:
       out["image"] = self.image_tower(batch["image"], inter)
     if "text" in batch:
@@ -161,15 +145,10 @@ def hf_spec(a: dict) -> list:
 
 def load(path: str, abstract, args: dict):
   """A Hugging Face `CLIPModel` safetensors checkpoint -> params shaped like `abstract`."""
-  from mmjax.compress import flatten, unflatten
-  if not str(path).endswith(".safetensors"):
-    raise checkpoint_files.CheckpointError(
-        f"checkpoint {path}: mmjax.pretrained.clip reads Hugging Face .safetensors files.")
-  tensors = checkpoint_files.read_safetensors(path)
-  flat = checkpoint_files.assemble(tensors, hf_spec(args), flatten(abstract),
-                                   f"CLIP checkpoint {path}",
-                                   ignore=(r".*position_ids",))
-  return unflatten({k: jnp.asarray(v) for k, v in flat.items()}, abstract)
+  checkpoint_files.check_format(path, "mmjax.pretrained.clip")
+  return checkpoint_files.to_params(checkpoint_files.read_safetensors(path), hf_spec(args),
+                                    abstract, f"CLIP checkpoint {path}",
+                                    ignore=(r".*position_ids",))
 
 
 def family(args: dict) -> Family:

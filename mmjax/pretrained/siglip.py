@@ -22,13 +22,13 @@ import numpy as np
 
 from mmjax.attention import dot_product_attention
 from mmjax.family import Family
-from mmjax.pretrained import checkpoint_files
+from mmjax.pretrained import checkpoint_files, model_args
 from mmjax.pretrained.checkpoint_files import Tensor
 from mmjax.pretrained.clip import _blocks, _linear
 from mmjax.pretrained.encoder import Mlp, Tower, check_activation
 
 SIZES = {"B": (768, 12, 12, 3072), "L": (1024, 24, 16, 4096), "So400m": (1152, 27, 16, 4304)}
-TOWER = ("width", "depth", "heads", "mlp_dim")
+TOWER = model_args.TOWER
 ARGS = {"variant": "B/16", "image": None, "text": None, "patch": None, "image_size": 224,
         "vocab_size": 32000, "max_len": 64, "eps": 1e-6, "activation": "gelu_tanh",
         "attention_impl": None}
@@ -37,30 +37,16 @@ MATMULS = (r"(image|text)/block_\d+/(attn/(query|key|value|out)|mlp/(fc1|fc2))/k
 
 
 def resolve(args: dict) -> dict:
-  bad = sorted(set(args) - set(ARGS))
-  if bad:
-    raise ValueError(f"config.model has unknown field(s) {bad} for mmjax.pretrained.siglip; "
-                     f"valid: {sorted(ARGS)}.")
-  a = {**ARGS, **args}
+  a = model_args.merge(args, ARGS, "mmjax.pretrained.siglip")
   if a["variant"]:
-    size, _, patch = str(a["variant"]).partition("/")
-    if size not in SIZES or not patch.isdigit():
-      raise ValueError(f"config.model.variant={a['variant']!r} is unknown; valid: B/16, "
-                       "L/16, So400m/14 (any patch size), or None with image, text and "
-                       "patch given.")
-    a["image"] = a["image"] or dict(zip(TOWER, SIZES[size]))
-    a["text"] = a["text"] or dict(zip(TOWER, SIZES[size]))
-    a["patch"] = a["patch"] or int(patch)
+    sizes, patch = model_args.variant(a["variant"], SIZES, "B/16, L/16, So400m/14",
+                                      patched=True)
+    model_args.fill(a, dict(image=dict(zip(TOWER, sizes)), text=dict(zip(TOWER, sizes)),
+                            patch=patch))
   for tower in ("image", "text"):
-    t = a[tower]
-    if not isinstance(t, dict) or sorted(t) != sorted(TOWER):
-      raise ValueError(f"config.model.{tower}={t!r} must be a dict of {', '.join(TOWER)}.")
-    if t["width"] % t["heads"]:
-      raise ValueError(f"config.model.{tower}: width={t['width']} is not divisible by "
-                       f"heads={t['heads']}.")
-  if not a["patch"] or a["image_size"] % a["patch"]:
-    raise ValueError(f"config.model: image_size={a['image_size']} must be a multiple of "
-                     f"patch={a['patch']}.")
+    model_args.check_tower(a[tower], f"config.model.{tower}")
+  model_args.require(a, ("patch",), "B/16")
+  model_args.check_patch(a)
   check_activation(a["activation"], "config.model.activation")
   return a
 
@@ -172,18 +158,13 @@ def hf_spec(a: dict) -> list:
 def load(path: str, abstract, args: dict):
   """A Hugging Face `SiglipModel` safetensors checkpoint, or big_vision's `.npz`, -> params
   shaped like `abstract`."""
-  from mmjax.compress import flatten, unflatten
+  checkpoint_files.check_format(path, "mmjax.pretrained.siglip", npz=True)
   if str(path).endswith(".npz"):
     from mmjax.pretrained import big_vision
     return big_vision.load_siglip(path, abstract, args)
-  if not str(path).endswith(".safetensors"):
-    raise checkpoint_files.CheckpointError(
-        f"checkpoint {path}: mmjax.pretrained.siglip reads Hugging Face .safetensors and "
-        "big_vision .npz files.")
-  tensors = checkpoint_files.read_safetensors(path)
-  flat = checkpoint_files.assemble(tensors, hf_spec(args), flatten(abstract),
-                                   f"SigLIP checkpoint {path}", ignore=(r".*position_ids",))
-  return unflatten({k: jnp.asarray(v) for k, v in flat.items()}, abstract)
+  return checkpoint_files.to_params(checkpoint_files.read_safetensors(path), hf_spec(args),
+                                    abstract, f"SigLIP checkpoint {path}",
+                                    ignore=(r".*position_ids",))
 
 
 def family(args: dict) -> Family:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.family import Family
-from mmjax.pretrained import checkpoint_files
+from mmjax.pretrained import checkpoint_files, model_args
 from mmjax.pretrained.checkpoint_files import Tensor
 from mmjax.pretrained.encoder import check_activation, encode
 
@@ -36,30 +36,14 @@ MATMULS = r"block_\d+/(attn/(query|key|value|out)|mlp/(fc1|fc2))/kernel"
 
 def resolve(args: dict) -> dict:
   """ARGS with the variant's sizes filled in (explicit fields win); checked."""
-  bad = sorted(set(args) - set(ARGS))
-  if bad:
-    raise ValueError(f"config.model has unknown field(s) {bad} for mmjax.pretrained.vit; "
-                     f"valid: {sorted(ARGS)}.")
-  a = {**ARGS, **args}
+  a = model_args.merge(args, ARGS, "mmjax.pretrained.vit")
   if a["variant"]:
-    size, _, patch = str(a["variant"]).partition("/")
-    if size not in SIZES or not patch.isdigit():
-      raise ValueError(f"config.model.variant={a['variant']!r} is unknown; valid: "
-                       f"{', '.join(f'{s}/16' for s in SIZES)} (any patch size), or None "
-                       "with width, depth, heads, mlp_dim and patch given.")
-    for k, v in zip(("width", "depth", "heads", "mlp_dim"), SIZES[size]):
-      a[k] = v if a[k] is None else a[k]
-    a["patch"] = int(patch) if a["patch"] is None else a["patch"]
-  missing = [k for k in ("width", "depth", "heads", "mlp_dim", "patch") if a[k] is None]
-  if missing:
-    raise ValueError(f"config.model: {', '.join(missing)} not set; name a variant (e.g. "
-                     "'B/16') or give them.")
-  if a["image_size"] % a["patch"]:
-    raise ValueError(f"config.model: image_size={a['image_size']} is not a multiple of "
-                     f"patch={a['patch']}.")
-  if a["width"] % a["heads"]:
-    raise ValueError(f"config.model: width={a['width']} is not divisible by "
-                     f"heads={a['heads']}.")
+    sizes, patch = model_args.variant(a["variant"], SIZES, ", ".join(f"{s}/16" for s in SIZES),
+                                      patched=True)
+    model_args.fill(a, dict(zip(model_args.TOWER, sizes), patch=patch))
+  model_args.require(a, model_args.TOWER + ("patch",), "B/16")
+  model_args.check_patch(a)
+  model_args.check_tower({k: a[k] for k in model_args.TOWER}, "config.model")
   if a["pool"] not in POOLS:
     raise ValueError(f"config.model.pool={a['pool']!r} is unknown; valid: {', '.join(POOLS)}.")
   check_activation(a["activation"], "config.model.activation")
@@ -141,24 +125,18 @@ def hf_spec(a: dict, prefix: str) -> list:
 def load(path: str, abstract, args: dict):
   """A Hugging Face ViT checkpoint (`ViTModel` or `ViTForImageClassification`
   `.safetensors`) or a big_vision one (`.npz`) -> params shaped like `abstract`."""
-  from mmjax.compress import flatten, unflatten
+  checkpoint_files.check_format(path, "mmjax.pretrained.vit", npz=True)
   if str(path).endswith(".npz"):
     from mmjax.pretrained import big_vision
     return big_vision.load_vit(path, abstract, args)
-  if not str(path).endswith(".safetensors"):
-    raise checkpoint_files.CheckpointError(
-        f"checkpoint {path}: mmjax.pretrained.vit reads Hugging Face .safetensors and "
-        "big_vision .npz files.")
   if args["pool"] != "cls":
     raise checkpoint_files.CheckpointError(
         f"checkpoint {path}: Hugging Face's ViT pools the class token; set "
         "config.model.pool='cls'.")
   tensors = checkpoint_files.read_safetensors(path)
   prefix = "vit." if any(k.startswith("vit.") for k in tensors) else ""
-  flat_abstract = flatten(abstract)
-  flat = checkpoint_files.assemble(tensors, hf_spec(args, prefix), flat_abstract,
+  return checkpoint_files.to_params(tensors, hf_spec(args, prefix), abstract,
                                    f"ViT checkpoint {path}", ignore=(rf"{prefix}pooler\..*",))
-  return unflatten({k: jnp.asarray(v) for k, v in flat.items()}, abstract)
 
 
 def family(args: dict) -> Family:

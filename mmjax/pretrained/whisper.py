@@ -17,11 +17,10 @@ inside the forward by `whisper_features.log_mel`, as Whisper's feature extractor
 from __future__ import annotations
 
 import flax.linen as nn
-import jax.numpy as jnp
 import numpy as np
 
 from mmjax.family import Family
-from mmjax.pretrained import checkpoint_files, whisper_features
+from mmjax.pretrained import checkpoint_files, model_args, whisper_features
 from mmjax.pretrained.checkpoint_files import Tensor
 from mmjax.pretrained.clip import _linear
 from mmjax.pretrained.encoder import encode
@@ -36,24 +35,12 @@ MATMULS = r"block_\d+/(attn/(query|key|value|out)|mlp/(fc1|fc2))/kernel"
 
 
 def resolve(args: dict) -> dict:
-  bad = sorted(set(args) - set(ARGS))
-  if bad:
-    raise ValueError(f"config.model has unknown field(s) {bad} for mmjax.pretrained.whisper; "
-                     f"valid: {sorted(ARGS)}.")
-  a = {**ARGS, **args}
+  a = model_args.merge(args, ARGS, "mmjax.pretrained.whisper")
   if a["variant"]:
-    if a["variant"] not in SIZES:
-      raise ValueError(f"config.model.variant={a['variant']!r} is unknown; valid: "
-                       f"{', '.join(SIZES)}, or None with width, depth, heads and mlp_dim.")
-    for k, v in zip(("width", "depth", "heads", "mlp_dim"), SIZES[a["variant"]]):
-      a[k] = v if a[k] is None else a[k]
-  missing = [k for k in ("width", "depth", "heads", "mlp_dim") if a[k] is None]
-  if missing:
-    raise ValueError(f"config.model: {', '.join(missing)} not set; name a variant (e.g. "
-                     "'base') or give them.")
-  if a["width"] % a["heads"]:
-    raise ValueError(f"config.model: width={a['width']} is not divisible by "
-                     f"heads={a['heads']}.")
+    sizes, _ = model_args.variant(a["variant"], SIZES, ", ".join(SIZES), patched=False)
+    model_args.fill(a, dict(zip(model_args.TOWER, sizes)))
+  model_args.require(a, model_args.TOWER, "base")
+  model_args.check_tower({k: a[k] for k in model_args.TOWER}, "config.model")
   if a["input"] not in INPUTS:
     raise ValueError(f"config.model.input={a['input']!r} is unknown; valid: "
                      f"{', '.join(INPUTS)}.")
@@ -115,22 +102,13 @@ def hf_spec(a: dict, prefix: str) -> list:
 
 def load(path: str, abstract, args: dict):
   """A Hugging Face Whisper checkpoint's encoder -> params shaped like `abstract` (a
-  classification head, absent from Whisper's checkpoints, keeps its initial values)."""
-  from mmjax.compress import flatten, unflatten
-  if not str(path).endswith(".safetensors"):
-    raise checkpoint_files.CheckpointError(
-        f"checkpoint {path}: mmjax.pretrained.whisper reads Hugging Face .safetensors files.")
+  classification head, absent from Whisper's checkpoints, starts at zero)."""
+  checkpoint_files.check_format(path, "mmjax.pretrained.whisper")
   tensors = checkpoint_files.read_safetensors(path)
   prefix = "model." if any(k.startswith("model.encoder.") for k in tensors) else ""
-  flat_abstract = flatten(abstract)
-  head = {p: a for p, a in flat_abstract.items() if p.startswith("head/")}
-  body = {p: a for p, a in flat_abstract.items() if p not in head}
-  flat = checkpoint_files.assemble(tensors, hf_spec(args, prefix), body,
-                                   f"Whisper checkpoint {path}",
-                                   ignore=(rf"{prefix}decoder\..*", r"proj_out\..*"))
-  if head:  # a new task's head: zeros, so the first logits are 0 and the encoder decides
-    flat.update({p: np.zeros(a.shape, a.dtype) for p, a in head.items()})
-  return unflatten({k: jnp.asarray(v) for k, v in flat.items()}, abstract)
+  return checkpoint_files.to_params(tensors, hf_spec(args, prefix), abstract,
+                                    f"Whisper checkpoint {path}", new=("head/",),
+                                    ignore=(rf"{prefix}decoder\..*", r"proj_out\..*"))
 
 
 def family(args: dict) -> Family:
