@@ -1,6 +1,7 @@
 """Compression for any JAX model: methods as pure stages over the parameter tree.
 
-`core` holds the protocol (`Method`, `rules`, `chain`, `Plan`); `step` a compressed train
+`protocol` holds the protocol (`Method`), `binding` the rules, `core` the `Plan` that
+composes them (and re-exports all three); `step` a compressed train
 step for any `apply_fn` and optax optimizer; `pruning`, `structured`, `quant`,
 `activations`, `distill` the built-in methods; `report` and `export` count and write what
 a plan did. Nothing here imports mmjax's models or checkpointing (Orbax is imported only

@@ -1,0 +1,93 @@
+"""The compression protocol: every method is one `Method`, a name and optional pure stages.
+
+A method sees parameters as a flat dict `{path: array}` of the leaves its rule gave it
+(paths like `image/block_00/mlp/fc1/kernel`, from any pytree: nested dicts, NNX state,
+dataclasses) and keeps its state as a pytree. Each stage is a place in a training step:
+
+  init(leaves, rng) -> state                 once, before training (or before PTQ)
+  view(leaves, state) -> leaves              the weights the forward computes with; runs
+                                             inside the gradient (fake-quant with a
+                                             straight-through estimator)
+  wrap(apply_fn, state, paths) -> apply_fn   what the forward does to activations (the
+                                             inputs of the layers that consume `paths`)
+  loss(fwd: Forward, state) -> (scalar, metrics)
+                                             an extra loss term (distillation); its learned
+                                             parts come from `init_params(fwd, rng)` and are
+                                             ordinary trainable parameters, in `fwd.params`
+  update(leaves, state, step) -> (leaves, state)
+                                             after each optimizer step (`step` = steps
+                                             taken) and once at step 0: schedules advance,
+                                             masks are recomputed and applied
+  calibrate(leaves, state, calib: Calibration) -> (leaves, state)
+                                             from batches handed in: statistics (activation
+                                             ranges) and, for post-training methods (GPTQ,
+                                             SparseGPT, AWQ, ...), new weights
+  describe(leaves, state) -> {path: info}    what each leaf became, for the report and the
+                                             export: `mask`, `n_m`, `codes` (+ `bits`,
+                                             `scale_axes`, `clip_ratio`), `act_scale`,
+                                             `act_bits`, or `bytes` that a method states for
+                                             a storage format mmjax does not know
+  check(shapes) -> None                      {path: shape} -> ValueError, before anything runs
+  accepts(path, leaf) -> None | reason       which matched leaves the method can compress
+                                             (`leaf`: a jax.ShapeDtypeStruct); the others
+                                             are left as they are, said once in a warning
+                                             and in `describe` ("skipped": reason)
+
+Constraints on the master weights (pruning masks) live in `update` alone: the weights are
+masked at step 0 and after every optimizer step, so the mask costs one elementwise pass
+fused into the optimizer's update, and `view` is for weights that differ from the master
+copy (fake-quant).
+
+Methods are bound to parameter paths by `rules` (binding.py) and composed by `Plan`
+(core.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+STAGES = ("init", "view", "wrap", "loss", "update", "calibrate", "describe")
+EXCLUSIVE = ("view", "wrap", "update")  # one method per path for each of these
+
+
+class Forward(NamedTuple):
+  """What a `loss` stage sees: the model's outputs and intermediates on `batch`, this
+  method's trainable parameters and its frozen inputs (a teacher's weights, say)."""
+  outputs: Any
+  intermediates: Any
+  batch: Any
+  params: Any = None
+  frozen: Any = None
+
+
+class Calibration(NamedTuple):
+  """What a `calibrate` stage sees: the forward (`apply_fn(params, batch)`, wrapped by the
+  methods before this one), the weights it computes with, the batches, this method's paths."""
+  apply_fn: Callable
+  params: Any
+  batches: Sequence
+  paths: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  name: str
+  init: Optional[Callable] = None
+  view: Optional[Callable] = None
+  wrap: Optional[Callable] = None
+  loss: Optional[Callable] = None
+  update: Optional[Callable] = None
+  calibrate: Optional[Callable] = None
+  describe: Optional[Callable] = None
+  init_params: Optional[Callable] = None
+  check: Optional[Callable] = None
+  accepts: Optional[Callable] = None  # (path, ShapeDtypeStruct) -> None | why not
+  task_weight: float = 1.0  # the task loss is scaled by the product over methods
+
+  def __post_init__(self):
+    if not any(getattr(self, s) is not None for s in STAGES if s != "init"):
+      raise ValueError(f"compression method {self.name!r} defines none of the stages "
+                       f"{', '.join(s for s in STAGES if s != 'init')}; give it at least one.")
+
+  def renamed(self, name: str) -> "Method":
+    return dataclasses.replace(self, name=name)
