@@ -34,9 +34,7 @@ from jax import lax
 from jax.extend import core as jcore
 
 from mmjax.compress.core import flatten
-
-_CALLS = {"pjit", "jit", "closed_call", "core_call"}
-_REMAT = {"checkpoint", "remat", "remat2"}
+from mmjax.compress.intercept import _CALLS, _REMAT  # the primitives both walks inline
 _CASTS = {"convert_element_type", "copy", "copy_p"}
 
 
