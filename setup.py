@@ -36,6 +36,10 @@ setup(
         "flatbuffers>=24",
         # Hugging Face checkpoints of the pretrained families (mmjax.pretrained).
         "safetensors>=0.4",
+        # The checkpoints' own tokenizers: tokenizer.json (CLIP, BERT) and SentencePiece
+        # .model files (SigLIP, big_vision) (mmjax.pretrained.text_tokenizer).
+        "tokenizers>=0.20",
+        "sentencepiece>=0.2",
     ],
     extras_require={
         "test": [

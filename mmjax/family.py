@@ -54,6 +54,12 @@ class Family:
                                                   structured pruning; None: not offered
   unit_types                                      {name: regex}: groups of kernels that
                                                   sensitivity measures together
+  preprocess(data) -> {modality: fn(raw) -> {key: array}}
+                                                  the family's own input preprocessing
+                                                  (a pretrained model's resize and
+                                                  normalization, its tokenizer), given
+                                                  the run's InputConfig; None: mmjax's
+                                                  generic one (mmjax/data/adapters.py)
   """
   name: str
   init: Callable
@@ -67,6 +73,7 @@ class Family:
   structured_units: Optional[Callable] = None
   shrink: Optional[Callable] = None
   unit_types: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  preprocess: Optional[Callable] = None
   args: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # as the config gave
 
   def abstract_params(self):
@@ -98,10 +105,40 @@ def _as_dict(c) -> dict:
   return c.to_dict() if hasattr(c, "to_dict") else dict(c or {})
 
 
+DATASET_ARGS = ("<dataset:label_names>", "<dataset:num_classes>")
+
+
 def from_config(config) -> Family:
   """The family a config names (`config.model_module`, default mmjax's multimodal models)
-  built from `config.model`; every error is a one-line ValueError."""
-  return build(config.get("model_module") or DEFAULT_MODULE, config.get("model"))
+  built from `config.model`; every error is a one-line ValueError. A `config.model` value
+  in DATASET_ARGS is the run's dataset's: its label classes' names (a zero-shot
+  classifier's class names) or their number (a new head's size), read from the dataset's
+  TFDS info where it is prepared, so that they are the names it was prepared with."""
+  args = _as_dict(config.get("model"))
+  asks = {k: v for k, v in args.items() if isinstance(v, str) and v.startswith("<dataset:")}
+  if asks:
+    args = {**args, **_dataset_args(asks, config)}
+  return build(config.get("model_module") or DEFAULT_MODULE, args)
+
+
+def _dataset_args(asks: dict, config) -> dict:
+  from mmjax import run_setup
+  from mmjax.data import pipeline, sources
+  for k, v in asks.items():
+    if v not in DATASET_ARGS:
+      raise ValueError(f"config.model.{k}={v!r} is unknown; valid: {', '.join(DATASET_ARGS)}.")
+  d = config.data
+  features = d.get("features")
+  cfg = pipeline.InputConfig(dataset=d.dataset, data_dir=d.get("data_dir") or
+                             sources.default_data_dir(), features=run_setup._as_pairs(
+                                 features, "config.data.features") if features else None)
+  label = pipeline.adapter_of(cfg).label
+  names = sources.label_names(cfg.dataset, cfg.data_dir, label) if label else None
+  if not names:
+    raise ValueError(f"config.model.{next(iter(asks))} asks for {cfg.dataset}'s label classes, "
+                     f"but it has no ClassLabel{f' {label!r}' if label else ''}; give them "
+                     "explicitly.")
+  return {k: list(names) if v == DATASET_ARGS[0] else len(names) for k, v in asks.items()}
 
 
 def build(module: str, args) -> Family:

@@ -2,17 +2,22 @@
 
 `config.optimizer`: name (any optax optimizer, e.g. adamw, adam, sgd, lion), lr, schedule
 (warmup_cosine | warmup_linear | constant), warmup_steps, end_lr_factor, clip_norm (global
-norm clipping; 0 turns it off), and the optimizer's own arguments (b1, b2, eps,
+norm clipping; 0 turns it off), trainable (a regex over parameter paths: only those that
+match are updated, e.g. "head/.*" for a linear probe of a pretrained encoder; the rest
+get no update and no optimizer state), and the optimizer's own arguments (b1, b2, eps,
 weight_decay, momentum, ...): those the chosen optimizer does not take are an error.
 """
 from __future__ import annotations
 
 import inspect
+import re
 
+import jax
 import optax
 
 SCHEDULES = ("warmup_cosine", "warmup_linear", "constant")
-_GENERIC = {"name", "lr", "schedule", "warmup_steps", "end_lr_factor", "clip_norm"}
+_GENERIC = {"name", "lr", "schedule", "warmup_steps", "end_lr_factor", "clip_norm",
+            "trainable"}
 
 
 def make_schedule(opt_cfg, total_steps: int):
@@ -57,6 +62,39 @@ def validate(opt_cfg, total_steps: int):
   return factory, extra
 
 
+def check_trainable(opt_cfg, paths) -> None:
+  """config.optimizer.trainable must compile and match at least one parameter path."""
+  pattern = opt_cfg.get("trainable")
+  if not pattern:
+    return
+  try:
+    rx = re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"config.optimizer.trainable={pattern!r} is not a regex ({e}).") from None
+  if not any(rx.fullmatch(p) for p in paths):
+    raise ValueError(f"config.optimizer.trainable={pattern!r} matches no parameter; paths look "
+                     f"like {sorted(paths)[:4]}.")
+
+
+def _trainable(tx, pattern):
+  """`tx` on the parameters `pattern` matches; the others frozen (no update, no state).
+  The step optimizes (params, aux): a compression method's own trainables (aux) always
+  train."""
+  from mmjax.compress import paths as paths_lib
+  rx = re.compile(pattern)
+
+  def of_params(params):
+    flat = paths_lib.flatten(params)
+    return paths_lib.unflatten({p: "train" if rx.fullmatch(p) else "frozen" for p in flat},
+                               like=params)
+
+  def labels(tree):
+    if isinstance(tree, tuple) and len(tree) == 2:
+      return (of_params(tree[0]), jax.tree_util.tree_map(lambda _: "train", tree[1]))
+    return of_params(tree)
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
 def make_optimizer(opt_cfg, total_steps: int):
   """-> (optax transformation, schedule)."""
   factory, extra = validate(opt_cfg, total_steps)
@@ -66,4 +104,6 @@ def make_optimizer(opt_cfg, total_steps: int):
   # Always a chain, so the optimizer state's structure (and a checkpoint) does not depend
   # on whether clipping is on.
   tx = optax.chain(optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(), tx)
+  if opt_cfg.get("trainable"):
+    tx = _trainable(tx, opt_cfg.get("trainable"))
   return tx, schedule

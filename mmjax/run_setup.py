@@ -28,13 +28,27 @@ def model_inputs(batch: dict, fam: Family, task: Task) -> dict:
 
 def input_config(config, fam: Family) -> pipeline.InputConfig:
   d = config.data
-  return pipeline.InputConfig(
+  features = d.get("features")
+  features = _as_pairs(features, "config.data.features") if features else None
+  cfg = pipeline.InputConfig(
       dataset=d.dataset, data_dir=d.get("data_dir") or sources.default_data_dir(),
       batch_size=int(d.batch_size), seed=int(config.seed),
       modalities=tuple(sorted(fam.modalities)),
       text_len=int(d.get("text_len", 48)), audio_samples=int(d.get("audio_samples", 8000)),
+      train_split=d.get("train_split") or "train", eval_split=d.get("eval_split") or "test",
       num_threads=int(d.get("num_threads", 2)), prefetch=int(d.get("prefetch", 4)),
-      download=bool(d.get("download", False)))
+      download=bool(d.get("download", False)), features=features)
+  if fam.preprocess is not None:
+    cfg = dataclasses.replace(cfg, preprocess=dict(fam.preprocess(cfg)))
+  return cfg
+
+
+def _as_pairs(d, field: str) -> tuple:
+  d = d.to_dict() if hasattr(d, "to_dict") else d
+  if not isinstance(d, dict) or not all(isinstance(v, str) for v in d.values()):
+    raise ValueError(f"{field}={d!r} must map modalities (and 'label') to feature names, "
+                     "e.g. {'image': 'img', 'label': 'fine_label'}.")
+  return tuple(sorted(d.items()))
 
 
 @dataclasses.dataclass
@@ -70,8 +84,10 @@ def validate(config, plan=None, read_checkpoints: bool = True) -> Setup:
                      "config.mesh.data to a divisor of it.")
   pipeline.host_batch_size(input_cfg.batch_size, jax.process_count())
   pipeline._prep_fn(input_cfg)  # modality / adapter checks
+  check_labels(fam, input_cfg)
   check_init(config.get("init"), fam)
   shapes = fam.param_shapes()
+  optim.check_trainable(config.optimizer, shapes)
   compression = compress_config.build(config, fam, shapes, read_checkpoints=read_checkpoints)
   if plan is not None:
     compression = dataclasses.replace(
@@ -80,6 +96,22 @@ def validate(config, plan=None, read_checkpoints: bool = True) -> Setup:
   if compression.calibration:
     check_calibration_size(compression.calibration[0], input_cfg)
   return Setup(fam, task, input_cfg, mesh, int(t.steps), compression)
+
+
+def check_labels(fam: Family, input_cfg) -> None:
+  """The model's classes (Family.labels: a head's size, zero-shot class names) against
+  the dataset's label classes, when the dataset names them (a TFDS ClassLabel)."""
+  if fam.labels is None:
+    return
+  label = pipeline.adapter_of(input_cfg).label
+  names = sources.label_names(input_cfg.dataset, input_cfg.data_dir, label) if label else None
+  if names is not None and len(names) != len(fam.labels):
+    zero_shot = fam.args.get("class_names") is not None
+    raise ValueError(
+        f"the model has {len(fam.labels)} classes but {input_cfg.dataset}'s {label!r} has "
+        f"{len(names)}; " + (f"give config.model.class_names {len(names)} names, in label order"
+                             if zero_shot else f"set config.model.num_classes={len(names)} (with "
+                             "new_head=True for a checkpoint trained on other classes)") + ".")
 
 
 def is_run(init: str, fam: Family) -> bool:
@@ -135,7 +167,8 @@ def check_calibration_size(examples: int, input_cfg, prepared_only: bool = True)
       return
     n = builder.info.splits[input_cfg.train_split].num_examples
   else:
-    n = len(sources.open_split(input_cfg.dataset, input_cfg.train_split, input_cfg.data_dir))
+    n = len(sources.open_split(input_cfg.dataset, input_cfg.train_split, input_cfg.data_dir,
+                               download=input_cfg.download))
   if examples > n:
     raise ValueError(f"config.calibration.examples={examples} exceeds the {n} examples of "
                      f"{input_cfg.dataset}'s {input_cfg.train_split} split; use at most {n}.")

@@ -94,6 +94,8 @@ COMMON = {
     "train.steps": ("7", 7),
     "calibration.examples": ("256", 256),
     "calibration.seed": ("1", 1),
+    "optimizer.trainable": ("head/.*", "head/.*"),
+    "data.eval_split": ("validation", "validation"),
 }
 
 
@@ -124,6 +126,10 @@ CASES = {
                                               **_section("activations", "activations")},
     "prune_qat.py:tiny": {**_section("prune", "magnitude"), **_section("quant", "fake_quant")},
     "distill.py:tiny": {**_section("distill", "distill"), **_fields("compress.export", EXPORT)},
+    f"pretrained.py:model=clip,checkpoint={REPO}/tests/golden/clip,tiny,method=gptq":
+        _section("post_training", "gptq"),
+    f"pretrained.py:model=vit,checkpoint={REPO}/tests/golden/vit,tiny,method=qat,steps=4": {
+        **_section("quant", "fake_quant"), **_fields("compress.export", EXPORT)},
     "combined.py:tiny": {**_section("prune", "magnitude"), **_section("quant", "fake_quant"),
                          **_section("distill", "distill"), **_fields("compress.export", EXPORT)},
 }

@@ -42,7 +42,11 @@ def base_config(*, tiny: bool, modalities=None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.data = dict(dataset="mm_arith/procedural", data_dir=config_dict.placeholder(str),
                 batch_size=16 if tiny else 64, text_len=48, audio_samples=8000,
-                num_threads=2, prefetch=4, download=False,
+                num_threads=2, prefetch=4, download=False, train_split="train",
+                eval_split="test",
+                # {modality or "label": feature}: for a TFDS dataset whose features mmjax
+                # cannot tell apart by type (mmjax/data/adapters.py)
+                features=config_dict.placeholder(dict),
                 # sizes used only if the run has to prepare the dataset itself
                 num_train=512 if tiny else 20_000, num_test=256 if tiny else 2_000)
   model = get_preset("tiny" if tiny else "small", modalities=modalities).to_dict()
@@ -54,7 +58,10 @@ def base_config(*, tiny: bool, modalities=None) -> ml_collections.ConfigDict:
   c.task = dict(token_mask=config_dict.placeholder(str), label_smoothing=0.0)
   c.optimizer = dict(name="adamw", lr=2e-3 if tiny else 5e-4, schedule="warmup_cosine",
                      warmup_steps=5 if tiny else 100, end_lr_factor=0.0, weight_decay=1e-4,
-                     clip_norm=1.0, b1=0.9, b2=0.999)
+                     clip_norm=1.0, b1=0.9, b2=0.999,
+                     # a regex of the parameters to train (a linear probe: "head/.*");
+                     # None trains all
+                     trainable=config_dict.placeholder(str))
   c.train = dict(steps=30 if tiny else 3000, log_every=5 if tiny else 50,
                  eval_every=30 if tiny else 500, checkpoint_every=10 if tiny else 500,
                  keep_checkpoints=2, async_checkpoints=True)

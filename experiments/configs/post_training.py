@@ -50,19 +50,29 @@ def _allocation(path: str) -> list:
   return rules
 
 
+WORDS = ("tiny", "joint", "w8a8", "parallel", "act_order", "int8", "asym")
+VALUES = {"method": str, "bits": int, "group": int, "format": str, "sparsity": float,
+          "nm": _nm, "alpha": float, "alloc": str}
+
+
 def get_config(arg=None):
-  args = parse_arg(arg, valid=("tiny", "joint", "w8a8", "parallel", "act_order", "int8",
-                              "asym"),
-                   values={"method": str, "bits": int, "group": int, "format": str,
-                           "sparsity": float, "nm": _nm, "alpha": float, "alloc": str})
+  args = parse_arg(arg, valid=WORDS, values=VALUES)
   c = finetune_config(args)
   c.train.steps = 0
-  group = args.get("group", 32 if args.get("tiny") else 128)  # tiny's kernels: 32, 64 inputs
+  return set_method(c, args, PRUNE_PATTERN,
+                    group=args.get("group", 32 if args.get("tiny") else 128))
+
+
+def set_method(c, args: dict, pattern, group: int = 128):
+  """config.compress for the one-shot method `args` name. `pattern`: the kernels it
+  compresses (None: the model family's default, as for the pretrained families);
+  `group`: the group size when `group=` is not given (tiny's kernels: 32, 64 inputs)."""
+  group = args.get("group", group)
   n, m = args.get("nm", (0, 0))
   fmt = args.get("format", "int")
   if args.get("method") == "magnitude":  # the pruning baseline: |w|, per layer, one shot
-    c.compress.prune = (prune("n_m", n=n, m=m) if m else
-                        prune("magnitude", sparsity=args.get("sparsity", 0.5)))
+    c.compress.prune = (prune("n_m", n=n, m=m, pattern=pattern) if m else
+                        prune("magnitude", sparsity=args.get("sparsity", 0.5), pattern=pattern))
     return c
   method = args.get("method", "gptq")
   kw = {}
@@ -81,10 +91,10 @@ def get_config(arg=None):
     kw["joint_quant"] = bool(args.get("joint"))
   if method == "smoothquant":
     kw.update(alpha=args.get("alpha", 0.5), act_mode="int8" if args.get("int8") else "fake")
-  c.compress.post_training = post_training(method, **kw)
+  c.compress.post_training = post_training(method, pattern=pattern, **kw)
   if args.get("alloc"):
     c.compress.post_training.rules = tuple(tuple(r) for r in _allocation(args["alloc"]))
   if args.get("w8a8"):
     c.compress.activations = activations(
-        pattern=PRUNE_PATTERN, format=fmt if fmt.startswith("fp8") else "int")
+        pattern=pattern, format=fmt if fmt.startswith("fp8") else "int")
   return c

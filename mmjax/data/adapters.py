@@ -23,6 +23,7 @@ class Adapter:
   label: str | None = "label"
   extras: tuple = ()  # latent fields passed through for analysis
   image_size: tuple | None = None  # resize to (h, w) when the images vary in size
+  ambiguous: tuple = ()  # (modality, (feature, ...)): several features of that kind
 
 
 ADAPTERS = {
@@ -37,12 +38,42 @@ ADAPTERS = {
 }
 
 
-def get_adapter(dataset: str) -> Adapter:
+def get_adapter(dataset: str, features=None, info_features=None) -> Adapter:
+  """The adapter for `dataset`: `features` ({modality or "label": feature path}, from
+  config.data.features) when given; else mmjax's table; else one read off the dataset's
+  TFDS features (`info_features`), so that any TFDS dataset works by name."""
   name = dataset.partition("/")[0]
-  if name not in ADAPTERS:
+  if features:
+    feats = dict(features)
+    return Adapter({k: v for k, v in feats.items() if k != "label"}, label=feats.get("label"))
+  if name in ADAPTERS:
+    return ADAPTERS[name]
+  if info_features is None:
     raise ValueError(f"no modality adapter for dataset {name!r}; known: {sorted(ADAPTERS)}. "
-                     "Add one to mmjax/data/adapters.py:ADAPTERS (feature -> modality).")
-  return ADAPTERS[name]
+                     "Name its features with config.data.features (e.g. {'image': 'img', "
+                     "'label': 'label'}), or add one to mmjax/data/adapters.py:ADAPTERS.")
+  return infer(dataset, info_features)
+
+
+def infer(dataset: str, info_features) -> Adapter:
+  """Modalities from a TFDS FeaturesDict's top level: Image -> image, Audio -> audio,
+  Text -> text, the ClassLabel -> label. A kind with several features (glue/mrpc's two
+  sentences) is left out, and asking for it names them (`ambiguous`)."""
+  import tensorflow_datasets as tfds
+  f = tfds.features
+  kinds, labels = {"image": [], "audio": [], "text": []}, []
+  for key, feat in info_features.items():
+    if isinstance(feat, f.Image):
+      kinds["image"].append(key)
+    elif isinstance(feat, f.Audio):
+      kinds["audio"].append(key)
+    elif isinstance(feat, f.Text):
+      kinds["text"].append(key)
+    elif isinstance(feat, f.ClassLabel):
+      labels.append(key)
+  label = "label" if "label" in labels else (labels[0] if len(labels) == 1 else None)
+  return Adapter({m: keys[0] for m, keys in kinds.items() if len(keys) == 1}, label=label,
+                 ambiguous=tuple((m, tuple(keys)) for m, keys in kinds.items() if len(keys) > 1))
 
 
 def _feature(example, path):
@@ -63,17 +94,22 @@ def _resize(img, size):
 
 
 def preprocess(example: dict, adapter: Adapter, modalities, *, text_len: int,
-               audio_samples: int, image_size=None) -> dict:
-  """One TFDS example -> model inputs for `modalities` (+ label, extras)."""
+               audio_samples: int, image_size=None, family=None) -> dict:
+  """One TFDS example -> model inputs for `modalities` (+ label, extras). `family`:
+  {modality: fn(raw) -> {key: array}}, a model family's own preprocessing (its resize
+  and normalization, its tokenizer), which replaces the generic one for that modality."""
   out = {}
   for m in modalities:
     x = _feature(example, adapter.modalities[m])  # pipeline._prep_fn checked `m` exists
-    if m.startswith("image"):
-      out[m] = _resize(x, image_size or adapter.image_size).astype(np.float32) / 255.0
-    elif m.startswith("text"):
+    if m.startswith("text"):
       if isinstance(x, (list, tuple, np.ndarray)) and not isinstance(x, (str, bytes)):
         x = x[0]  # several captions: the first
       x = x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
+    if family and m in family:
+      out.update(family[m](x))
+    elif m.startswith("image"):
+      out[m] = _resize(x, image_size or adapter.image_size).astype(np.float32) / 255.0
+    elif m.startswith("text"):
       out[m], out[f"{m}_mask"] = tokenizer.encode(x, text_len)
     else:  # audio
       x = np.asarray(x)

@@ -40,6 +40,10 @@ class InputConfig:
   num_threads: int = 2  # grain read threads per host
   prefetch: int = 4  # batches read ahead per host
   download: bool = False  # TFDS catalog datasets only; mmjax never downloads by default
+  features: Optional[tuple] = None  # ((modality or "label", feature path), ...): overrides
+  # the adapter (config.data.features)
+  preprocess: Optional[dict] = dataclasses.field(default=None, compare=False, hash=False)
+  # {modality: fn(raw) -> {key: array}}: the model family's own (Family.preprocess)
 
 
 def host_batch_size(global_batch: int, process_count: int) -> int:
@@ -59,22 +63,39 @@ def _hosts(process_index, process_count):
   return pi, pc
 
 
+def adapter_of(cfg: InputConfig) -> adapters.Adapter:
+  """The dataset's adapter: config.data.features, mmjax's table, or read off its TFDS
+  features (the builder's info needs no prepared data)."""
+  name = sources.split_name(cfg.dataset)[0]
+  info = None
+  if not cfg.features and name not in adapters.ADAPTERS:
+    info = sources.get_builder(cfg.dataset, cfg.data_dir or sources.default_data_dir()
+                               ).info.features
+  return adapters.get_adapter(cfg.dataset, cfg.features, info)
+
+
 def _prep_fn(cfg: InputConfig):
-  adapter = adapters.get_adapter(cfg.dataset)
+  adapter = adapter_of(cfg)
   modalities = tuple(sorted(cfg.modalities))
   if not modalities:
     raise ValueError("InputConfig.modalities is empty; name at least one modality.")
   for m in modalities:
     if m not in adapter.modalities:
-      raise ValueError(f"modality {m!r} is not provided by {cfg.dataset}; it provides "
-                       f"{sorted(adapter.modalities)}.")
+      several = dict(adapter.ambiguous).get(m.rstrip("0123456789"))
+      if several:
+        raise ValueError(f"{cfg.dataset} has several {m} features {list(several)}; pick one "
+                         f"with config.data.features={{'{m}': '{several[0]}', 'label': ...}}.")
+      raise ValueError(f"the model needs modality {m!r}, which {cfg.dataset} does not "
+                       f"provide (it provides {sorted(adapter.modalities) or 'none'}); choose a "
+                       f"dataset with {m}, or map a feature to it with config.data.features.")
   if cfg.text_len <= 0 or cfg.audio_samples <= 0:
     raise ValueError(f"text_len={cfg.text_len} and audio_samples={cfg.audio_samples} must "
                      "be positive.")
 
   def prep(example):
     return adapters.preprocess(example, adapter, modalities, text_len=cfg.text_len,
-                               audio_samples=cfg.audio_samples, image_size=cfg.image_size)
+                               audio_samples=cfg.audio_samples, image_size=cfg.image_size,
+                               family=cfg.preprocess)
   return prep
 
 

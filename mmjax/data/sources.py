@@ -57,9 +57,13 @@ def get_builder(dataset: str, data_dir: str, **builder_kwargs):
   try:
     return tfds.builder(dataset, data_dir=data_dir, file_format="array_record")
   except tfds.core.registered.DatasetNotFoundError as e:
+    import importlib.util
+    tf_hint = ("" if importlib.util.find_spec("tensorflow") else
+               " Some TFDS builders (glue, speech_commands, coco_captions) exist only with "
+               "TensorFlow installed: pip install tensorflow, for preparing them.")
     raise ValueError(f"unknown dataset {dataset!r}: it is neither an mmjax offline dataset "
                      f"({', '.join(f'{n}/{c}' for n, cs in OFFLINE_BUILDERS.items() for c in cs)}"
-                     f") nor in the TFDS catalog.") from e
+                     f") nor in the TFDS catalog.{tf_hint}") from e
 
 
 def open_split(dataset: str, split: str, data_dir: str | None = None, *, download=False):
@@ -145,3 +149,12 @@ def ensure_prepared(dataset: str, data_dir: str, num_train=None, num_test=None, 
   if get_builder(dataset, data_dir).is_prepared() or split_name(dataset)[0] not in OFFLINE_BUILDERS:
     return
   prepare(dataset, data_dir, num_train=num_train, num_test=num_test, log=log)
+
+
+def label_names(dataset: str, data_dir: str | None = None, label: str = "label"):
+  """The class names of the dataset's `label` feature (a ClassLabel), from its TFDS info
+  (no data read: the catalog's builders carry them), or None when it has no such label."""
+  import tensorflow_datasets as tfds
+  feats = get_builder(dataset, data_dir or default_data_dir()).info.features
+  feat = feats[label] if label in feats else None
+  return tuple(feat.names) if isinstance(feat, tfds.features.ClassLabel) else None

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.family import Family
-from mmjax.pretrained import checkpoint_files, model_args
+from mmjax.pretrained import checkpoint_files, inputs, model_args
 from mmjax.pretrained.checkpoint_files import Tensor
 from mmjax.pretrained.clip import _linear
 from mmjax.pretrained.encoder import encode
@@ -27,7 +27,8 @@ SIZES = {"tiny": (128, 2, 2, 512), "mini": (256, 4, 4, 1024), "small": (512, 4, 
          "large": (1024, 24, 16, 4096)}
 ARGS = {"variant": "base", "width": None, "depth": None, "heads": None, "mlp_dim": None,
         "vocab_size": 30522, "max_len": 512, "type_vocab_size": 2, "num_classes": 2,
-        "eps": 1e-12, "attention_impl": None}
+        "eps": 1e-12, "attention_impl": None, "tokenizer": None,
+        "new_head": False}
 MATMULS = r"block_\d+/(attn/(query|key|value|out)|mlp/(fc1|fc2))/kernel"
 
 
@@ -101,15 +102,17 @@ def load(path: str, abstract, args: dict):
   tensors = checkpoint_files.read_safetensors(path)
   prefix = "bert." if any(k.startswith("bert.") for k in tensors) else ""
   gamma = any(k.endswith("LayerNorm.gamma") for k in tensors)
-  has_head = "classifier.weight" in tensors
-  spec = hf_spec(args if has_head else {**args, "num_classes": 0}, prefix, gamma)
+  fresh = checkpoint_files.fresh_head(args, "classifier.weight" in tensors)
+  spec = hf_spec({**args, "num_classes": 0} if fresh else args, prefix, gamma)
   return checkpoint_files.to_params(tensors, spec, abstract, f"BERT checkpoint {path}",
-                                    new=() if has_head else ("head/",),
-                                    ignore=(r"cls\..*", r".*position_ids"))
+                                    new=("head/",) if fresh else (),
+                                    ignore=(r"cls\..*", r".*position_ids")
+                                    + ((r"classifier\..*",) if fresh else ()))
 
 
 def family(args: dict) -> Family:
   a = resolve(args)
+  tok = inputs.tokenizer(a, a["vocab_size"])
   model = Bert(a)
 
   def example_batch(batch_size, data=None, seed=0, with_labels=True):
@@ -128,4 +131,5 @@ def family(args: dict) -> Family:
       patterns={"matmul": MATMULS, "weights": r".*(kernel|embedding)", "activations": MATMULS},
       labels=tuple(str(i) for i in range(a["num_classes"])) or None,
       load=lambda path, abstract: load(path, abstract, a),
-      unit_types={"attention": r".*/attn/\w+/kernel", "mlp": r".*/mlp/\w+/kernel"}, args=a)
+      unit_types={"attention": r".*/attn/\w+/kernel", "mlp": r".*/mlp/\w+/kernel"},
+      preprocess=inputs.preprocess(None, a, ("text",), tok) if tok else None, args=a)

@@ -23,7 +23,7 @@ import zipfile
 
 import numpy as np
 
-from mmjax.pretrained.checkpoint_files import CheckpointError, Tensor, to_params
+from mmjax.pretrained.checkpoint_files import CheckpointError, Tensor, fresh_head, to_params
 
 _PRE_LINEN = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
               "LayerNorm_2": "LayerNorm_1", "MlpBlock_3": "MlpBlock_0"}
@@ -130,9 +130,11 @@ def load_vit(path: str, abstract, args: dict):
   if "MAPHead_0/probe" in tensors:
     raise CheckpointError(f"checkpoint {path} pools with a MAP head, which "
                           "mmjax.pretrained.vit does not build (SigLIP's image tower does).")
-  return to_params(tensors, vit_spec(args, tensors), abstract,
-                   f"big_vision ViT checkpoint {path}",
-                   ignore=() if args["num_classes"] else (r"head/.*",))
+  fresh = fresh_head(args, "head/kernel" in tensors)
+  return to_params(tensors, vit_spec({**args, "num_classes": 0} if fresh else args, tensors),
+                   abstract, f"big_vision ViT checkpoint {path}",
+                   new=("head/",) if fresh else (),
+                   ignore=() if args["num_classes"] and not fresh else (r"head/.*",))
 
 
 def siglip_spec(a: dict) -> list:

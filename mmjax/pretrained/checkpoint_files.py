@@ -119,3 +119,9 @@ def to_params(tensors: dict, spec: list, abstract, what: str, *, ignore=(), new=
                   what, ignore=ignore)
   flat.update({p: np.zeros(x.shape, x.dtype) for p, x in fresh.items()})
   return unflatten({k: jnp.asarray(v) for k, v in flat.items()}, abstract)
+
+
+def fresh_head(args: dict, has_head: bool) -> bool:
+  """A new head (at zero) when the model has one and the checkpoint has none, or
+  `new_head` asks for one (fine-tuning on other classes than the checkpoint's)."""
+  return bool(args["num_classes"]) and (bool(args.get("new_head")) or not has_head)

@@ -12,6 +12,10 @@ Inputs: `image` `[batch, size, size, 3]` (resized, normalized), `text` `[batch, 
 token ids with `text_mask` (True for real tokens). Outputs `{"image": [batch, dim],
 "text": [batch, dim], "logit_scale": ()}` (embeddings before their L2 normalization,
 which the task does) and each tower's blocks as intermediates (`image/block_00`, ...).
+With `tokenizer` the pipeline tokenizes text with the checkpoint's own; with
+`class_names` it is a zero-shot classifier: images in, logits over the classes' prompts
+out (the text tower runs on the prompts inside the forward, so compression of it counts);
+see mmjax/pretrained/inputs.py.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.family import Family
-from mmjax.pretrained import checkpoint_files, model_args
+from mmjax.pretrained import checkpoint_files, inputs, model_args
 from mmjax.pretrained.checkpoint_files import Tensor
 from mmjax.pretrained.encoder import Tower, check_activation, pooled_at
 
@@ -30,7 +34,8 @@ SIZES = {"B": ((768, 12, 12, 3072), (512, 12, 8, 2048), 512),
 TOWER = model_args.TOWER
 ARGS = {"variant": "B/32", "image": None, "text": None, "patch": None, "dim": None,
         "image_size": 224, "vocab_size": 49408, "max_len": 77, "eos_token_id": 49407,
-        "eps": 1e-5, "activation": "quick_gelu", "attention_impl": None}
+        "eps": 1e-5, "activation": "quick_gelu", "attention_impl": None,
+        **inputs.ARGS, **inputs.ZERO_SHOT_ARGS}
 MATMULS = r"(image|text)/block_\d+/(attn/(query|key|value|out)|mlp/(fc1|fc2))/kernel"
 
 
@@ -59,13 +64,20 @@ class Clip(nn.Module):
                 implementation=self.cfg["attention_impl"])
 
   @nn.compact
-  def __call__(self, batch, rng=None):
+  def __call__(self, batch, rng=None, prompts=None):
+    """prompts: (ids, mask) of the zero-shot prompts: then logits [batch, classes]."""
     inter, out = {}, {}
     if "image" in batch:
       out["image"] = self.image_tower(batch["image"], inter)
-    if "text" in batch:
+    if prompts is not None:
+      out["text"] = self.text_tower(*prompts, inter)
+    elif "text" in batch:
       out["text"] = self.text_tower(batch["text"], batch.get("text_mask"), inter)
     out["logit_scale"] = self.param("logit_scale", lambda _: jnp.log(jnp.float32(1 / 0.07)))
+    if prompts is not None:
+      n = len(self.cfg["class_names"])
+      return inputs.zero_shot_logits(out["image"], out["text"], n,
+                                     jnp.exp(out["logit_scale"])), inter
     return out, inter
 
   def image_tower(self, image, inter):
@@ -153,21 +165,39 @@ def load(path: str, abstract, args: dict):
 
 def family(args: dict) -> Family:
   a = resolve(args)
-  model = Clip(a)
+  tok = inputs.tokenizer(a, a["vocab_size"])
+  inputs.check_zero_shot(a, tok)
+  zero_shot = a["class_names"] is not None
+  model = Clip({**a, "class_names": tuple(a["class_names"] or ()),
+                "templates": tuple(a["templates"])})
+  prompts = None
+  if zero_shot:  # CLIP pools the end token under a causal mask: the longest prompt's length
+    ids, mask = inputs.prompts(a, tok, a["max_len"])
+    n = int(mask.sum(1).max())
+    prompts = (ids[:, :n], mask[:, :n])
+  modalities = ("image",) if zero_shot else ("image", "text")
 
   def example_batch(batch_size, data=None, seed=0, with_labels=True):
     rng = np.random.default_rng(seed)
     s, n = a["image_size"], min(a["max_len"], data.text_len if data is not None else 16)
+    out = {"image": rng.normal(size=(batch_size, s, s, 3)).astype(np.float32)}
+    if zero_shot:
+      if with_labels:
+        out["label"] = rng.integers(0, len(a["class_names"]), batch_size).astype(np.int32)
+      return out
     text = rng.integers(0, a["vocab_size"], (batch_size, n)).astype(np.int32)
     if a["eos_token_id"] is not None:
       text[:, -1] = a["eos_token_id"]
-    return {"image": rng.normal(size=(batch_size, s, s, 3)).astype(np.float32),
-            "text": text, "text_mask": np.ones((batch_size, n), bool)}
+    return {**out, "text": text, "text_mask": np.ones((batch_size, n), bool)}
 
   return Family(
-      "mmjax.pretrained.clip", init=lambda rng, batch: model.init(rng, batch)["params"],
-      apply=lambda params, batch, rng=None: model.apply({"params": params}, batch),
-      example_batch=example_batch, modalities=("image", "text"),
+      "mmjax.pretrained.clip", init=lambda rng, batch: model.init(rng, batch, None,
+                                                                  prompts)["params"],
+      apply=lambda params, batch, rng=None: model.apply({"params": params}, batch, None,
+                                                        prompts),
+      example_batch=example_batch, modalities=modalities,
+      labels=tuple(a["class_names"]) if zero_shot else None,
+      preprocess=inputs.preprocess("clip", a, modalities, tok),
       patterns={"matmul": MATMULS, "weights": r".*(kernel|embedding)",
                 "activations": MATMULS},
       load=lambda path, abstract: load(path, abstract, a),

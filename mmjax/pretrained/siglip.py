@@ -22,7 +22,7 @@ import numpy as np
 
 from mmjax.attention import dot_product_attention
 from mmjax.family import Family
-from mmjax.pretrained import checkpoint_files, model_args
+from mmjax.pretrained import checkpoint_files, inputs, model_args
 from mmjax.pretrained.checkpoint_files import Tensor
 from mmjax.pretrained.clip import _blocks, _linear
 from mmjax.pretrained.encoder import Mlp, Tower, check_activation
@@ -31,7 +31,7 @@ SIZES = {"B": (768, 12, 12, 3072), "L": (1024, 24, 16, 4096), "So400m": (1152, 2
 TOWER = model_args.TOWER
 ARGS = {"variant": "B/16", "image": None, "text": None, "patch": None, "image_size": 224,
         "vocab_size": 32000, "max_len": 64, "eps": 1e-6, "activation": "gelu_tanh",
-        "attention_impl": None}
+        "attention_impl": None, **inputs.ARGS, **inputs.ZERO_SHOT_ARGS}
 MATMULS = (r"(image|text)/block_\d+/(attn/(query|key|value|out)|mlp/(fc1|fc2))/kernel"
            r"|image_head/(attn/(query|key|value|out)|mlp/(fc1|fc2))/kernel|text_head/kernel")
 
@@ -84,14 +84,20 @@ class Siglip(nn.Module):
                 activation=self.cfg["activation"], implementation=self.cfg["attention_impl"])
 
   @nn.compact
-  def __call__(self, batch, rng=None):
+  def __call__(self, batch, rng=None, prompts=None):
+    """prompts: (ids, mask) of the zero-shot prompts: then logits [batch, classes]."""
     inter, out = {}, {}
     if "image" in batch:
       out["image"] = self.image_tower(batch["image"], inter)
-    if "text" in batch:
+    if prompts is not None:
+      out["text"] = self.text_tower(*prompts, inter)
+    elif "text" in batch:
       out["text"] = self.text_tower(batch["text"], batch.get("text_mask"), inter)
     out["logit_scale"] = self.param("logit_scale", lambda _: jnp.log(jnp.float32(10.0)))
     out["logit_bias"] = self.param("logit_bias", lambda _: jnp.float32(-10.0))
+    if prompts is not None:
+      return inputs.zero_shot_logits(out["image"], out["text"], len(self.cfg["class_names"]),
+                                     jnp.exp(out["logit_scale"]), out["logit_bias"]), inter
     return out, inter
 
   def image_tower(self, image, inter):
@@ -169,19 +175,37 @@ def load(path: str, abstract, args: dict):
 
 def family(args: dict) -> Family:
   a = resolve(args)
-  model = Siglip(a)
+  tok = inputs.tokenizer(a, a["vocab_size"])
+  inputs.check_zero_shot(a, tok)
+  zero_shot = a["class_names"] is not None
+  model = Siglip({**a, "class_names": tuple(a["class_names"] or ()),
+                  "templates": tuple(a["templates"])})
+  # SigLIP pools the last position and its reference attends to the padding: full length
+  prompts = None
+  if zero_shot:
+    ids, _ = inputs.prompts(a, tok, a["max_len"])
+    prompts = (ids, np.ones(ids.shape, bool))
+  modalities = ("image",) if zero_shot else ("image", "text")
 
   def example_batch(batch_size, data=None, seed=0, with_labels=True):
     rng = np.random.default_rng(seed)
     s, n = a["image_size"], a["max_len"]
-    return {"image": rng.normal(size=(batch_size, s, s, 3)).astype(np.float32),
-            "text": rng.integers(0, a["vocab_size"], (batch_size, n)).astype(np.int32),
+    out = {"image": rng.normal(size=(batch_size, s, s, 3)).astype(np.float32)}
+    if zero_shot:
+      if with_labels:
+        out["label"] = rng.integers(0, len(a["class_names"]), batch_size).astype(np.int32)
+      return out
+    return {**out, "text": rng.integers(0, a["vocab_size"], (batch_size, n)).astype(np.int32),
             "text_mask": np.ones((batch_size, n), bool)}
 
   return Family(
-      "mmjax.pretrained.siglip", init=lambda rng, batch: model.init(rng, batch)["params"],
-      apply=lambda params, batch, rng=None: model.apply({"params": params}, batch),
-      example_batch=example_batch, modalities=("image", "text"),
+      "mmjax.pretrained.siglip", init=lambda rng, batch: model.init(rng, batch, None,
+                                                                    prompts)["params"],
+      apply=lambda params, batch, rng=None: model.apply({"params": params}, batch, None,
+                                                        prompts),
+      example_batch=example_batch, modalities=modalities,
+      labels=tuple(a["class_names"]) if zero_shot else None,
+      preprocess=inputs.preprocess("siglip", a, modalities, tok, text_len=a["max_len"]),
       patterns={"matmul": MATMULS, "weights": r".*(kernel|embedding)",
                 "activations": MATMULS},
       load=lambda path, abstract: load(path, abstract, a),

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.family import Family
-from mmjax.pretrained import checkpoint_files, model_args
+from mmjax.pretrained import checkpoint_files, inputs, model_args
 from mmjax.pretrained.checkpoint_files import Tensor
 from mmjax.pretrained.encoder import check_activation, encode
 
@@ -29,7 +29,8 @@ SIZES = {  # width, depth, heads, mlp_dim
     "L": (1024, 24, 16, 4096), "H": (1280, 32, 16, 5120)}
 ARGS = {"variant": "B/16", "width": None, "depth": None, "heads": None, "mlp_dim": None,
         "patch": None, "image_size": 224, "channels": 3, "num_classes": 1000, "eps": 1e-12,
-        "pool": "cls", "activation": "gelu", "attention_impl": None}
+        "pool": "cls", "activation": "gelu", "attention_impl": None, "processor": None,
+        "new_head": False}
 POOLS = ("cls", "gap")  # the class token (HF, big_vision "tok"); the mean (big_vision "gap")
 MATMULS = r"block_\d+/(attn/(query|key|value|out)|mlp/(fc1|fc2))/kernel"
 
@@ -135,8 +136,12 @@ def load(path: str, abstract, args: dict):
         "config.model.pool='cls'.")
   tensors = checkpoint_files.read_safetensors(path)
   prefix = "vit." if any(k.startswith("vit.") for k in tensors) else ""
-  return checkpoint_files.to_params(tensors, hf_spec(args, prefix), abstract,
-                                   f"ViT checkpoint {path}", ignore=(rf"{prefix}pooler\..*",))
+  fresh = checkpoint_files.fresh_head(args, "classifier.weight" in tensors)
+  return checkpoint_files.to_params(
+      tensors, hf_spec({**args, "num_classes": 0} if fresh else args, prefix), abstract,
+      f"ViT checkpoint {path}", new=("head/",) if fresh else (),
+      ignore=(rf"{prefix}pooler\..*",) + ((r"classifier\..*",) if fresh else ()))
+
 
 
 def family(args: dict) -> Family:
@@ -161,4 +166,6 @@ def family(args: dict) -> Family:
       labels=tuple(str(i) for i in range(a["num_classes"])) or None,
       load=lambda path, abstract: load(path, abstract, a),
       unit_types={"attention": r".*/attn/\w+/kernel", "mlp": r".*/mlp/\w+/kernel",
-                  "stem": r"stem/kernel", "head": r"head/kernel"}, args=a)
+                  "stem": r"stem/kernel", "head": r"head/kernel"},
+      preprocess=inputs.preprocess("vit", a, ("image",)) if a["channels"] == 3 else None,
+      args=a)

@@ -63,7 +63,8 @@ class WhisperEncoder(nn.Module):
     x = gelu(nn.Conv(c["width"], (3,), strides=2, padding=((1, 1),), name="conv2")(x))
     if x.shape[1] > c["max_positions"]:
       raise ValueError(f"{mel.shape[1]} frames give {x.shape[1]} positions, more than the "
-                       f"{c['max_positions']} Whisper's encoder has (30 s).")
+                       f"{c['max_positions']} of this Whisper encoder (30 s for the released "
+                       "ones); give shorter clips.")
     x = x + self.param("pos_embedding", nn.initializers.normal(0.02),
                        (c["max_positions"], c["width"]))[:x.shape[1]]
     inter = {}
@@ -127,6 +128,18 @@ def family(args: dict) -> Family:
       out["label"] = rng.integers(0, a["num_classes"], batch_size).astype(np.int32)
     return out
 
+  def preprocess(data):
+    """The generic audio preprocessing (16 kHz, cropped or padded to the clip length),
+    after checking that clip length fits the encoder's positions, at config time."""
+    if a["input"] == "audio":
+      positions = (data.audio_samples // whisper_features.HOP + 1) // 2
+      if positions > a["max_positions"]:
+        most = 2 * a["max_positions"] * whisper_features.HOP - 1
+        raise ValueError(f"config.data.audio_samples={data.audio_samples} gives {positions} "
+                         f"positions, more than the {a['max_positions']} of this Whisper "
+                         f"encoder; use at most {most} samples.")
+    return {}
+
   return Family(
       "mmjax.pretrained.whisper", init=lambda rng, batch: model.init(rng, batch)["params"],
       apply=lambda params, batch, rng=None: model.apply({"params": params}, batch),
@@ -135,4 +148,4 @@ def family(args: dict) -> Family:
       labels=tuple(str(i) for i in range(a["num_classes"])) or None,
       load=lambda path, abstract: load(path, abstract, a),
       unit_types={"attention": r".*/attn/\w+/kernel", "mlp": r".*/mlp/\w+/kernel",
-                  "conv": r"conv\d/kernel"}, args=a)
+                  "conv": r"conv\d/kernel"}, preprocess=preprocess, args=a)

@@ -59,14 +59,18 @@ def vit():
   io = {"pixel_values": pixels, "logits": out.logits,
         "hidden_states": torch.stack(out.hidden_states)}  # embeddings, then each block
   _save("vit", model, io)
+  from transformers import ViTImageProcessor
+  _preprocessing("vit", ViTImageProcessor(size={"height": 32, "width": 32}), None)
 
 
 def clip():
   from transformers import CLIPConfig, CLIPModel
   torch.manual_seed(0)
-  text = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+  tok = clip_tokenizer()
+  vocab, bos, eos = len(tok), tok.bos_token_id, tok.eos_token_id
+  text = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=64, max_position_embeddings=16, hidden_act="quick_gelu",
-              layer_norm_eps=1e-5, bos_token_id=97, eos_token_id=98, pad_token_id=0)
+              layer_norm_eps=1e-5, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
   vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                 intermediate_size=64, image_size=32, patch_size=8, num_channels=3,
                 hidden_act="quick_gelu", layer_norm_eps=1e-5)
@@ -79,8 +83,8 @@ def clip():
   ids = torch.zeros(3, 16, dtype=torch.long)
   mask = torch.zeros(3, 16, dtype=torch.long)
   for i, n in enumerate(lengths):
-    ids[i, :n] = torch.randint(1, 97, (n,), generator=g)
-    ids[i, 0], ids[i, n - 1] = 97, 98
+    ids[i, :n] = torch.randint(1, bos, (n,), generator=g)
+    ids[i, 0], ids[i, n - 1] = bos, eos
     mask[i, :n] = 1
   with torch.no_grad():
     out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
@@ -91,12 +95,15 @@ def clip():
         "text_hidden": out.text_model_output.last_hidden_state,
         "vision_hidden": torch.stack(out.vision_model_output.hidden_states)}
   _save("clip", model, io)
+  tok.save_pretrained(os.path.join(HERE, "clip"))
+  _preprocessing("clip", _clip_image_processor(), tok)
 
 
 def siglip():
   from transformers import SiglipConfig, SiglipModel
   torch.manual_seed(0)
-  text = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+  tok = siglip_tokenizer()
+  text = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=64, max_position_embeddings=16, layer_norm_eps=1e-6,
               hidden_act="gelu_pytorch_tanh")
   vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -106,7 +113,7 @@ def siglip():
   model = _perturb(SiglipModel(cfg), 5)
   g = torch.Generator().manual_seed(6)
   pixels = torch.randn(3, 3, 32, 32, generator=g)
-  ids = torch.randint(0, 99, (3, 16), generator=g)  # SigLIP: fixed length, no mask
+  ids = torch.randint(0, len(tok), (3, 16), generator=g)  # SigLIP: fixed length, no mask
   blocks = []  # each image block's output, caught by hooks (hidden_states is None here)
   for layer in model.vision_model.encoder.layers:
     layer.register_forward_hook(
@@ -118,6 +125,9 @@ def siglip():
         "text_hidden": out.text_model_output.last_hidden_state,
         "vision_blocks": torch.stack(blocks)}
   _save("siglip", model, io)
+  tok.save_pretrained(os.path.join(HERE, "siglip"))
+  from transformers import SiglipImageProcessor
+  _preprocessing("siglip", SiglipImageProcessor(size={"height": 32, "width": 32}), tok)
 
 
 def whisper():
@@ -141,13 +151,14 @@ def whisper():
 def bert():
   from transformers import BertConfig, BertForSequenceClassification
   torch.manual_seed(0)
-  cfg = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+  tok = bert_tokenizer()
+  cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=64, max_position_embeddings=16, type_vocab_size=2,
                    num_labels=3, hidden_act="gelu", layer_norm_eps=1e-12,
                    attn_implementation="eager")
   model = _perturb(BertForSequenceClassification(cfg), 9)
   g = torch.Generator().manual_seed(10)
-  ids = torch.randint(1, 99, (3, 16), generator=g)
+  ids = torch.randint(1, len(tok), (3, 16), generator=g)
   mask = torch.zeros(3, 16, dtype=torch.long)
   types = torch.zeros(3, 16, dtype=torch.long)
   for i, (n, first) in enumerate([(16, 9), (11, 6), (5, 5)]):  # [CLS] a [SEP] b [SEP], padded
@@ -160,6 +171,100 @@ def bert():
   io = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
         "logits": out.logits, "hidden_states": torch.stack(out.hidden_states)}
   _save("bert", model, io)
+  tok.save_pretrained(os.path.join(HERE, "bert"))
+  _preprocessing("bert", None, tok)
+
+
+# ------------------------------------------------ preprocessing: images and tokenizers
+
+TEXTS = ["a photo of a cat.", "A Photo of the DOG!!", "",
+         "an airplane, flying over the sea at night with many lights and clouds and birds",
+         "hello   world, it's   a dog's   life"]
+CORPUS = ("a photo of a cat. a photo of the dog. an airplane flying over the sea at night. "
+          "many lights and clouds and birds. hello world. a small red car on the road. "
+          "the ship the truck the horse the frog the deer the bird.").split(". ")
+
+
+def _images():
+  g = np.random.default_rng(12)  # sizes that resize up, down, square and not
+  return [g.integers(0, 256, size=s, dtype=np.uint8)
+          for s in ((40, 56, 3), (32, 32, 3), (61, 45, 3), (20, 24, 3))]
+
+
+def _preprocessing(name, processor, tok):
+  """The reference's preprocessing of raw inputs, beside the model: the image processor's
+  pixel_values (channels last) and the tokenizer's ids and masks, padded to 16."""
+  out, io = os.path.join(HERE, name), {}
+  if processor is not None:
+    processor.save_pretrained(out)
+    for i, img in enumerate(_images()):
+      io[f"image_{i}"] = img
+      io[f"pixels_{i}"] = processor(img, return_tensors="np")["pixel_values"][0].transpose(
+          1, 2, 0).astype(np.float32)
+  if tok is not None:
+    enc = tok(TEXTS, padding="max_length", max_length=16, truncation=True, return_tensors="np")
+    io["input_ids"] = enc["input_ids"].astype(np.int32)
+    io["attention_mask"] = enc["attention_mask"].astype(np.int32)
+    with open(os.path.join(out, "texts.json"), "w") as f:
+      json.dump(TEXTS, f)
+  np.savez(os.path.join(out, "preprocess.npz"), **io)
+  print(f"{name}: preprocessing {sorted(io)}")
+
+
+def _clip_image_processor():
+  from transformers import CLIPImageProcessor
+  return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
+def clip_tokenizer():
+  """A byte-level BPE in CLIP's format: the 256 byte symbols, each also word-final, a few
+  merges, and CLIP's two special tokens (its tokenizer.json made by transformers)."""
+  import tempfile
+  from transformers import CLIPTokenizerFast
+  from transformers.models.clip.tokenization_clip import bytes_to_unicode
+  chars = list(bytes_to_unicode().values())
+  merges = ["p h", "ph o", "pho t", "phot o</w>", "c a", "ca t</w>", "d o",
+            "do g</w>", "t h", "th e</w>", "o f</w>", "i n", "a n</w>"]
+  vocab = chars + [c + "</w>" for c in chars]
+  for m in merges:
+    vocab.append(m.replace(" ", ""))
+  vocab += ["<|startoftext|>", "<|endoftext|>"]
+  d = tempfile.mkdtemp()
+  with open(os.path.join(d, "vocab.json"), "w") as f:
+    json.dump({t: i for i, t in enumerate(vocab)}, f)
+  with open(os.path.join(d, "merges.txt"), "w") as f:
+    f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+  return CLIPTokenizerFast(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"),
+                           pad_token="<|endoftext|>", model_max_length=16)
+
+
+def siglip_tokenizer():
+  """A SentencePiece unigram model trained on a few sentences, with T5's special ids (pad
+  0, eos 1, unk 2), read by SigLIP's own tokenizer class."""
+  import tempfile
+  import sentencepiece as spm
+  from transformers import SiglipTokenizer
+  d = tempfile.mkdtemp()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(CORPUS * 4), model_prefix=os.path.join(d, "spiece"),
+      vocab_size=60, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+      hard_vocab_limit=False, minloglevel=2)
+  return SiglipTokenizer(os.path.join(d, "spiece.model"), model_max_length=16)
+
+
+def bert_tokenizer():
+  """A WordPiece vocabulary of a few dozen words and pieces (uncased)."""
+  import tempfile
+  from transformers import BertTokenizerFast
+  words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "!", "'", "s", "a", "an",
+           "photo", "of", "the", "cat", "dog", "air", "##plane", "fly", "##ing", "over", "sea",
+           "at", "night", "with", "many", "light", "##s", "and", "cloud", "bird", "hello",
+           "world", "it", "life", "##y"]
+  d = tempfile.mkdtemp()
+  with open(os.path.join(d, "vocab.txt"), "w") as f:
+    f.write("\n".join(words) + "\n")
+  return BertTokenizerFast(os.path.join(d, "vocab.txt"), do_lower_case=True,
+                           model_max_length=16)
 
 
 def whisper_features():
