@@ -122,16 +122,14 @@ def from_config(config) -> Family:
 
 
 def _dataset_args(asks: dict, config) -> dict:
-  from mmjax import run_setup
   from mmjax.data import pipeline, sources
   for k, v in asks.items():
     if v not in DATASET_ARGS:
       raise ValueError(f"config.model.{k}={v!r} is unknown; valid: {', '.join(DATASET_ARGS)}.")
   d = config.data
-  features = d.get("features")
   cfg = pipeline.InputConfig(dataset=d.dataset, data_dir=d.get("data_dir") or
-                             sources.default_data_dir(), features=run_setup._as_pairs(
-                                 features, "config.data.features") if features else None)
+                             sources.default_data_dir(),
+                             features=pipeline.feature_pairs(d.get("features")))
   label = pipeline.adapter_of(cfg).label
   names = sources.label_names(cfg.dataset, cfg.data_dir, label) if label else None
   if not names:

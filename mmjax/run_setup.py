@@ -28,8 +28,6 @@ def model_inputs(batch: dict, fam: Family, task: Task) -> dict:
 
 def input_config(config, fam: Family) -> pipeline.InputConfig:
   d = config.data
-  features = d.get("features")
-  features = _as_pairs(features, "config.data.features") if features else None
   cfg = pipeline.InputConfig(
       dataset=d.dataset, data_dir=d.get("data_dir") or sources.default_data_dir(),
       batch_size=int(d.batch_size), seed=int(config.seed),
@@ -37,18 +35,12 @@ def input_config(config, fam: Family) -> pipeline.InputConfig:
       text_len=int(d.get("text_len", 48)), audio_samples=int(d.get("audio_samples", 8000)),
       train_split=d.get("train_split") or "train", eval_split=d.get("eval_split") or "test",
       num_threads=int(d.get("num_threads", 2)), prefetch=int(d.get("prefetch", 4)),
-      download=bool(d.get("download", False)), features=features)
+      download=bool(d.get("download", False)), features=pipeline.feature_pairs(
+          d.get("features")))
   if fam.preprocess is not None:
     cfg = dataclasses.replace(cfg, preprocess=dict(fam.preprocess(cfg)))
   return cfg
 
-
-def _as_pairs(d, field: str) -> tuple:
-  d = d.to_dict() if hasattr(d, "to_dict") else d
-  if not isinstance(d, dict) or not all(isinstance(v, str) for v in d.values()):
-    raise ValueError(f"{field}={d!r} must map modalities (and 'label') to feature names, "
-                     "e.g. {'image': 'img', 'label': 'fine_label'}.")
-  return tuple(sorted(d.items()))
 
 
 @dataclasses.dataclass

@@ -203,7 +203,8 @@ def train_and_evaluate(config, workdir: str, log=print, plan=None) -> dict:
   # ---- from here on the workdir is written
   if jax.process_index() == 0:
     sources.ensure_prepared(setup.input_cfg.dataset, setup.input_cfg.data_dir,
-                            config.data.get("num_train"), config.data.get("num_test"), log)
+                            config.data.get("num_train"), config.data.get("num_test"), log,
+                            download=setup.input_cfg.download)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))

@@ -37,7 +37,7 @@ def test_batches_are_model_ready(procedural_dir):
 def test_modality_subsets(procedural_dir):
   b = next(train_iterator(_cfg(procedural_dir, modalities=("image", "audio"))))
   assert "text" not in b and "image" in b and "audio" in b
-  with pytest.raises(ValueError, match="modality 'video' is not provided"):
+  with pytest.raises(ValueError, match="needs modality 'video', which mm_arith.* does not provide"):
     train_iterator(_cfg(procedural_dir, modalities=("video",)))
 
 
@@ -105,7 +105,7 @@ def test_eval_sees_every_example_exactly_once(procedural_dir):
     (dict(batch_size=30), "does not divide across 4 processes"),
     (dict(batch_size=0), "must be positive"),
     (dict(dataset="mm_arith/weird"), "unknown config 'weird'"),
-    (dict(dataset="no_adapter_ds"), "no modality adapter"),
+    (dict(dataset="no_adapter_ds"), "unknown dataset 'no_adapter_ds'"),
 ])
 def test_bad_configs(procedural_dir, kw, needle):
   with pytest.raises(ValueError) as err:

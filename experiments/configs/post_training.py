@@ -11,7 +11,8 @@ config.calibration.examples training examples, compress, evaluate, export. No fi
   asym      integer grids with a zero point (2**bits levels; symmetric grids have
             2**bits - 1, so 2-bit symmetric is the three levels -1, 0, 1)
   w8a8      also quantize every compressed layer's input to int8 (per tensor, calibrated);
-            with format=fp8_e4m3 the inputs go to fp8 e4m3 instead
+            with format=fp8_e4m3 the inputs go to fp8 e4m3 instead; with int8, the
+            layers' products run as real int8 x int8 -> int32
   parallel  every statistic from the dense model (default: sequential, block by block)
   act_order GPTQ in order of decreasing Hessian diagonal
   alloc=    a per-kernel allocation (experiments/sensitivity.py writes allocation_*.json):
@@ -94,7 +95,8 @@ def set_method(c, args: dict, pattern, group: int = 128):
   c.compress.post_training = post_training(method, pattern=pattern, **kw)
   if args.get("alloc"):
     c.compress.post_training.rules = tuple(tuple(r) for r in _allocation(args["alloc"]))
-  if args.get("w8a8"):
+  if args.get("w8a8"):  # with int8: the products run as real int8 x int8 -> int32
+    kw = dict(mode="int8") if args.get("int8") and not fmt.startswith("fp8") else {}
     c.compress.activations = activations(
-        pattern=pattern, format=fmt if fmt.startswith("fp8") else "int")
+        pattern=pattern, format=fmt if fmt.startswith("fp8") else "int", **kw)
   return c

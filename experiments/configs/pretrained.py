@@ -19,13 +19,15 @@ and any compression method, by config alone.
   steps=       training steps (default 0: evaluate, and compress and export one-shot)
   method=...   a compression method with post_training.py's arguments (rtn gptq awq
                sparsegpt wanda smoothquant magnitude; bits= group= nm= sparsity= w8a8 ...),
-               or qat (bits=, with steps) or prune (sparsity= or nm=, with steps)
+               or qat (bits=, with steps; int8: also int8 inputs, real int8 products) or
+               prune (sparsity= or nm=, with steps)
   tiny         small batches and evaluation sizes (tests)
 
+    C=experiments/configs/pretrained.py
     ./launch.sh train --workdir=workdirs/clip_b32_zs \\
-      --config=experiments/configs/pretrained.py:model=clip_b32,checkpoint=/ckpt/clip-vit-base-patch32
+      --config=$C:model=clip_b32,checkpoint=/ckpt/clip-vit-base-patch32
     ./launch.sh train --workdir=workdirs/clip_b32_gptq \\
-      --config=experiments/configs/pretrained.py:model=clip_b32,checkpoint=...,method=gptq,bits=4
+      --config=$C:model=clip_b32,checkpoint=/ckpt/clip-vit-base-patch32,method=gptq,bits=4
 
 Every family compresses its own default kernels (Family.patterns); per-tower sensitivity
 (`python -m experiments.sensitivity --workdir=<a run>`) and deploy (`python -m mmjax.deploy`)
@@ -34,7 +36,7 @@ take the run's workdir as for any run.
 import importlib
 
 from experiments.configs import post_training
-from experiments.configs.common import base_config, parse_arg, prune, quant
+from experiments.configs.common import activations, base_config, parse_arg, prune, quant
 from mmjax.pretrained import hf_config
 
 FAMILIES = ("vit", "clip", "siglip", "whisper", "bert")
@@ -68,9 +70,9 @@ def _sizes(family: str, variant, checkpoint: str) -> dict:
   found = hf_config.model_args(family, checkpoint)
   if variant is None:
     if not found:
+      sizes = sorted(k for k, v in SIZES.items() if v[0] == family)
       raise ValueError(f"checkpoint={checkpoint} has no config.json to read the sizes from; "
-                       f"name a size, e.g. model={family}_{'b16' if family != 'whisper' else 'base'}"
-                       f" (one of {sorted(k for k, v in SIZES.items() if v[0] == family)}).")
+                       f"name a size: model= one of {sizes}.")
     return found
   if found:
     module = importlib.import_module(f"mmjax.pretrained.{family}")
@@ -139,8 +141,8 @@ def get_config(arg=None):
   c.model = model
   c.init = hf_config.weights_file(ckpt)
   c.data.dataset = dataset
-  if dataset == "imdb_reviews":
-    c.data.text_len = 128 if not tiny else 16
+  if family in ("clip", "bert"):  # tokens per text, at most the model's (SigLIP: always its)
+    c.data.text_len = 16 if tiny else (77 if family == "clip" else 128)
   if task == "retrieval":
     c.task_module = "mmjax.tasks.retrieval"
     c.task = dict(outputs=("image", "text"), loss="softmax" if family == "clip" else "sigmoid",
@@ -150,16 +152,17 @@ def get_config(arg=None):
   c.optimizer.lr = 1e-3 if task == "probe" else 1e-4
   c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, max(steps // 10, 0))
   c.train.steps = steps
-  if steps:
-    every = max(steps // (1 if tiny else 10), 1)
-    c.train.log_every = c.train.eval_every = c.train.checkpoint_every = every
+  if steps:  # evaluated at the end; logged and checkpointed ten times on the way
+    c.train.log_every = c.train.checkpoint_every = max(steps // (1 if tiny else 10), 1)
     c.train.eval_every = steps
   c.compress.export = True
   if tiny:
     c.calibration.examples = 32
   method = args.get("method")
-  if method == "qat":
+  if method == "qat":  # with int8: every matmul's inputs too, as real int8 products
     c.compress.quant = quant(bits=args.get("bits", 8), pattern=None)
+    if args.get("int8"):
+      c.compress.activations = activations(mode="int8", pattern=None)
   elif method == "prune":
     n, m = args.get("nm", (0, 0))
     c.compress.prune = (prune("n_m", n=n, m=m, pattern=None) if m else

@@ -63,6 +63,17 @@ def _hosts(process_index, process_count):
   return pi, pc
 
 
+def feature_pairs(features):
+  """config.data.features ({modality or "label": feature}) as InputConfig.features."""
+  if not features:
+    return None
+  d = features.to_dict() if hasattr(features, "to_dict") else features
+  if not isinstance(d, dict) or not all(isinstance(v, str) for v in d.values()):
+    raise ValueError(f"config.data.features={d!r} must map modalities (and 'label') to "
+                     "feature names, e.g. {'image': 'img', 'label': 'fine_label'}.")
+  return tuple(sorted(d.items()))
+
+
 def adapter_of(cfg: InputConfig) -> adapters.Adapter:
   """The dataset's adapter: config.data.features, mmjax's table, or read off its TFDS
   features (the builder's info needs no prepared data)."""

@@ -144,10 +144,19 @@ def prepare(dataset: str, data_dir: str | None = None, *, num_train=None, num_te
   return builder
 
 
-def ensure_prepared(dataset: str, data_dir: str, num_train=None, num_test=None, log=print):
-  """Prepare an offline dataset that is missing from the data_dir (never downloads)."""
-  if get_builder(dataset, data_dir).is_prepared() or split_name(dataset)[0] not in OFFLINE_BUILDERS:
+def ensure_prepared(dataset: str, data_dir: str, num_train=None, num_test=None, log=print,
+                    download=False):
+  """Prepare an offline dataset that is missing from the data_dir; a catalog dataset that
+  is missing is an error now, before a run writes anything (unless `download`: reading it
+  downloads and prepares it)."""
+  if get_builder(dataset, data_dir).is_prepared():
     return
+  if split_name(dataset)[0] not in OFFLINE_BUILDERS:
+    if download:
+      return
+    raise DatasetNotPreparedError(
+        f"{dataset} is not prepared in data_dir={data_dir}. Prepare it with:\n  "
+        f"{prepare_command(dataset, data_dir)}\n(mmjax never downloads implicitly.)")
   prepare(dataset, data_dir, num_train=num_train, num_test=num_test, log=log)
 
 
