@@ -64,15 +64,16 @@ def _deploy_diff(workdir, out):
   import jax
   import ml_collections
   import numpy as np
-  from mmjax import deploy, family as family_lib
+  from mmjax import deploy, family as family_lib, run_setup
   from mmjax.compress import export
   deploy.build(workdir, out, platforms=("cpu",), log=lambda *_: None)
   spec = importlib.util.spec_from_file_location("artifact_serve", os.path.join(out, "serve.py"))
   serve = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(serve)
   with open(os.path.join(workdir, "config.json")) as f:
-    fam = family_lib.from_config(ml_collections.ConfigDict(json.load(f)))
-  batch = fam.example_batch(8, with_labels=False)
+    config = ml_collections.ConfigDict(json.load(f))
+  fam = family_lib.from_config(config)
+  batch = fam.example_batch(8, run_setup.input_config(config, fam), with_labels=False)
   want = np.asarray(jax.jit(fam.apply)(export.load(os.path.join(workdir, "export")), batch)[0])
   got = np.asarray(serve.load(out)(batch))
   return float(np.abs(got - want).max())

@@ -65,7 +65,8 @@ def build(workdir: str, out: str, platforms=("cpu", "cuda", "tpu"), log=print) -
   apply = lambda p, b: fam.apply(p, b)[0]
   labels = list(fam.labels) if fam.labels is not None else None
   dense_bytes = 4 * sum(int(np.prod(m["shape"])) for m in meta.values())
-  manifest = artifact.write(out, apply, bufs, meta, example, platforms, extra=dict(
+  manifest = artifact.write(out, apply, bufs, meta, example, platforms,
+                            like=fam.abstract_params(), extra=dict(
       source=source, modalities=list(fam.modalities), labels=labels,
       output_meaning="logits over the labels" if labels else "logits"))
   files = manifest["files"]

@@ -3,7 +3,6 @@ files (tests/golden/make_golden.py: random weights; sentence pairs of 16, 11 and
 tokens with segment ids, padded to 16): every block's tokens and the logits within 1e-5
 relative in float32; a checkpoint without a classifier starts the head at zero;
 TensorFlow-converted LayerNorm names (gamma, beta) load too."""
-import json
 import os
 
 import jax
@@ -12,19 +11,15 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from mmjax.compress import flatten
-from mmjax.pretrained import checkpoint_files, bert
+from mmjax.pretrained import bert, checkpoint_files, hf_config
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "bert")
 
 
 def _args(**over):
-  with open(os.path.join(GOLDEN, "config.json")) as f:
-    c = json.load(f)
-  a = dict(variant=None, width=c["hidden_size"], depth=c["num_hidden_layers"],
-           heads=c["num_attention_heads"], mlp_dim=c["intermediate_size"],
-           vocab_size=c["vocab_size"], max_len=c["max_position_embeddings"],
-           num_classes=len(c["id2label"]), eps=c["layer_norm_eps"])
-  return {**a, **over}
+  """The sizes in the golden checkpoint's config.json (hf_config: as a user's checkpoint
+  directory is read)."""
+  return {**hf_config.model_args("bert", GOLDEN), **over}
 
 
 def _rel(got, want):

@@ -3,30 +3,22 @@
 image and text embeddings, every image block, the text tower's final tokens and the
 image-text logits within 1e-5 relative in float32; and mmjax.tasks.retrieval reads its
 outputs as CLIP does."""
-import json
 import os
 
 import jax
 import numpy as np
 import pytest
 
-from mmjax.pretrained import checkpoint_files, clip
+from mmjax.pretrained import checkpoint_files, clip, hf_config
 from mmjax.tasks import retrieval
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 
 
 def _args(**over):
-  with open(os.path.join(GOLDEN, "clip", "config.json")) as f:
-    c = json.load(f)
-  t, v = c["text_config"], c["vision_config"]
-  tower = lambda x: dict(width=x["hidden_size"], depth=x["num_hidden_layers"],
-                         heads=x["num_attention_heads"], mlp_dim=x["intermediate_size"])
-  a = dict(variant=None, image=tower(v), text=tower(t), patch=v["patch_size"],
-           dim=c["projection_dim"], image_size=v["image_size"], vocab_size=t["vocab_size"],
-           max_len=t["max_position_embeddings"], eos_token_id=t["eos_token_id"],
-           eps=t["layer_norm_eps"], activation=t["hidden_act"])
-  return {**a, **over}
+  """The sizes in the golden checkpoint's config.json (hf_config: as a user's checkpoint
+  directory is read)."""
+  return {**hf_config.model_args("clip", os.path.join(GOLDEN, "clip")), **over}
 
 
 def _rel(got, want):

@@ -3,29 +3,22 @@
 attention-pooling and text heads), every image block, the text tower's final tokens and
 the logits (scale and bias) within 1e-5 relative in float32; and mmjax.tasks.retrieval's
 sigmoid loss is SigLIP's on its outputs."""
-import json
 import os
 
 import jax
 import numpy as np
 import pytest
 
-from mmjax.pretrained import checkpoint_files, siglip
+from mmjax.pretrained import checkpoint_files, hf_config, siglip
 from mmjax.tasks import retrieval
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 
 
 def _args(**over):
-  with open(os.path.join(GOLDEN, "siglip", "config.json")) as f:
-    c = json.load(f)
-  t, v = c["text_config"], c["vision_config"]
-  tower = lambda x: dict(width=x["hidden_size"], depth=x["num_hidden_layers"],
-                         heads=x["num_attention_heads"], mlp_dim=x["intermediate_size"])
-  a = dict(variant=None, image=tower(v), text=tower(t), patch=v["patch_size"],
-           image_size=v["image_size"], vocab_size=t["vocab_size"],
-           max_len=t["max_position_embeddings"], eps=t["layer_norm_eps"])
-  return {**a, **over}
+  """The sizes in the golden checkpoint's config.json (hf_config: as a user's checkpoint
+  directory is read)."""
+  return {**hf_config.model_args("siglip", os.path.join(GOLDEN, "siglip")), **over}
 
 
 def _rel(got, want):

@@ -2,7 +2,6 @@
 (tests/golden/make_golden.py, transformers in PyTorch, random weights) are loaded from
 their safetensors and every block's tokens and the logits match the reference's within
 1e-5 relative in float32. A checkpoint that does not fit is one error naming every key."""
-import json
 import os
 import shutil
 
@@ -10,19 +9,15 @@ import jax
 import numpy as np
 import pytest
 
-from mmjax.pretrained import checkpoint_files, vit
+from mmjax.pretrained import checkpoint_files, hf_config, vit
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "vit")
 
 
 def _args(**over):
-  with open(os.path.join(GOLDEN, "config.json")) as f:
-    c = json.load(f)
-  a = dict(variant=None, width=c["hidden_size"], depth=c["num_hidden_layers"],
-           heads=c["num_attention_heads"], mlp_dim=c["intermediate_size"],
-           patch=c["patch_size"], image_size=c["image_size"], channels=c["num_channels"],
-           num_classes=len(c["id2label"]), eps=c["layer_norm_eps"])
-  return {**a, **over}
+  """The sizes in the golden checkpoint's config.json (hf_config: as a user's checkpoint
+  directory is read)."""
+  return {**hf_config.model_args("vit", GOLDEN), **over}
 
 
 def _rel(got, want):

@@ -2,7 +2,6 @@
 files (tests/golden/make_golden.py: random weights, 16 frames of 8 mel bins): the first
 block's states and the final (normalized) states within 1e-5 relative in float32; the
 decoder's tensors are left aside; a classification head starts at zero."""
-import json
 import os
 
 import jax
@@ -10,18 +9,15 @@ import numpy as np
 import pytest
 
 from mmjax.compress import flatten
-from mmjax.pretrained import checkpoint_files, whisper
+from mmjax.pretrained import checkpoint_files, hf_config, whisper
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 
 
 def _args(**over):
-  with open(os.path.join(GOLDEN, "whisper", "config.json")) as f:
-    c = json.load(f)
-  a = dict(variant=None, width=c["d_model"], depth=c["encoder_layers"],
-           heads=c["encoder_attention_heads"], mlp_dim=c["encoder_ffn_dim"],
-           n_mels=c["num_mel_bins"], max_positions=c["max_source_positions"])
-  return {**a, **over}
+  """The sizes in the golden checkpoint's config.json (hf_config: as a user's checkpoint
+  directory is read)."""
+  return {**hf_config.model_args("whisper", os.path.join(GOLDEN, "whisper")), **over}
 
 
 def _rel(got, want):

@@ -52,11 +52,9 @@ def _tower(c):
 
 
 def _vit(c):
-  labels = c.get("id2label") or {}
   return dict(_tower(c), patch=c["patch_size"], image_size=c["image_size"],
               channels=c.get("num_channels", 3), eps=c.get("layer_norm_eps", 1e-12),
-              num_classes=len(labels) if c.get("architectures", [""])[0].endswith(
-                  "ForImageClassification") else 0,
+              num_classes=_classes(c, "ForImageClassification"),
               activation=c.get("hidden_act", "gelu"))
 
 
@@ -83,7 +81,15 @@ def _whisper(c):
 
 def _bert(c):
   return dict(_tower(c), vocab_size=c["vocab_size"], max_len=c["max_position_embeddings"],
-              type_vocab_size=c.get("type_vocab_size", 2), eps=c.get("layer_norm_eps", 1e-12))
+              type_vocab_size=c.get("type_vocab_size", 2), eps=c.get("layer_norm_eps", 1e-12),
+              num_classes=_classes(c, "ForSequenceClassification"))
+
+
+def _classes(c, head: str) -> int:
+  """The classifier's size when the checkpoint is a classifier (`architectures`, written
+  by save_pretrained; without it, the label map's size), else 0."""
+  arch = c.get("architectures")
+  return len(c.get("id2label") or {}) if not arch or arch[0].endswith(head) else 0
 
 
 ARGS_OF = {"vit": _vit, "clip": _clip, "siglip": _siglip, "whisper": _whisper, "bert": _bert}

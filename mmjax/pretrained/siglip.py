@@ -51,6 +51,21 @@ def resolve(args: dict) -> dict:
   return a
 
 
+class ProbeAttention(nn.Module):
+  """Multi-head attention of a learned probe (the queries) over the tokens."""
+  heads: int
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, probe, x):
+    b, _, d = x.shape
+    split = lambda y: y.reshape(y.shape[:2] + (self.heads, d // self.heads))
+    q = split(nn.Dense(d, name="query")(probe))
+    k, v = (split(nn.Dense(d, name=n)(x)) for n in ("key", "value"))
+    h = dot_product_attention(q, k, v, implementation=self.implementation)
+    return nn.Dense(d, name="out")(h.reshape(b, 1, d))
+
+
 class MapHead(nn.Module):
   """Multi-head attention pooling: a learned probe's attention over the tokens, then
   probe + mlp(ln(probe))."""
@@ -63,14 +78,9 @@ class MapHead(nn.Module):
   @nn.compact
   def __call__(self, x):
     b, _, d = x.shape
-    hd = d // self.heads
     probe = jnp.broadcast_to(self.param("probe", nn.initializers.normal(0.02), (1, 1, d)),
                              (b, 1, d))
-    split = lambda y: y.reshape(y.shape[:2] + (self.heads, hd))
-    q = split(nn.Dense(d, name="attn/query")(probe))
-    k, v = (split(nn.Dense(d, name=f"attn/{n}")(x)) for n in ("key", "value"))
-    h = dot_product_attention(q, k, v, implementation=self.implementation)
-    h = nn.Dense(d, name="attn/out")(h.reshape(b, 1, d))
+    h = ProbeAttention(self.heads, self.implementation, name="attn")(probe, x)
     h = h + Mlp(self.mlp_dim, self.activation, name="mlp")(nn.LayerNorm(self.eps, name="ln")(h))
     return h[:, 0]
 
