@@ -13,4 +13,11 @@ every missing, unexpected or mis-shaped key.
   whisper_features.py   Whisper's log-mel front end, in JAX
   bert.py               BERT's encoder (Hugging Face's BertModel)
   big_vision.py         big_vision / vision_transformer .npz checkpoints (ViT, SigLIP)
+  hf_config.py          a Hugging Face config.json -> the family's sizes
+  image_processing.py   images resized, cropped and normalized as the reference processors
+  text_tokenizer.py     the checkpoint's own tokenizer (tokenizer.json, SentencePiece)
+  inputs.py             Family.preprocess for the families; zero-shot class-name prompts
+
+experiments/configs/pretrained.py runs them on TFDS datasets by config (zero-shot, probe,
+fine-tune, any compression method).
 """
