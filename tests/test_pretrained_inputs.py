@@ -101,6 +101,38 @@ def test_tfds_features_are_read_into_modalities():
     pipeline._prep_fn(pipeline.InputConfig(dataset="ag_news_subset", modalities=("text",)))
 
 
+def test_config_json_as_the_hub_writes_it(tmp_path):
+  """The Hub's config.json files leave out what equals transformers' defaults (SigLIP's
+  name no size at all): those defaults are transformers' own (golden), a bare SigLIP
+  config gives B/16's 203,155,970 parameters, SigLIP 2's adds its 256k vocabulary, and
+  OpenAI's legacy CLIP configs (end token id 2) pool at the largest id, as transformers."""
+  with open(os.path.join(GOLDEN, "hf_config_defaults.json")) as f:
+    golden = json.load(f)
+  golden.pop("transformers")
+  assert hf_config.DEFAULTS == golden
+
+  def args(family, config):
+    d = tmp_path / family
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps(config))
+    return hf_config.model_args(family, str(d))
+
+  count = lambda fam: sum(x.size for x in jax.tree.leaves(fam.abstract_params()))
+  bare = {"model_type": "siglip", "text_config": {"model_type": "siglip_text_model"},
+          "vision_config": {"model_type": "siglip_vision_model"}}
+  assert count(siglip.family(args("siglip", bare))) == 203_155_970
+  two = dict(bare, text_config={"vocab_size": 256000}, vision_config={"image_size": 512})
+  a = args("siglip", two)
+  assert (a["vocab_size"], a["image_size"], a["image"]["width"]) == (256000, 512, 768)
+  legacy = {"model_type": "clip", "text_config": {"eos_token_id": 2, "hidden_act": "quick_gelu"},
+            "vision_config": {"patch_size": 32}}
+  a = args("clip", legacy)
+  assert a["eos_token_id"] is None and a["activation"] == "quick_gelu" and a["patch"] == 32
+  assert count(clip.family(a)) == 151_277_313  # CLIP B/32
+  with pytest.raises(ValueError, match=r"hidden_act=.relu2. is not one mmjax builds"):
+    args("bert", {"model_type": "bert", "hidden_act": "relu2"})
+
+
 # ------------------------------------------------------------------ bad input
 
 def _config(arg, **data):

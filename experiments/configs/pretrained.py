@@ -3,7 +3,8 @@ and any compression method, by config alone.
 
   model=       vit | clip | siglip | whisper | bert: sizes from the checkpoint's config.json;
                or a size: vit_b16 vit_b32 vit_l16 clip_b32 clip_b16 clip_l14 siglip_b16
-               siglip_so400m14 whisper_tiny whisper_base whisper_small bert_base bert_large
+               siglip_so400m14 siglip2_b16 whisper_tiny whisper_base whisper_small bert_base
+               bert_large
   checkpoint=  a Hugging Face checkpoint directory (model.safetensors, config.json, the
                tokenizer files, preprocessor_config.json), or the weights file itself
                (.safetensors; big_vision .npz for ViT and SigLIP, with tokenizer=)
@@ -43,7 +44,10 @@ FAMILIES = ("vit", "clip", "siglip", "whisper", "bert")
 SIZES = {"vit_b16": ("vit", "B/16"), "vit_b32": ("vit", "B/32"), "vit_l16": ("vit", "L/16"),
          "clip_b32": ("clip", "B/32"), "clip_b16": ("clip", "B/16"),
          "clip_l14": ("clip", "L/14"), "siglip_b16": ("siglip", "B/16"),
-         "siglip_so400m14": ("siglip", "So400m/14"), "whisper_tiny": ("whisper", "tiny"),
+         "siglip_so400m14": ("siglip", "So400m/14"),
+         # SigLIP 2 (standard, not NaFlex): SigLIP's layout, Gemma's 256k vocabulary
+         "siglip2_b16": ("siglip", "B/16", {"vocab_size": 256000}),
+         "whisper_tiny": ("whisper", "tiny"),
          "whisper_base": ("whisper", "base"), "whisper_small": ("whisper", "small"),
          "bert_base": ("bert", "base"), "bert_large": ("bert", "large")}
 DATASETS = {"vit": "cifar10", "clip": "cifar10", "siglip": "cifar10",
@@ -56,15 +60,17 @@ VALUES = {**post_training.VALUES, "model": str, "checkpoint": str, "tokenizer": 
 
 
 def _model(name: str):
+  """-> (family, variant, fields the variant fixes besides its sizes)."""
   if name in FAMILIES:
-    return name, None
+    return name, None, {}
   if name in SIZES:
-    return SIZES[name]
+    family, variant, *extra = SIZES[name]
+    return family, variant, (extra[0] if extra else {})
   raise ValueError(f"config argument model={name!r} is unknown; valid: {list(FAMILIES)} "
                    f"(sizes from the checkpoint's config.json) or {sorted(SIZES)}.")
 
 
-def _sizes(family: str, variant, checkpoint: str) -> dict:
+def _sizes(family: str, variant, checkpoint: str, fixed: dict) -> dict:
   """The sizes: the checkpoint's config.json when it has one (a named size must agree),
   else the named variant's."""
   found = hf_config.model_args(family, checkpoint)
@@ -76,14 +82,14 @@ def _sizes(family: str, variant, checkpoint: str) -> dict:
     return found
   if found:
     module = importlib.import_module(f"mmjax.pretrained.{family}")
-    named = module.resolve({"variant": variant})
+    named = module.resolve({"variant": variant, **fixed})
     differ = sorted(k for k, v in found.items() if k in named and k != "variant"
                     and named[k] is not None and v != named[k])
     if differ:
       raise ValueError(f"checkpoint={checkpoint} is not {family} {variant}: its config.json "
                        f"differs in {differ}; use model={family} (sizes from config.json).")
     return found
-  return {"variant": variant}
+  return {"variant": variant, **fixed}
 
 
 def _class_names(args: dict):
@@ -105,7 +111,7 @@ def get_config(arg=None):
     raise ValueError("experiments/configs/pretrained.py needs model=<family or size> and "
                      "checkpoint=<directory or file>, e.g. "
                      "pretrained.py:model=clip_b32,checkpoint=/ckpt/clip-vit-base-patch32.")
-  family, variant = _model(args["model"])
+  family, variant, fixed = _model(args["model"])
   ckpt = args["checkpoint"]
   task = args.get("task", "zero_shot" if family in TWO_TOWERS else "finetune")
   if task not in TASKS:
@@ -122,7 +128,7 @@ def get_config(arg=None):
 
   c = base_config(tiny=tiny)
   c.model_module = f"mmjax.pretrained.{family}"
-  model = _sizes(family, variant, ckpt)
+  model = _sizes(family, variant, ckpt, fixed)
   tokenizer = args.get("tokenizer") or (hf_config.folder(ckpt) if family in (
       "clip", "siglip", "bert") else None)
   if family in ("clip", "siglip", "bert"):

@@ -3,7 +3,8 @@
   * `tokenizer.json` (Hugging Face's format: CLIP's byte-level BPE, BERT's WordPiece, any
     other) through the `tokenizers` package; its normalizer, pre-tokenizer and
     post-processor (CLIP's start and end tokens, BERT's [CLS] and [SEP]) come from the
-    file, the pad token from `tokenizer_config.json` beside it when there is one;
+    file, the pad token and `do_lower_case` from `tokenizer_config.json` beside it when
+    there is one;
   * a SentencePiece `.model` (SigLIP's `spiece.model`, big_vision's vocabularies) through
     `sentencepiece`, with SigLIP's conventions: punctuation removed, spaces collapsed,
     lowercased (unless tokenizer_config.json says `do_lower_case: false`), the end token
@@ -79,6 +80,7 @@ class HFTokenizer:
       raise TokenizerFileError(f"{path} is not a readable tokenizer.json ({type(e).__name__}: "
                                f"{str(e)[:120]}); restore it from the checkpoint.") from None
     cfg = _config(os.path.dirname(path))
+    self.lower = bool(cfg.get("do_lower_case", False))  # (idempotent where the file does)
     pad = _token(cfg.get("pad_token"))
     if pad is None and self.tok.padding:
       pad = self.tok.padding.get("pad_token")
@@ -92,7 +94,7 @@ class HFTokenizer:
     with self._lock:
       self.tok.enable_truncation(max_length=length)
       self.tok.enable_padding(length=length, pad_id=self.pad_id)
-      enc = self.tok.encode_batch(list(texts))
+      enc = self.tok.encode_batch([t.lower() for t in texts] if self.lower else list(texts))
     return (np.array([e.ids for e in enc], np.int32),
             np.array([e.attention_mask for e in enc], bool))
 

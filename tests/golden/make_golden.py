@@ -290,8 +290,24 @@ def whisper_features():
   print(f"whisper_features: {feats['input_features'].shape} -> {out}")
 
 
+def hf_config_defaults():
+  """What transformers' config classes default to, for the keys mmjax.pretrained.hf_config
+  reads (a checkpoint's config.json leaves out what equals them)."""
+  import transformers as t
+  from mmjax.pretrained.hf_config import DEFAULTS
+  classes = {"vit": t.ViTConfig, "clip_text": t.CLIPTextConfig,
+             "clip_vision": t.CLIPVisionConfig, "clip": t.CLIPConfig,
+             "siglip_text": t.SiglipTextConfig, "siglip_vision": t.SiglipVisionConfig,
+             "whisper": t.WhisperConfig, "bert": t.BertConfig}
+  out = {kind: {k: getattr(cls(), k) for k in DEFAULTS[kind]} for kind, cls in classes.items()}
+  out["transformers"] = t.__version__
+  with open(os.path.join(HERE, "hf_config_defaults.json"), "w") as f:
+    json.dump(out, f, indent=1, sort_keys=True)
+  print(f"hf_config_defaults: {len(classes)} config classes")
+
+
 FAMILIES = {"vit": vit, "clip": clip, "siglip": siglip, "whisper": whisper, "bert": bert,
-            "whisper_features": whisper_features}
+            "whisper_features": whisper_features, "hf_config_defaults": hf_config_defaults}
 
 if __name__ == "__main__":
   parser = argparse.ArgumentParser()
