@@ -40,6 +40,8 @@ setup(
         # .model files (SigLIP, big_vision) (mmjax.pretrained.text_tokenizer).
         "tokenizers>=0.20",
         "sentencepiece>=0.2",
+        # python -m mmjax.pretrained.fetch: a checkpoint from the Hub, on request only.
+        "huggingface_hub>=0.20",
     ],
     extras_require={
         "test": [

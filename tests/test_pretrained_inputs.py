@@ -183,6 +183,15 @@ def test_bad_pretrained_inputs_fail_in_one_line_before_any_work(tmp_path):
                     "dataset=mm_arith/procedural")
   _fails_before_work(whisper, r"audio_samples=16000 gives 50 positions, more than the 8 .* "
                      r"use at most 2559 samples", tmp_path)
+  # a checkpoint that is not on disk, and a download without a network (or of no such
+  # repository): mmjax never downloads implicitly, and the explicit command fails at once
+  with pytest.raises(ValueError, match=r"no such file or directory. mmjax never downloads "
+                     r"implicitly; get one with python -m mmjax.pretrained.fetch"):
+    pretrained.get_config(f"model=clip,checkpoint={tmp_path / 'nothing'}")
+  from mmjax.pretrained import fetch
+  assert fetch.main(["--repo=mmjax-tests/no-such-repo", f"--out={tmp_path / 'dl'}"]) == 2
+  with pytest.raises(ValueError, match=r"cannot download mmjax-tests/no-such-repo \("):
+    fetch.fetch("mmjax-tests/no-such-repo", str(tmp_path / "dl"))
   # a linear probe of nothing
   probe = _config(f"model=vit,checkpoint={os.path.join(GOLDEN, 'vit')},task=probe")
   probe.optimizer.trainable = "classifier/.*"

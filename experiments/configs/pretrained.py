@@ -7,7 +7,8 @@ and any compression method, by config alone.
                bert_large
   checkpoint=  a Hugging Face checkpoint directory (model.safetensors, config.json, the
                tokenizer files, preprocessor_config.json), or the weights file itself
-               (.safetensors; big_vision .npz for ViT and SigLIP, with tokenizer=)
+               (.safetensors; big_vision .npz for ViT and SigLIP, with tokenizer=); on
+               disk: `python -m mmjax.pretrained.fetch --repo=... --out=...` downloads one
   tokenizer=   the tokenizer's directory or file when it is not in the checkpoint's
   dataset=     a TFDS dataset by name (defaults: cifar10 for the image families,
                speech_commands for Whisper, imdb_reviews for BERT)
@@ -35,6 +36,7 @@ Every family compresses its own default kernels (Family.patterns); per-tower sen
 take the run's workdir as for any run.
 """
 import importlib
+import os
 
 from experiments.configs import post_training
 from experiments.configs.common import activations, base_config, parse_arg, prune, quant
@@ -113,6 +115,10 @@ def get_config(arg=None):
                      "pretrained.py:model=clip_b32,checkpoint=/ckpt/clip-vit-base-patch32.")
   family, variant, fixed = _model(args["model"])
   ckpt = args["checkpoint"]
+  if not os.path.exists(ckpt):
+    raise ValueError(f"checkpoint={ckpt}: no such file or directory. mmjax never downloads "
+                     "implicitly; get one with python -m mmjax.pretrained.fetch "
+                     f"--repo=<owner/name> --out={ckpt}")
   task = args.get("task", "zero_shot" if family in TWO_TOWERS else "finetune")
   if task not in TASKS:
     raise ValueError(f"config argument task={task!r} is unknown; valid: {list(TASKS)}.")

@@ -17,6 +17,7 @@ every missing, unexpected or mis-shaped key.
   image_processing.py   images resized, cropped and normalized as the reference processors
   text_tokenizer.py     the checkpoint's own tokenizer (tokenizer.json, SentencePiece)
   inputs.py             Family.preprocess for the families; zero-shot class-name prompts
+  fetch.py              CLI: download a Hub checkpoint, on request only
 
 experiments/configs/pretrained.py runs them on TFDS datasets by config (zero-shot, probe,
 fine-tune, any compression method).
