@@ -37,7 +37,8 @@ def write(config, workdir, compression, state, eval_metrics, dense_params_fn, fa
   `metric`: the task's, reported as the accuracy next to the dense run's."""
   plan = compression.plan
   extra = dict(compression.settings)
-  params, cstate = report.host_tree(state.params), report.host_tree(state.cstate)
+  params = report.host_tree(state.params)
+  cstate = report.host_tree(plan.merge(state.cstate, state.aux))  # trained factors back in
   info = plan.describe(params, cstate)
   if "activations" in extra:
     n = sum(1 for d in info.values() if "act_scale" in d)

@@ -36,7 +36,7 @@ def abstract_programs(config) -> dict:
       {**fam.example_batch(n, setup.input_cfg), "example_mask": jnp.ones((n,), bool)},
       fam, setup.task))
   return {"train_step": (progs.steps.train_step, (state, batch, frozen)),
-          "eval_step": (progs.steps.eval_step, (state.params, state.cstate, batch))}
+          "eval_step": (progs.steps.eval_step, (state.params, state.cstate, batch, state.aux))}
 
 
 # Pallas GPU kernels lower to Triton custom calls, which jax.export refuses by default: it

@@ -43,11 +43,12 @@ def make_steps(fam: Family, task: Task, tx, schedule=None, plan=None) -> step_li
                         schedule=schedule, apply_rng=True)
 
 
-def evaluate(eval_step, params, cstate, setup, batch_sharding):
-  """Every example of the eval split exactly once; -> the task's metrics."""
+def evaluate(eval_step, params, cstate, setup, batch_sharding, aux=None):
+  """Every example of the eval split exactly once; -> the task's metrics. `aux`: the
+  train state's, holding the trainable entries split out of `cstate` (if any)."""
   # dispatched batch after batch and read once at the end: no host stall per batch
   outs = [eval_step(params, cstate, sharding.global_batch(
-      model_inputs(local, setup.family, setup.task), batch_sharding))
+      model_inputs(local, setup.family, setup.task), batch_sharding), aux)
           for local in pipeline.eval_batches(setup.input_cfg)]
   return task_lib.evaluate(setup.task, [jax.tree.map(sharding.to_host, o) for o in outs])
 
@@ -64,12 +65,14 @@ def _calibrate(comp, state, state_shd, setup, log):
   batches = [sharding.global_batch(model_inputs(next(it), setup.family, setup.task),
                                    sharding.batch_sharding(setup.mesh))
              for _ in range(examples // setup.input_cfg.batch_size)]
-  params, cstate = comp.plan.calibrate(setup.family.apply, state.params, state.cstate,
-                                       batches)
+  params, cstate = comp.plan.calibrate(setup.family.apply, state.params,
+                                       comp.plan.merge(state.cstate, state.aux), batches)
+  trained, cstate = comp.plan.split(cstate)
   log(f"[compress] calibrated {comp.plan.name} on {examples} examples ({len(batches)} "
       f"batches, seed {seed}) in {time.perf_counter() - t0:.1f} s")
   return state.replace(params=jax.device_put(params, state_shd.params),
-                       cstate=jax.device_put(cstate, state_shd.cstate))
+                       cstate=jax.device_put(cstate, state_shd.cstate),
+                       aux=jax.device_put({**state.aux, **trained}, state_shd.aux))
 
 
 # ============================================================================ the loop
@@ -99,7 +102,7 @@ def _loop(state, train_step, batch, train_iter, setup, ckpt, config, workdir, ev
   def run_eval(at):
     nonlocal eval_s
     t0 = time.perf_counter()
-    m = evaluate(eval_step, state.params, state.cstate, setup, batch_shd)
+    m = evaluate(eval_step, state.params, state.cstate, setup, batch_shd, state.aux)
     writer.write(at, m, "eval")
     log(f"[eval] step {at}{' (no training)' if total == 0 else ''}: " + ", ".join(
         f"{k} {v:.4f}" for k, v in m.items() if k != "examples")
@@ -237,7 +240,7 @@ def train_and_evaluate(config, workdir: str, log=print, plan=None) -> dict:
       k: s for k, (_, s) in frozen_abs.items()}), out_shardings=(state_shd, None),
       donate_argnums=(0,))
   eval_step = jax.jit(steps.eval_step, in_shardings=(state_shd.params, state_shd.cstate,
-                                                     batch_shd))
+                                                     batch_shd, state_shd.aux))
   train_step = first = None
   if resume_step < setup.total_steps:
     first = sharding.global_batch(model_inputs(next(train_iter), fam, setup.task), batch_shd)

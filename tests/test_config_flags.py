@@ -76,6 +76,7 @@ METHODS = {
     "rtn": {"method": ("rtn", "rtn"), **GRID,
             "pattern": (r"image/.*/kernel", r"image/.*/kernel"),
             "rules": ("(('image/.*', {'bits': 3}),)", (("image/.*", {"bits": 3}),))},
+    "lowrank": {"rank": ("4", 4), "pattern": (r".*/mlp/\w+/kernel", r".*/mlp/\w+/kernel")},
     "distill": {
         "teacher": ("/tmp/teacher_run", "/tmp/teacher_run"),
         "temperature": ("4", 4.0),
@@ -130,6 +131,7 @@ CASES = {
         _section("post_training", "gptq"),
     f"pretrained.py:model=vit,checkpoint={REPO}/tests/golden/vit,tiny,method=qat,steps=4": {
         **_section("quant", "fake_quant"), **_fields("compress.export", EXPORT)},
+    "lowrank.py:tiny": {**_section("factorize", "lowrank"), **_fields("compress.export", EXPORT)},
     "combined.py:tiny": {**_section("prune", "magnitude"), **_section("quant", "fake_quant"),
                          **_section("distill", "distill"), **_fields("compress.export", EXPORT)},
 }

@@ -18,8 +18,8 @@ import jax
 from mmjax.compress.binding import Entry, Rules, _take, rules  # noqa: F401  (re-exported)
 from mmjax.compress.paths import (Flat, flatten, leaf_specs, match_paths,  # noqa: F401
                                   unflatten)
-from mmjax.compress.protocol import (EXCLUSIVE, STAGES, Calibration, Forward,  # noqa: F401
-                                     Method)
+from mmjax.compress.protocol import (EXCLUSIVE, STAGES, TRAINABLE, Calibration,  # noqa: F401
+                                     Forward, Method)
 
 
 def chain(*parts) -> tuple:
@@ -197,6 +197,36 @@ class Plan:
     """-> (params, state): `init`, then `update` at step 0 (masks applied to the weights).
     What a run does before its first step; use it, not `init`, to get the compressed view."""
     return self.update(params, self.init(params, rng), 0)
+
+  # ---- trainable factors: the state's "trainable" entries, optimized with the model
+  @property
+  def trains(self) -> bool:
+    return any(m.trains for m in self.methods())
+
+  def split(self, state) -> tuple:
+    """-> ({method name: its trainable tree}, the state without them): what the train
+    step optimizes, and the rest."""
+    train, rest = {}, dict(state)
+    for m in self.methods():
+      if m.trains and m.name in state:
+        s = state[m.name]
+        if not isinstance(s, dict) or TRAINABLE not in s:
+          raise ValueError(f"compression method {m.name!r} has trains=True, but its state "
+                           f"has no {TRAINABLE!r} entry: its init must return a dict with one.")
+        train[m.name] = s[TRAINABLE]
+        rest[m.name] = {k: v for k, v in s.items() if k != TRAINABLE}
+    return train, rest
+
+  def merge(self, state, trainables) -> dict:
+    """The state with the trainable trees (`split`'s first part, or the train state's
+    `aux`: entries of methods that do not train are ignored) put back."""
+    if not trainables:
+      return state
+    out = dict(state)
+    for m in self.methods():
+      if m.trains and m.name in trainables and m.name in out:
+        out[m.name] = {**out[m.name], TRAINABLE: trainables[m.name]}
+    return out
 
   def init_params(self, fwd: Forward, rng, frozen=None) -> dict:
     """Trainable parameters of the loss stages, {method name: tree} (sized from `fwd`, a

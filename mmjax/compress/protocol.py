@@ -33,6 +33,13 @@ dataclasses) and keeps its state as a pytree. Each stage is a place in a trainin
                                              are left as they are, said once in a warning
                                              and in `describe` ("skipped": reason)
 
+Trainable factors in the forward (low-rank factors, adapters, learned step sizes): a
+method with `trains=True` keeps a dict state whose `"trainable"` entry (any pytree) the
+run's optimizer trains with the model, under the same schedule and clipping; its `view`,
+`wrap`, `loss`, `update` and `describe` read it from the state like any other entry. In
+the train step that entry lives in the optimized tree (`TrainState.aux`, `Plan.split`)
+and is merged back into the state (`Plan.merge`) wherever the state is read.
+
 Constraints on the master weights (pruning masks) live in `update` alone: the weights are
 masked at step 0 and after every optimizer step, so the mask costs one elementwise pass
 fused into the optimizer's update, and `view` is for weights that differ from the master
@@ -47,6 +54,7 @@ import dataclasses
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 STAGES = ("init", "view", "wrap", "loss", "update", "calibrate", "describe")
+TRAINABLE = "trainable"  # the state entry a `trains=True` method's optimizer trains
 EXCLUSIVE = ("view", "wrap", "update")  # one method per path for each of these
 
 
@@ -83,11 +91,16 @@ class Method:
   check: Optional[Callable] = None
   accepts: Optional[Callable] = None  # (path, ShapeDtypeStruct) -> None | why not
   task_weight: float = 1.0  # the task loss is scaled by the product over methods
+  trains: bool = False  # its state's "trainable" entry is trained by the run's optimizer
 
   def __post_init__(self):
     if not any(getattr(self, s) is not None for s in STAGES if s != "init"):
       raise ValueError(f"compression method {self.name!r} defines none of the stages "
                        f"{', '.join(s for s in STAGES if s != 'init')}; give it at least one.")
+    if self.trains and (self.init is None or self.init_params is not None):
+      raise ValueError(f"compression method {self.name!r}: trains=True needs an init stage "
+                       "whose state holds the trainable entry, and no init_params (its "
+                       "trainable parameters are that entry).")
 
   def renamed(self, name: str) -> "Method":
     return dataclasses.replace(self, name=name)
