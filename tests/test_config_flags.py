@@ -76,6 +76,8 @@ METHODS = {
     "rtn": {"method": ("rtn", "rtn"), **GRID,
             "pattern": (r"image/.*/kernel", r"image/.*/kernel"),
             "rules": ("(('image/.*', {'bits': 3}),)", (("image/.*", {"bits": 3}),))},
+    "lsq": {"bits": ("3", 3), "granularity": ("tensor", "tensor"),
+            "pattern": (r".*/kernel", r".*/kernel")},
     "lowrank": {"rank": ("4", 4), "pattern": (r".*/mlp/\w+/kernel", r".*/mlp/\w+/kernel")},
     "distill": {
         "teacher": ("/tmp/teacher_run", "/tmp/teacher_run"),
@@ -118,6 +120,7 @@ CASES = {
     "structured.py:tiny": _section("prune", "heads"),
     "structured.py:tiny,mlp": _section("prune", "mlp_units"),
     "qat.py:tiny": {**_section("quant", "fake_quant"), **_fields("compress.export", EXPORT)},
+    "qat.py:tiny,lsq": {**_section("quant", "lsq"), **_fields("compress.export", EXPORT)},
     "qat.py:tiny,int8": {**_section("quant", "fake_quant"),
                          **_section("activations", "activations")},
     "ptq.py:tiny": {**_section("quant", "fake_quant"), **_section("activations", "activations")},

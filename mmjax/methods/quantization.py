@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from mmjax.compress import activations, quant, rules
+from mmjax.compress import activations, lsq, quant, rules
 from mmjax.methods.registry import ACTIVATIONS, QUANTIZE, Built, Settings, register, setting
 
 
@@ -26,6 +26,24 @@ class FakeQuant(Settings):
   def build(self, ctx, where):
     t = quant.weights(self.bits, self.granularity, self.clip_ratio)
     return rules([(ctx.pattern(self.pattern, "weights"), t)], ctx.paths)
+
+
+@register("lsq", stage=QUANTIZE, doc="Fake-quantized weights whose step sizes are trained "
+          "with the model (LSQ, Esser et al. 2020): the clip range is learned.")
+@dataclasses.dataclass(frozen=True)
+class Lsq(Settings):
+  bits: int = setting(4, "2..8")
+  granularity: str = setting("channel", "one step size per output channel (matrices; "
+                             "vectors per tensor) or per tensor", choices=quant.GRANULARITIES)
+  pattern: Optional[str] = setting(None, "regex over parameter paths; None: the family's "
+                                   "weights pattern")
+
+  def check(self, where):
+    quant.check_bits(self.bits, f"{where}.bits")
+
+  def build(self, ctx, where):
+    return rules([(ctx.pattern(self.pattern, "weights"), lsq.lsq(self.bits, self.granularity))],
+                 ctx.paths)
 
 
 @register("activations", stage=ACTIVATIONS, doc="The inputs of the layers that consume the "
