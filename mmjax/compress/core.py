@@ -15,6 +15,7 @@ import zlib
 
 import jax
 
+from mmjax.compress import hooks as hooks_lib
 from mmjax.compress.binding import Entry, Rules, _take, rules  # noqa: F401  (re-exported)
 from mmjax.compress.paths import (Flat, flatten, leaf_specs, match_paths,  # noqa: F401
                                   unflatten)
@@ -173,7 +174,22 @@ class Plan:
     for e in self.entries(params_paths):
       if e.method.wrap is not None:
         apply_fn = e.method.wrap(apply_fn, state[e.method.name], e.paths)
-    return apply_fn
+    hooks = self.hooks(state)
+    return hooks_lib.apply(apply_fn, [(p, f) for _, p, f in hooks]) if hooks else apply_fn
+
+  def hooks(self, state) -> list:
+    """[(method name, module regex, fn(output) -> output)] of every method's hooks, each
+    bound to its method's state."""
+    return [(m.name, pattern, (lambda out, fn=fn, st=state.get(m.name, {}): fn(out, st)))
+            for m in self.methods() if m.hooks for pattern, fn in m.hooks]
+
+  def check_hooks(self, apply_fn, params, state, *args) -> "Plan":
+    """The hooks against the forward, traced for shapes (before anything runs): patterns
+    that match no module, outputs the next module cannot take."""
+    hooks = self.hooks(state)
+    if hooks:
+      hooks_lib.check(lambda p, *a: apply_fn(self.view(p, state), *a), hooks, params, *args)
+    return self
 
   def apply(self, apply_fn, params, state):
     """The compressed forward: `plan.apply(f, params, cstate)(*args)` = f(view, *args)

@@ -10,6 +10,10 @@ dataclasses) and keeps its state as a pytree. Each stage is a place in a trainin
                                              straight-through estimator)
   wrap(apply_fn, state, paths) -> apply_fn   what the forward does to activations (the
                                              inputs of the layers that consume `paths`)
+  hooks: ((module regex, fn(output, state) -> output), ...)
+                                             rewrite the outputs of the linen modules
+                                             whose path matches, between modules (token
+                                             pruning: sequence lengths may change; hooks.py)
   loss(fwd: Forward, state) -> (scalar, metrics)
                                              an extra loss term (distillation); its learned
                                              parts come from `init_params(fwd, rng)` and are
@@ -53,7 +57,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-STAGES = ("init", "view", "wrap", "loss", "update", "calibrate", "describe")
+STAGES = ("init", "view", "wrap", "loss", "update", "calibrate", "describe", "hooks")
 TRAINABLE = "trainable"  # the state entry a `trains=True` method's optimizer trains
 EXCLUSIVE = ("view", "wrap", "update")  # one method per path for each of these
 
@@ -92,6 +96,7 @@ class Method:
   accepts: Optional[Callable] = None  # (path, ShapeDtypeStruct) -> None | why not
   task_weight: float = 1.0  # the task loss is scaled by the product over methods
   trains: bool = False  # its state's "trainable" entry is trained by the run's optimizer
+  hooks: Optional[tuple] = None  # ((module path regex, fn(output, state) -> output), ...)
 
   def __post_init__(self):
     if not any(getattr(self, s) is not None for s in STAGES if s != "init"):
