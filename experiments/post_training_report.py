@@ -1,7 +1,7 @@
 """The post-training suite's results: run records (the sweep dir's, else carried ones), rows
 with mean ± std, where the methods of a family separate, the papers' orderings, the table,
-the Pareto plot, and publishing to experiments/results/ and README. The rows themselves and
-running them: experiments/post_training_suite.py."""
+the Pareto plot, and publishing to experiments/results/ and docs/post_training.md. The rows
+themselves and running them: experiments/post_training_suite.py."""
 from __future__ import annotations
 
 import json
@@ -188,11 +188,11 @@ def report(rows, seeds, calib_seeds, sweep_dir, dataset, trained_results=None, l
 
 def publish(sweep_dir, dataset, readme=None, results_dir=None, log=print):
   """Copy one dataset's post-training results to experiments/results/ and rewrite its
-  README section (between `<!-- post-training:<config>:begin/end -->`)."""
+  docs/post_training.md section (between `<!-- post-training:<config>:begin/end -->`)."""
   import shutil
   from experiments import results
   tag = dataset.split("/")[-1]
-  readme = readme or results.README
+  readme = readme or results.POST_TRAINING_DOC
   results_dir = results_dir or results.RESULTS_DIR
   rel = os.path.relpath(results_dir, os.path.dirname(os.path.abspath(readme)))
   os.makedirs(results_dir, exist_ok=True)
@@ -220,4 +220,4 @@ def publish(sweep_dir, dataset, readme=None, results_dir=None, log=print):
                           f"<!-- post-training:{tag}:end -->",
                           f"{table}\n![accuracy against bytes on disk]({rel}/"
                           f"{names['pareto_post_training.png']}){extra}")
-  log(f"[sweep] README post-training section ({tag}) rewritten")
+  log(f"[sweep] {os.path.basename(readme)} post-training section ({tag}) rewritten")

@@ -12,7 +12,10 @@ import shutil
 import statistics
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-README = os.path.normpath(os.path.join(RESULTS_DIR, os.pardir, os.pardir, "README.md"))
+REPO = os.path.normpath(os.path.join(RESULTS_DIR, os.pardir, os.pardir))
+README = os.path.join(REPO, "README.md")  # the quickstart's figures
+RESULTS_DOC = os.path.join(REPO, "docs", "results.md")  # the sweep's table and plot
+POST_TRAINING_DOC = os.path.join(REPO, "docs", "post_training.md")  # the one-shot suite
 MARK_BEGIN, MARK_END = "<!-- sweep-results:begin -->", "<!-- sweep-results:end -->"
 
 
@@ -206,8 +209,9 @@ def plot(rows, path):
   plt.close(fig)
 
 
-def publish(sweep_dir, readme=README, results_dir=RESULTS_DIR, log=print):
-  """Copy the results into the repository and rewrite README's section between markers."""
+def publish(sweep_dir, readme=RESULTS_DOC, results_dir=RESULTS_DIR, log=print):
+  """Copy the results into the repository and rewrite docs/results.md's section between
+  markers."""
   os.makedirs(results_dir, exist_ok=True)
   for f in ("results.md", "results.json", "pareto.png"):
     shutil.copy(os.path.join(sweep_dir, f), os.path.join(results_dir, f))
@@ -216,7 +220,7 @@ def publish(sweep_dir, readme=README, results_dir=RESULTS_DIR, log=print):
   rel = os.path.relpath(os.path.join(results_dir, "pareto.png"), os.path.dirname(readme))
   rewrite_section(readme, MARK_BEGIN, MARK_END,
                   f"{table}\n![accuracy against bytes on disk]({rel})")
-  log(f"[sweep] README results section rewritten from {results_dir}")
+  log(f"[sweep] {os.path.relpath(readme, REPO)} results section rewritten from {results_dir}")
 
 
 def rewrite_section(readme, begin, end, body):

@@ -18,8 +18,8 @@ Then, from the workdirs alone (`--report_only` skips training):
                 the suite's targets with their measured values (experiments/targets.py)
   pareto.png    accuracy against bytes on disk (log scale), one point per method with
                 error bars; the Pareto front over methods that see all three modalities
-`--publish` copies the three files to experiments/results/ and rewrites README's results
-section between its markers: the README table is this command's output.
+`--publish` copies the three files to experiments/results/ and rewrites docs/results.md's
+section between its markers: the table there is this command's output.
 
 Bytes on disk are measured: a compression run's export (the harness writes it), or for an
 uncompressed run (dense, modality baselines, students) its final weights written raw by
@@ -99,7 +99,7 @@ _CACHE = flags.DEFINE_string("compile_cache", "<sweep_dir>/jax_cache",
                              "persistent XLA compilation cache: the seeds of one run compile "
                              "the same programs, so only the first pays ('' disables)")
 _PUBLISH = flags.DEFINE_bool("publish", False, "copy results to experiments/results/ and "
-                             "rewrite README's results section")
+                             "rewrite docs/results.md's results section")
 
 
 def select(patterns: str) -> list:

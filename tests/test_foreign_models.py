@@ -6,7 +6,7 @@ Each gets the whole kit at once: gradual magnitude pruning to 90% + 2:4 on a sub
 int8 weight QAT + int8 activations (real int8 x int8 -> int32 products) + logit
 distillation from a dense teacher, trained a few dozen steps on a small synthetic task;
 then its export (codes, masks, activation scales) must reproduce the evaluated logits.
-README's "Compressing your own model" snippets are read from README and run here."""
+docs/own_model.md's "Compressing your own model" snippets are read from it and run here."""
 import importlib.util
 import os
 import re
@@ -186,35 +186,41 @@ def test_foreign_model_gets_the_whole_kit(name, tmp_path):
   assert "xi8>" in hlo and "xi32>" in hlo  # the served model multiplies integers
 
 
-# -------------------------------------------- README "Compressing your own model", run
+# --------------------------------- docs/own_model.md "Compressing your own model", run
 
-README = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "README.md")
+OWN_MODEL_DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "docs",
+                             "own_model.md")
 MARKER = r"<!-- own-model: ([\w-]+) -->\n```python\n(.*?)```"
 SNIPPETS = ("optax-loop", "baselines", "calibrate", "contract", "nnx", "artifact",
             "scan")  # scan: run by tests/test_scan_calibration.py
 
 
 def run_readme(name, **env):
-  """Run README's code block marked `<!-- own-model: name -->` with `env` (and jax) as its
-  variables; -> those variables after it ran. What runs is what README shows."""
-  with open(README) as f:
+  """Run docs/own_model.md's code block marked `<!-- own-model: name -->` with `env` (and
+  jax) as its variables; -> those variables after it ran. What runs is what the doc shows."""
+  with open(OWN_MODEL_DOC) as f:
     blocks = dict(re.findall(MARKER, f.read(), re.S))
-  assert name in blocks, f"README has no python block marked <!-- own-model: {name} -->"
+  assert name in blocks, f"docs/own_model.md has no python block <!-- own-model: {name} -->"
   ns = {"jax": jax, "jnp": jnp, **env}
-  exec(compile(blocks[name], f"README.md <!-- own-model: {name} -->", "exec"), ns)
+  exec(compile(blocks[name], f"docs/own_model.md <!-- own-model: {name} -->", "exec"), ns)
   return ns
 
 
 def test_every_readme_snippet_is_run_here():
-  with open(README) as f:
+  with open(OWN_MODEL_DOC) as f:
     assert [n for n, _ in re.findall(MARKER, f.read(), re.S)] == list(SNIPPETS)
+  # the README shows the first of them: the same block, so that it is run too
+  with open(os.path.join(os.path.dirname(OWN_MODEL_DOC), os.pardir, "README.md")) as f:
+    shown = dict(re.findall(MARKER, f.read(), re.S))
+  with open(OWN_MODEL_DOC) as f:
+    assert shown == {"optax-loop": dict(re.findall(MARKER, f.read(), re.S))["optax-loop"]}
 
 
 def test_readme_table_of_methods_builds_each_method():
-  """The first call in each row of README's table of pieces builds a `Method`."""
+  """The first call in each row of the table of pieces in docs/own_model.md builds a `Method`."""
   from mmjax.compress import Method, formats, post_training
   from mmjax.compress.post_training import gptq, rtn  # noqa: F401 (post_training.rtn...)
-  with open(README) as f:
+  with open(OWN_MODEL_DOC) as f:
     table = f.read().split("<!-- own-model-table -->\n", 1)[1].split("\n\n", 1)[0]
   calls = [re.search(r"`([^`]+\))`", row.split("|")[2]).group(1)
            for row in table.splitlines()[2:]]
@@ -226,7 +232,7 @@ def test_readme_table_of_methods_builds_each_method():
 
 
 def test_readme_snippet_in_an_existing_optax_loop():
-  """README "Compressing your own model": three added lines in a plain optax loop."""
+  """docs/own_model.md: three added lines in a plain optax loop."""
   params, apply_fn = plain_model()
   x, y = _task()
   tx = optax.adam(3e-3)
@@ -318,7 +324,7 @@ def test_readme_nnx_route():
 
 
 def test_readme_artifact_with_like(tmp_path, monkeypatch):
-  """A list-of-layers model: the artifact rebuilds the list because README passes like=."""
+  """A list-of-layers model: the artifact rebuilds the list because the doc passes like=."""
   r = np.random.default_rng(3)
   params = [{"w": jnp.asarray(r.normal(size=(DIM, 64)) / 4, jnp.float32)},
             {"w": jnp.asarray(r.normal(size=(64, CLASSES)) / 8, jnp.float32)}]
