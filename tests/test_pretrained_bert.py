@@ -11,20 +11,13 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from mmjax.compress import flatten
-from mmjax.pretrained import bert, checkpoint_files, hf_config
+from mmjax.pretrained import bert, checkpoint_files
 
+import golden_files
+from golden_files import rel as _rel
+
+_args = lambda **over: golden_files.args("bert", **over)
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "bert")
-
-
-def _args(**over):
-  """The sizes in the golden checkpoint's config.json (hf_config: as a user's checkpoint
-  directory is read)."""
-  return {**hf_config.model_args("bert", GOLDEN), **over}
-
-
-def _rel(got, want):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 def _batch(io):

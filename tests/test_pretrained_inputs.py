@@ -14,6 +14,8 @@ import tensorflow_datasets as tfds
 from mmjax.data import adapters
 from mmjax.pretrained import clip, hf_config, image_processing, siglip, text_tokenizer
 
+from golden_files import unit as _norm
+
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 
 
@@ -46,11 +48,6 @@ def test_text_equals_the_reference_tokenizers(name, kind):
   ids, mask = tok.encode(texts, 16)
   np.testing.assert_array_equal(ids, d["input_ids"])
   np.testing.assert_array_equal(mask, d["attention_mask"].astype(bool))
-
-
-def _norm(x):
-  x = np.asarray(x, np.float64)
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
 @pytest.mark.parametrize("module", [clip, siglip])

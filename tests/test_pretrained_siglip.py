@@ -9,26 +9,14 @@ import jax
 import numpy as np
 import pytest
 
-from mmjax.pretrained import checkpoint_files, hf_config, siglip
+from mmjax.pretrained import checkpoint_files, siglip
 from mmjax.tasks import retrieval
 
+import golden_files
+from golden_files import rel as _rel, unit as _unit
+
+_args = lambda **over: golden_files.args("siglip", **over)
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
-
-
-def _args(**over):
-  """The sizes in the golden checkpoint's config.json (hf_config: as a user's checkpoint
-  directory is read)."""
-  return {**hf_config.model_args("siglip", os.path.join(GOLDEN, "siglip")), **over}
-
-
-def _rel(got, want):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.abs(got - want).max() / np.abs(want).max())
-
-
-def _unit(x):
-  x = np.asarray(x, np.float64)
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
 def test_siglip_equals_the_hugging_face_reference():

@@ -9,20 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from mmjax.pretrained import checkpoint_files, hf_config, vit
+from mmjax.pretrained import checkpoint_files, vit
 
+import golden_files
+from golden_files import rel as _rel
+
+_args = lambda **over: golden_files.args("vit", **over)
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "vit")
-
-
-def _args(**over):
-  """The sizes in the golden checkpoint's config.json (hf_config: as a user's checkpoint
-  directory is read)."""
-  return {**hf_config.model_args("vit", GOLDEN), **over}
-
-
-def _rel(got, want):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 def test_vit_equals_the_hugging_face_reference():

@@ -21,7 +21,7 @@ import numpy as np
 from mmjax.compress.protocol import TRAINABLE, Method
 
 
-def _rank(path, shape, rank, ranks):
+def _rank(path, rank, ranks):
   r = (ranks or {}).get(path, rank)
   if r is None:
     raise ValueError(f"{path}: no rank given (rank= or ranks[{path!r}]).")
@@ -34,7 +34,7 @@ def check_ranks(shapes: dict, rank=None, ranks=None) -> None:
     if len(shape) != 2:
       raise ValueError(f"{path} has shape {tuple(shape)}; low-rank factorization takes 2-D "
                        "kernels [in, out] (narrow the rule's pattern).")
-    r, most = _rank(path, shape, rank, ranks), min(shape)
+    r, most = _rank(path, rank, ranks), min(shape)
     if not 1 <= r <= most:
       raise ValueError(f"{path}: rank={r} is outside [1, min(K, N)] = [1, {most}] for its "
                        f"shape {tuple(shape)}.")
@@ -61,7 +61,7 @@ def factorize(rank: int | None = None, ranks: dict | None = None,
     del rng
     factors = {}
     for path, w in leaves.items():
-      r = _rank(path, w.shape, rank, ranks)
+      r = _rank(path, rank, ranks)
       u, s, vt = jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)
       root = jnp.sqrt(s[:r])
       factors[path] = {"a": (u[:, :r] * root).astype(w.dtype),

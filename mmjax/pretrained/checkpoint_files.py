@@ -87,16 +87,11 @@ def assemble(tensors: dict, spec: list, abstract: dict, what: str, *, ignore=())
       continue
     out[t.target] = value.astype(want.dtype)
   unfilled = sorted(set(abstract) - {t.target for t in spec})
-  problems = []
-  if missing:
-    problems.append(f"{len(missing)} missing ({', '.join(missing[:4])}"
-                    f"{', ...' if len(missing) > 4 else ''})")
-  if unexpected:
-    problems.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:4])}"
-                    f"{', ...' if len(unexpected) > 4 else ''})")
-  if shapes:
-    problems.append(f"{len(shapes)} mis-shaped ({'; '.join(shapes[:3])}"
-                    f"{'; ...' if len(shapes) > 3 else ''})")
+  some = lambda items, n, sep: sep.join(items[:n] + (["..."] if len(items) > n else []))
+  problems = [f"{len(items)} {kind} ({some(items, n, sep)})"
+              for kind, items, n, sep in (("missing", missing, 4, ", "),
+                                          ("unexpected", unexpected, 4, ", "),
+                                          ("mis-shaped", shapes, 3, "; ")) if items]
   if unfilled:
     problems.append(f"{len(unfilled)} parameters of the model that no key fills "
                     f"({', '.join(unfilled[:4])})")

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.family import Family
-from mmjax.pretrained import checkpoint_files, inputs, model_args
+from mmjax.pretrained import checkpoint_files, inputs, model_args, two_towers
 from mmjax.pretrained.checkpoint_files import Tensor
 from mmjax.pretrained.encoder import Tower, check_activation, pooled_at
 
@@ -66,19 +66,7 @@ class Clip(nn.Module):
   @nn.compact
   def __call__(self, batch, rng=None, prompts=None):
     """prompts: (ids, mask) of the zero-shot prompts: then logits [batch, classes]."""
-    inter, out = {}, {}
-    if "image" in batch:
-      out["image"] = self.image_tower(batch["image"], inter)
-    if prompts is not None:
-      out["text"] = self.text_tower(*prompts, inter)
-    elif "text" in batch:
-      out["text"] = self.text_tower(batch["text"], batch.get("text_mask"), inter)
-    out["logit_scale"] = self.param("logit_scale", lambda _: jnp.log(jnp.float32(1 / 0.07)))
-    if prompts is not None:
-      n = len(self.cfg["class_names"])
-      return inputs.zero_shot_logits(out["image"], out["text"], n,
-                                     jnp.exp(out["logit_scale"])), inter
-    return out, inter
+    return two_towers.call(self, batch, prompts, scale_init=1 / 0.07)
 
   def image_tower(self, image, inter):
     c = self.cfg
@@ -165,40 +153,13 @@ def load(path: str, abstract, args: dict):
 
 def family(args: dict) -> Family:
   a = resolve(args)
-  tok = inputs.tokenizer(a, a["vocab_size"])
-  inputs.check_zero_shot(a, tok)
-  zero_shot = a["class_names"] is not None
-  model = Clip({**a, "class_names": tuple(a["class_names"] or ()),
-                "templates": tuple(a["templates"])})
-  prompts = None
-  if zero_shot:  # CLIP pools the end token under a causal mask: the longest prompt's length
-    ids, mask = inputs.prompts(a, tok, a["max_len"])
-    n = int(mask.sum(1).max())
-    prompts = (ids[:, :n], mask[:, :n])
-  modalities = ("image",) if zero_shot else ("image", "text")
 
-  def example_batch(batch_size, data=None, seed=0, with_labels=True):
-    rng = np.random.default_rng(seed)
-    s, n = a["image_size"], min(a["max_len"], data.text_len if data is not None else 16)
-    out = {"image": rng.normal(size=(batch_size, s, s, 3)).astype(np.float32)}
-    if zero_shot:
-      if with_labels:
-        out["label"] = rng.integers(0, len(a["class_names"]), batch_size).astype(np.int32)
-      return out
+  def text_example(rng, batch_size, n):
     text = rng.integers(0, a["vocab_size"], (batch_size, n)).astype(np.int32)
     if a["eos_token_id"] is not None:
       text[:, -1] = a["eos_token_id"]
-    return {**out, "text": text, "text_mask": np.ones((batch_size, n), bool)}
+    return {"text": text, "text_mask": np.ones((batch_size, n), bool)}
 
-  return Family(
-      "mmjax.pretrained.clip", init=lambda rng, batch: model.init(rng, batch, None,
-                                                                  prompts)["params"],
-      apply=lambda params, batch, rng=None: model.apply({"params": params}, batch, None,
-                                                        prompts),
-      example_batch=example_batch, modalities=modalities,
-      labels=tuple(a["class_names"]) if zero_shot else None,
-      preprocess=inputs.preprocess("clip", a, modalities, tok),
-      patterns={"matmul": MATMULS, "weights": r".*(kernel|embedding)",
-                "activations": MATMULS},
-      load=lambda path, abstract: load(path, abstract, a),
-      unit_types={"image": r"image/.*kernel", "text": r"text/.*kernel"}, args=a)
+  return two_towers.family("clip", Clip, a, fixed_len=False, text_example=text_example,
+                           load=load, matmuls=MATMULS,
+                           unit_types={"image": r"image/.*kernel", "text": r"text/.*kernel"})

@@ -51,7 +51,7 @@ DEFAULTS = {  # each family's reference processor at its defaults
 }
 
 
-def _from_hf(path: str, image_size: int) -> dict:
+def _from_hf(path: str) -> dict:
   """The settings of a Hugging Face preprocessor_config.json."""
   try:
     with open(path) as f:
@@ -97,7 +97,7 @@ def spec(family: str, image_size: int, checkpoint: str | None = None) -> ImageSp
     folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
     path = os.path.join(folder, "preprocessor_config.json")
     if os.path.exists(path):
-      d.update(_from_hf(path, image_size))
+      d.update(_from_hf(path))
   s = ImageSpec(size=int(d.pop("size", image_size)), **d)
   if s.out_size != image_size:
     raise ValueError(f"the image processor ({checkpoint}/preprocessor_config.json) makes "

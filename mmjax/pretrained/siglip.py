@@ -22,7 +22,7 @@ import numpy as np
 
 from mmjax.attention import dot_product_attention
 from mmjax.family import Family
-from mmjax.pretrained import checkpoint_files, inputs, model_args
+from mmjax.pretrained import checkpoint_files, inputs, model_args, two_towers
 from mmjax.pretrained.checkpoint_files import Tensor
 from mmjax.pretrained.clip import _blocks, _linear
 from mmjax.pretrained.encoder import Mlp, Tower, check_activation
@@ -96,19 +96,7 @@ class Siglip(nn.Module):
   @nn.compact
   def __call__(self, batch, rng=None, prompts=None):
     """prompts: (ids, mask) of the zero-shot prompts: then logits [batch, classes]."""
-    inter, out = {}, {}
-    if "image" in batch:
-      out["image"] = self.image_tower(batch["image"], inter)
-    if prompts is not None:
-      out["text"] = self.text_tower(*prompts, inter)
-    elif "text" in batch:
-      out["text"] = self.text_tower(batch["text"], batch.get("text_mask"), inter)
-    out["logit_scale"] = self.param("logit_scale", lambda _: jnp.log(jnp.float32(10.0)))
-    out["logit_bias"] = self.param("logit_bias", lambda _: jnp.float32(-10.0))
-    if prompts is not None:
-      return inputs.zero_shot_logits(out["image"], out["text"], len(self.cfg["class_names"]),
-                                     jnp.exp(out["logit_scale"]), out["logit_bias"]), inter
-    return out, inter
+    return two_towers.call(self, batch, prompts, scale_init=10.0, bias_init=-10.0)
 
   def image_tower(self, image, inter):
     c = self.cfg
@@ -185,38 +173,9 @@ def load(path: str, abstract, args: dict):
 
 def family(args: dict) -> Family:
   a = resolve(args)
-  tok = inputs.tokenizer(a, a["vocab_size"])
-  inputs.check_zero_shot(a, tok)
-  zero_shot = a["class_names"] is not None
-  model = Siglip({**a, "class_names": tuple(a["class_names"] or ()),
-                  "templates": tuple(a["templates"])})
-  # SigLIP pools the last position and its reference attends to the padding: full length
-  prompts = None
-  if zero_shot:
-    ids, _ = inputs.prompts(a, tok, a["max_len"])
-    prompts = (ids, np.ones(ids.shape, bool))
-  modalities = ("image",) if zero_shot else ("image", "text")
-
-  def example_batch(batch_size, data=None, seed=0, with_labels=True):
-    rng = np.random.default_rng(seed)
-    s, n = a["image_size"], a["max_len"]
-    out = {"image": rng.normal(size=(batch_size, s, s, 3)).astype(np.float32)}
-    if zero_shot:
-      if with_labels:
-        out["label"] = rng.integers(0, len(a["class_names"]), batch_size).astype(np.int32)
-      return out
-    return {**out, "text": rng.integers(0, a["vocab_size"], (batch_size, n)).astype(np.int32),
-            "text_mask": np.ones((batch_size, n), bool)}
-
-  return Family(
-      "mmjax.pretrained.siglip", init=lambda rng, batch: model.init(rng, batch, None,
-                                                                    prompts)["params"],
-      apply=lambda params, batch, rng=None: model.apply({"params": params}, batch, None,
-                                                        prompts),
-      example_batch=example_batch, modalities=modalities,
-      labels=tuple(a["class_names"]) if zero_shot else None,
-      preprocess=inputs.preprocess("siglip", a, modalities, tok, text_len=a["max_len"]),
-      patterns={"matmul": MATMULS, "weights": r".*(kernel|embedding)",
-                "activations": MATMULS},
-      load=lambda path, abstract: load(path, abstract, a),
-      unit_types={"image": r"image.*kernel", "text": r"text.*kernel"}, args=a)
+  text_example = lambda rng, batch_size, n: {
+      "text": rng.integers(0, a["vocab_size"], (batch_size, n)).astype(np.int32),
+      "text_mask": np.ones((batch_size, n), bool)}
+  return two_towers.family("siglip", Siglip, a, fixed_len=True, text_example=text_example,
+                           load=load, matmuls=MATMULS,
+                           unit_types={"image": r"image.*kernel", "text": r"text.*kernel"})

@@ -89,11 +89,14 @@ class HFTokenizer:
       raise TokenizerFileError(f"{path}: its pad token {pad!r} is not in the vocabulary.")
     self.path, self.vocab_size = path, self.tok.get_vocab_size(with_added_tokens=True)
     self._lock = threading.Lock()  # grain reads in threads; the Rust object is not shared
+    self._length = None
 
   def encode(self, texts, length: int):
     with self._lock:
-      self.tok.enable_truncation(max_length=length)
-      self.tok.enable_padding(length=length, pad_id=self.pad_id)
+      if length != self._length:  # configured once per length, not per text
+        self.tok.enable_truncation(max_length=length)
+        self.tok.enable_padding(length=length, pad_id=self.pad_id)
+        self._length = length
       enc = self.tok.encode_batch([t.lower() for t in texts] if self.lower else list(texts))
     return (np.array([e.ids for e in enc], np.int32),
             np.array([e.attention_mask for e in enc], bool))
