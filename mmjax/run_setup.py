@@ -42,7 +42,6 @@ def input_config(config, fam: Family) -> pipeline.InputConfig:
   return cfg
 
 
-
 @dataclasses.dataclass
 class Setup:
   """Everything validated from the config before anything is compiled or written."""
@@ -98,12 +97,11 @@ def check_labels(fam: Family, input_cfg) -> None:
   label = pipeline.adapter_of(input_cfg).label
   names = sources.label_names(input_cfg.dataset, input_cfg.data_dir, label) if label else None
   if names is not None and len(names) != len(fam.labels):
-    zero_shot = fam.args.get("class_names") is not None
     raise ValueError(
         f"the model has {len(fam.labels)} classes but {input_cfg.dataset}'s {label!r} has "
-        f"{len(names)}; " + (f"give config.model.class_names {len(names)} names, in label order"
-                             if zero_shot else f"set config.model.num_classes={len(names)} (with "
-                             "new_head=True for a checkpoint trained on other classes)") + ".")
+        f"{len(names)}; configure the model for {len(names)} (a head's size, or as many "
+        "zero-shot class names, in label order; a pretrained head on other classes: "
+        "new_head=True).")
 
 
 def is_run(init: str, fam: Family) -> bool:

@@ -161,8 +161,8 @@ def test_bad_pretrained_inputs_fail_in_one_line_before_any_work(tmp_path):
   classes = tmp_path / "classes.txt"
   classes.write_text("cat\ndog\nbird\n")
   _fails_before_work(_config(f"model=clip,checkpoint={clip_dir},classes={classes}"),
-                     r"the model has 3 classes but cifar10's 'label' has 10; give "
-                     r"config.model.class_names 10 names", tmp_path)
+                     r"the model has 3 classes but cifar10's 'label' has 10; configure the "
+                     r"model for 10 \(a head's size, or as many zero-shot class names", tmp_path)
   # a dataset that lacks a modality the model needs (retrieval: image and text)
   _fails_before_work(_config(f"model=clip,checkpoint={clip_dir},task=retrieval"),
                      r"the model needs modality 'text', which cifar10 does not provide",
