@@ -56,6 +56,10 @@ ROWS = {
     "sparsegpt_70_parallel": ("method=sparsegpt,sparsity=0.7,parallel", True),
     "alloc_at_w3g128": ("alloc=<sensitivity>/allocation_w3g128.json", True),
     "alloc_at_w4g128": ("alloc=<sensitivity>/allocation_w4g128.json", True),
+    # recovery (protocol v2): the one-shot result, then LoRA adapters (rank 8) trained for
+    # 300 steps by distillation from the dense run, the codes frozen
+    "gptq_w3c+lora8": ("method=gptq,bits=3,group=0,lora=8", True),
+    "gptq_w2g32+lora8": ("method=gptq,bits=2,group=32,lora=8", True),
 }
 FAMILIES = {
     "4-bit, group 128": ["rtn_w4g128", "gptq_w4g128", "awq_w4g128"],
@@ -73,6 +77,7 @@ FAMILIES = {
     "SparseGPT 70%, sequential vs parallel": ["sparsegpt_70", "sparsegpt_70_parallel"],
     "mixed widths at 3-bit g128's size": ["gptq_w3g128", "alloc_at_w3g128"],
     "mixed widths at 4-bit g128's size": ["gptq_w4g128", "alloc_at_w4g128"],
+    "LoRA recovery after GPTQ": ["gptq_w3c", "gptq_w3c+lora8", "gptq_w2g32", "gptq_w2g32+lora8"],
 }
 # the papers' orderings (OPT-125M WikiText2 perplexity) this suite checks: (better, worse)
 PAPERS = [
@@ -120,6 +125,8 @@ def build_config(row, seed, calib, sweep_dir, tiny, data_dir, dataset):
   config.seed = seed
   config.calibration.seed = calib
   config.init = dense_run_dir(sweep_dir, "dense", seed)
+  if config.compress.get("distill"):  # recovery rows distill from the same dense run
+    config.compress.distill.teacher = config.init
   if data_dir:
     config.data.data_dir = data_dir
   if dataset:

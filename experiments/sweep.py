@@ -66,6 +66,13 @@ SUITE = {
     "distill_student": "distill.py",
     "scratch_student": "distill.py:scratch",
     "combined": "combined.py",
+    # protocol v2 (issue 30): learned step sizes against min-max scales at the same bits,
+    # and trained low-rank factors
+    "qat_w4": "qat.py:bits=4",
+    "qat_w4_lsq": "qat.py:bits=4,lsq",
+    "qat_w2": "qat.py:bits=2",
+    "qat_w2_lsq": "qat.py:bits=2,lsq",
+    "lowrank16": "lowrank.py:rank=16",
 }
 BASELINES = {"only_text", "only_image", "only_audio", "text+image", "text+audio",
              "image+audio"}
@@ -98,6 +105,10 @@ _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "no training: tabulate wh
 _CACHE = flags.DEFINE_string("compile_cache", "<sweep_dir>/jax_cache",
                              "persistent XLA compilation cache: the seeds of one run compile "
                              "the same programs, so only the first pays ('' disables)")
+_CARRY = flags.DEFINE_string("carry", "", "an earlier publish's results.json: its runs count as "
+                             "done and are reported with this sweep's (runs trained here "
+                             "take precedence), so rows added later join the published table "
+                             "without retraining the suite")
 _PUBLISH = flags.DEFINE_bool("publish", False, "copy results to experiments/results/ and "
                              "rewrite docs/results.md's results section")
 
@@ -173,15 +184,48 @@ def run_all(names, seeds, sweep_dir, tiny, data_dir, log=print, adjust=None, dat
     train.train_and_evaluate(config, workdir, log=lambda m, p=f"  [{name}/{seed}] ": log(p + m))
 
 
-def report(names, seeds, sweep_dir, log=print) -> dict:
-  """results.json, results.md and pareto.png in `sweep_dir` from the complete runs."""
+def load_carry(path) -> list:
+  """The run records of an earlier publish's results.json (`runs`), [] for ''."""
+  if not path:
+    return []
+  if not os.path.exists(path):
+    raise ValueError(f"--carry={path}: no such file; give an earlier publish's results.json "
+                     "(experiments/results/results.json), or '' to carry nothing.")
+  with open(path) as f:
+    try:
+      runs = json.load(f).get("runs")
+    except (json.JSONDecodeError, AttributeError):
+      runs = None
+  if not isinstance(runs, list) or not all(isinstance(r, dict) and "name" in r and "seed" in r
+                                           for r in runs):
+    raise ValueError(f"--carry={path}: not a results file of this sweep (no 'runs' list of "
+                     "records); give experiments/results/results.json.")
+  unknown = sorted({r["name"] for r in runs} - set(SUITE))
+  if unknown:
+    raise ValueError(f"--carry={path}: runs {unknown} are not runs of the suite.")
+  return runs
+
+
+def report(names, seeds, sweep_dir, log=print, carried=()) -> dict:
+  """results.json, results.md and pareto.png in `sweep_dir` from the complete runs, and the
+  `carried` records (an earlier publish's) of runs not complete here."""
   from experiments import results, targets
-  records = []
+  old = {(r["name"], int(r["seed"])): r for r in carried}
+  names = [n for n in SUITE if n in set(names) | {n for n, _ in old}]
+  records, notes, n_old = [], [], 0
   for name in names:
     for seed in range(seeds):
       workdir = run_dir(sweep_dir, name, seed)
       if is_complete(workdir):
-        records.append(results.run_record(name, seed, workdir, SUITE[name]))
+        rec = results.run_record(name, seed, workdir, SUITE[name])
+        there = old.get((name, seed))
+        if name == "dense" and there and there["accuracy"] != rec["accuracy"]:
+          notes.append(f"dense seed {seed} was retrained here ({rec['accuracy']:.2%}; the "
+                       f"carried runs of seed {seed} started from {there['accuracy']:.2%})")
+        records.append(rec)
+      elif (name, seed) in old:
+        records.append(old[(name, seed)])
+        n_old += 1
       else:
         log(f"[sweep] {name} seed {seed}: not complete, left out of the results")
   if not records:
@@ -190,7 +234,9 @@ def report(names, seeds, sweep_dir, log=print) -> dict:
   total = sum(r["wall_s"] or 0 for r in records)
   seeds_seen = ", ".join(sorted({str(r["seed"]) for r in records}))
   meta = (f"{len(records)} runs (seeds {seeds_seen}), {total / 3600:.2f} h of training wall "
-          f"time in total, sweep dir `{sweep_dir}`.")
+          f"time in total, sweep dir `{sweep_dir}`"
+          + (f"; {n_old} runs carried from an earlier publish" if n_old else "")
+          + "".join(f"; {n}" for n in notes) + ".")
   checks = targets.check(rows)
   out = dict(meta=meta, methods=rows, targets=[dict(target=t, measured=m, met=v)
                                                for t, m, v in checks], runs=records)
@@ -217,11 +263,12 @@ def main(argv):
     if _SECTION.value == "post_training":
       return post_training_main()
     names = select(_RUNS.value)
+    carried = load_carry(_CARRY.value)
     if not _REPORT_ONLY.value:
       enable_compile_cache(_CACHE.value.replace("<sweep_dir>", _DIR.value))
       run_all(names, _SEEDS.value, _DIR.value, _TINY.value, _DATA.value,
               dataset=_DATASET.value)
-    report(names, _SEEDS.value, _DIR.value)
+    report(names, _SEEDS.value, _DIR.value, carried=carried)
     if _PUBLISH.value:
       from experiments import results
       results.publish(_DIR.value)

@@ -41,7 +41,7 @@ def write(config, workdir, compression, state, eval_metrics, dense_params_fn, fa
   cstate = report.host_tree(plan.merge(state.cstate, state.aux))  # trained factors back in
   info = plan.describe(params, cstate)
   if "activations" in extra:
-    n = sum(1 for d in info.values() if "act_scale" in d)
+    n = sum(1 for d in info.values() if d.act is not None)
     extra["activations"] = dict(extra["activations"], layers=n)
   if compression.export and jax.process_index() == 0:
     out = os.path.join(workdir, "export")
@@ -54,7 +54,7 @@ def write(config, workdir, compression, state, eval_metrics, dense_params_fn, fa
       extra[f"disk_bytes_dense{suffix}"] = export.disk_bytes(dense_dir)
       extra[f"disk_ratio{suffix}"] = extra[f"disk_bytes_dense{suffix}"] / extra["disk_bytes"]
       shutil.rmtree(dense_dir)
-  if any("structured" in d for d in info.values()) and jax.process_index() == 0:
+  if any(d.mask is not None and d.mask.structured for d in info.values()) and jax.process_index() == 0:
     if family.shrink is None:
       log(f"[compress] model family {family.name!r} offers no physical shrink: the pruned "
           "units stay as zeros in the export")

@@ -4,7 +4,8 @@
 (warmup_cosine | warmup_linear | constant), warmup_steps, end_lr_factor, clip_norm (global
 norm clipping; 0 turns it off), trainable (a regex over parameter paths: only those that
 match are updated, e.g. "head/.*" for a linear probe of a pretrained encoder; the rest
-get no update and no optimizer state), and the optimizer's own arguments (b1, b2, eps,
+get no update and no optimizer state; "none": no model parameter, only the compression
+methods' own trainables, as LoRA adapters on a frozen quantized base), and the optimizer's own arguments (b1, b2, eps,
 weight_decay, momentum, ...): those the chosen optimizer does not take are an error.
 """
 from __future__ import annotations
@@ -62,10 +63,13 @@ def validate(opt_cfg, total_steps: int):
   return factory, extra
 
 
+NONE = "none"  # config.optimizer.trainable: no model parameter, only compression trainables
+
+
 def check_trainable(opt_cfg, paths) -> None:
   """config.optimizer.trainable must compile and match at least one parameter path."""
   pattern = opt_cfg.get("trainable")
-  if not pattern:
+  if not pattern or pattern == NONE:
     return
   try:
     rx = re.compile(pattern)
@@ -81,7 +85,7 @@ def _trainable(tx, pattern):
   The step optimizes (params, aux): a compression method's own trainables (aux) always
   train."""
   from mmjax.compress import paths as paths_lib
-  rx = re.compile(pattern)
+  rx = re.compile("(?!)" if pattern == NONE else pattern)
 
   def of_params(params):
     flat = paths_lib.flatten(params)

@@ -196,7 +196,7 @@ def test_an_uncalibrated_plan_in_an_optax_loop_quantizes_each_batch_by_its_own_r
   jit each product's input is quantized with its own batch's range, as a float64 per-batch
   reference computes, and the loop trains."""
   import optax
-  from mmjax.compress import export
+  from mmjax.compress import export, storage
   params, apply_fn = _plain()
   xs = _xs()
   plan = Plan(rules([(r"w1|w2|out/w", activations.inputs(8, mode))]))
@@ -212,7 +212,7 @@ def test_an_uncalibrated_plan_in_an_optax_loop_quantizes_each_batch_by_its_own_r
     export.export(params, str(tmp_path / "export"), plan, cstate)
   with pytest.raises(ValueError, match=r"export: the input scale of w1 is not calibrated"):
     export.export(params, str(tmp_path / "export"), plan, cstate,
-                  info={"w1": {"act_scale": 0.0, "act_bits": 8}})
+                  info={"w1": storage.Stored(act=storage.ActScale(np.float32(0.0), 8))})
 
   forward = jax.jit(lambda p, c, x: plan.apply(apply_fn, p, c)(x))
   for x in xs:
@@ -277,7 +277,7 @@ def test_a_calibrated_plan_runs_exactly_the_calibrated_scales(mode):
                       apply_fn, scales, 8, mode)(p, xs[2])))):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(h))
   info = plan.describe(params, cal)
-  assert {p: float(d["act_scale"]) for p, d in info.items()} == {
+  assert {p: float(d.act.scale) for p, d in info.items()} == {
       p: float(s) for p, s in scales.items()}
 
 

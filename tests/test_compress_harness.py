@@ -127,7 +127,7 @@ def test_bad_compression_configs_fail_before_anything_is_written(
 def test_export_round_trip_and_sizes(tmp_path):
   """The export stores real codes: it loads back to the compressed view, and its bytes on
   disk shrink as the format says (int8 about 4x, 2:4 + int8 and 90% + int8 more)."""
-  from mmjax.compress import Plan, chain, export, pruning, quant, rules
+  from mmjax.compress import Plan, bitpack, chain, export, pruning, quant, rules
   r = np.random.default_rng(0)
   params = {"l0": {"kernel": r.normal(size=(256, 512)).astype(np.float32),
                    "bias": r.normal(size=(512,)).astype(np.float32)},
@@ -153,9 +153,17 @@ def test_export_round_trip_and_sizes(tmp_path):
     view = flatten(plan.view(started, cstate)) if plan else flatten(params)
     for k in view:
       np.testing.assert_allclose(loaded[k], np.asarray(view[k]), rtol=1e-6, atol=1e-7)
-    if name in ("int8", "2:4+int8"):
-      codes = export.load_codes(out)["l0/kernel"]
-      assert codes["codes"].dtype == np.int8 and codes["scale"].shape == (1, 512)
+    if name in ("int8", "2:4+int8"):  # QAT's codes are grid codes: 8-bit, a scale a column
+      c = export.load_grid_codes(out)["l0/kernel"]
+      assert (c["grid"].kind, c["grid"].bits, c["grid"].symmetric) == ("int", 8, True)
+      assert c["scale"].shape == (1, 512) and c["packed"].dtype == np.uint8
+      codes = bitpack.unpack(c["packed"], c["count"], 8).astype(np.int16) - 128
+      kept = np.asarray(view[k := "l0/kernel"]).reshape(-1)
+      kept = kept[c["mask"]] if c["mask"] is not None else kept
+      scale = np.broadcast_to(c["scale"], (256, 512)).reshape(-1)
+      scale = scale[c["mask"]] if c["mask"] is not None else scale
+      assert np.abs(codes).max() <= 127
+      np.testing.assert_array_equal(codes, np.round(kept.astype(np.float64) / scale))
   ratios = {k: export.disk_bytes(raw) / v for k, v in sizes.items()}
   zstd_ratios = {k: sizes["dense"] / v for k, v in sizes.items()}
   # against raw fp32 (4 bytes a parameter) the issue's targets hold: int8 >= 3.9, 2:4 +

@@ -72,7 +72,10 @@ def test_per_channel_scales_follow_the_rule_layout(shape, contract):
   out = out.reshape(int(np.prod([shape[a] for a in range(len(shape)) if a not in axes])), -1)
   assert all(len(np.unique(row)) <= 255 for row in out)  # <= 255 levels per output channel
   info = plan.describe({"k": jnp.asarray(w)}, plan.init({"k": w}, None))["k"]
-  assert tuple(info["scale_axes"]) == axes
+  assert info.codes.contract == axes and info.bits == 8  # grid codes, a scale per channel
+  assert info.codes.scale.shape == (1, out.shape[0])
+  np.testing.assert_allclose(np.asarray(info.codes.scale).reshape(-1),
+                             (c / 127).reshape(-1) if c.size > 1 else c.reshape(-1), rtol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs, match", [

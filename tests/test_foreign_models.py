@@ -20,7 +20,7 @@ from flax import linen as nn
 from flax import nnx
 
 from mmjax.compress import Plan, activations, distill, export, flatten, layout, pruning, quant
-from mmjax.compress import rules, step, unflatten
+from mmjax.compress import rules, step, storage, unflatten
 
 CLASSES, DIM = 4, 16
 
@@ -437,16 +437,16 @@ def test_an_everything_rule_takes_only_the_leaves_it_compresses(tmp_path):
   loaded = flatten(export.load(str(tmp_path / "export")))
   for path, w in flat.items():
     w, v, row = np.asarray(w), np.asarray(view[path]), rep[path]
-    stored_as_codes = "int8" in index[path]
+    stored_as_codes = "grid" in index[path]
     if path in SKIPPED:
       np.testing.assert_array_equal(v, w)  # bit for bit
-      assert SKIPPED[path] in info[path]["skipped"] and "codes" not in info[path]
+      assert SKIPPED[path] in info[path].skipped and info[path].codes is None
       assert SKIPPED[path] in row["skipped"] and row["bits"] == 32
       assert row["compressed_bytes"] == row["dense_bytes"] and not stored_as_codes
     else:
       ref, per_scale = _fake_quant64(w)
       np.testing.assert_allclose(v, ref, rtol=1e-6, atol=1e-7)
-      assert info[path]["codes"] == "symmetric" and "skipped" not in row
+      assert isinstance(info[path].codes, storage.GridCodes) and "skipped" not in row
       assert row["bits"] == 8 and stored_as_codes
       assert row["compressed_bytes"] == w.size + 4 * (w.size // per_scale)
       assert row["compressed_bytes"] < row["dense_bytes"]
@@ -470,16 +470,37 @@ def test_a_rule_whose_method_can_take_none_of_its_leaves_is_an_error(pattern):
     Plan(rules([(pattern, quant.weights(8))])).init(tree, None)
 
 
-def test_a_description_with_bits_but_no_stored_form_is_not_counted_compressed(tmp_path):
-  """A method that states `bits` but neither codes nor its own bytes: the export stores the
-  leaf as float32, so the report counts it float32 too."""
+def test_describe_returns_storage_records_and_the_export_refuses_one_it_cannot_write(tmp_path):
+  """A describe returning the old untyped dict is refused with the records to use; a record
+  of the user's own (a k-means codebook here) is counted by the report at its stated bytes,
+  and the export refuses it by name, before writing anything."""
+  import dataclasses
+
   from mmjax.compress import Method, report
   params, _ = plain_model()
-  m = Method("says4", view=lambda flat, s: flat,
-             describe=lambda flat, s: {p: {"bits": 4} for p in flat})
+  old = Method("says4", view=lambda flat, s: flat,
+               describe=lambda flat, s: {p: {"bits": 4} for p in flat})
+  with pytest.raises(ValueError, match=r"'says4': describe of w1 returned dict, which is not a "
+                     r"storage record \(a dict: the protocol before storage records"):
+    Plan(rules([(r"w1", old)])).describe(params, {"says4": {}})
+
+  @dataclasses.dataclass(frozen=True)
+  class Codebook:  # 16 centroids: 4-bit indices and 16 float32 values
+    centroids: object
+    role = "codes"
+    bits = 4
+
+    def nbytes(self, shape, kept):
+      return kept * 4 / 8 + 4 * 16
+
+  m = Method("kmeans", view=lambda flat, s: flat,
+             describe=lambda flat, s: {p: Codebook(np.zeros(16)) for p in flat})
   plan = Plan(rules([(r"w1", m)]))
   cstate = plan.init(params, None)
   row = {r["path"]: r for r in report.build(params, plan, cstate)["leaves"]}["w1"]
-  index = export.export(params, str(tmp_path / "export"), plan, cstate)
-  assert "fp32" in index["w1"] and row["bits"] == 32
-  assert row["compressed_bytes"] == row["dense_bytes"]
+  n = np.asarray(params["w1"]).size
+  assert row["bits"] == 4 and row["compressed_bytes"] == n // 2 + 64 and row["compressed"]
+  with pytest.raises(ValueError, match=r"export: w1 is described by a storage record Codebook, "
+                     r"which the export cannot write"):
+    export.export(params, str(tmp_path / "export"), plan, cstate)
+  assert not (tmp_path / "export").exists() and not (tmp_path / "export.incomplete").exists()

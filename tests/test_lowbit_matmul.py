@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mmjax import lowering
-from mmjax.compress import export, lowbit_matmul
+from mmjax.compress import bitpack, lowbit_matmul
 
 
 def _case(bits, m, k, n, group, seed=0):
@@ -22,7 +22,7 @@ def _case(bits, m, k, n, group, seed=0):
   x = r.normal(size=(m, k)).astype(np.float32)
   rows = lambda a: np.repeat(a, group, axis=0)[:k].astype(np.float64)
   want = x.astype(np.float64) @ ((u - rows(center)) * rows(scale))
-  return (x, export.pack_unsigned(u, bits), scale, center), want
+  return (x, bitpack.pack(u, bits), scale, center), want
 
 
 @pytest.mark.parametrize("bits, m, k, n, group", [

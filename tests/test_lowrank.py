@@ -60,7 +60,7 @@ def test_svd_init_then_the_factors_train_and_only_they_move():
   np.testing.assert_allclose(out, batch["x"] @ (f["a"] @ f["b"]), rtol=1e-5, atol=1e-5)
   # describe states the factors' bytes, from the merged state
   info = plan.describe(state.params, plan.merge(state.cstate, state.aux))["dense/kernel"]
-  assert info["rank"] == R and info["bytes"] == (K + N) * R * 4
+  assert info.codes.rank == R and info.nbytes((K, N)) == (K + N) * R * 4
 
 
 def test_ranks_for_energy_against_numpy():

@@ -147,7 +147,7 @@ def test_flax_attention_contracts_the_input_axis_of_stacked_kernels():
     view, info = flatten(plan.view(p0, cs)), plan.describe(p0, cs)
     for path, layer_axes in ((q, (0,)), (o, (0, 1))):
       w = np.asarray(flat[path], np.float64)
-      assert info[path]["scale_axes"] == [a + 1 for a in layer_axes]
+      assert info[path].codes.contract == tuple(a + 1 for a in layer_axes)
       for i in range(w.shape[0]):  # layer by layer: scales never shared across depth
         ref, _ = _fake_quant_np(w[i], layer_axes)
         np.testing.assert_allclose(np.asarray(view[path][i], np.float64), ref, rtol=0,
@@ -260,7 +260,7 @@ def test_a_stacked_gptq_kernel_exports_and_loads_back_its_view(tmp_path):
     np.testing.assert_array_equal(back[p], view[p], err_msg=p)
   plan, got, cs = _compress(METHODS["int8_acts"](None), params, apply_s, batches[:1])
   with pytest.raises(ValueError, match=r"export: blocks/Dense_0/kernel has per-layer "
-                     r"act_scales \(stacked layers under a scan\), which the export does not "
+                     r"activation scales \(stacked layers under a scan\), which the export does not "
                      "store yet"):
     export.export(got, str(tmp_path / "a"), plan, cs)
 

@@ -64,6 +64,20 @@ def test_sweep_runs_resumes_and_reports(procedural_dir, tiny_dense_dir, tmp_path
   with open(os.path.join(sweep_dir, "pareto.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
+  # runs carried from an earlier publish join the report; runs trained here take precedence
+  carried = [dict(r, name="prune90") for r in out["runs"] if r["name"] == "ptq_int8"] + [
+      dict(r, accuracy=0.5) for r in out["runs"] if r["name"] == "dense" and r["seed"] == 0]
+  path = tmp_path / "earlier.json"
+  path.write_text(json.dumps({"runs": carried}))
+  more = sweep.report(names, 2, sweep_dir, log=lambda *_: None,
+                      carried=sweep.load_carry(str(path)))
+  rows2 = {r["name"]: r for r in more["methods"]}
+  assert rows2["prune90"]["seeds"] == 2 and rows2["dense"]["accuracy"] == dense["accuracy"]
+  assert "2 runs carried" in more["meta"] and "dense seed 0 was retrained here" in more["meta"]
+  path.write_text(json.dumps({"runs": [{"name": "prune42", "seed": 0}]}))
+  with pytest.raises(ValueError, match="prune42"):
+    sweep.load_carry(str(path))
+
   readme = tmp_path / "README.md"
   readme.write_text(f"intro\n{results.MARK_BEGIN}\nold table\n{results.MARK_END}\noutro\n")
   results.publish(sweep_dir, readme=str(readme), results_dir=str(tmp_path / "results"),

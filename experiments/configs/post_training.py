@@ -1,5 +1,6 @@
 """One-shot post-training compression of the dense run (train.steps=0): calibrate on
-config.calibration.examples training examples, compress, evaluate, export. No fine-tuning.
+config.calibration.examples training examples, compress, evaluate, export. No fine-tuning,
+unless `lora=`.
 
   method=   rtn | gptq | awq | sparsegpt | wanda | smoothquant      (default gptq), or
             magnitude: the pruning baseline (|w| per layer, one shot; sparsity= or nm=)
@@ -19,17 +20,21 @@ config.calibration.examples training examples, compress, evaluate, export. No fi
             GPTQ with each kernel at the width it was given
   alpha=    SmoothQuant's migration strength (default 0.5); int8 runs its products as
             real int8 x int8 -> int32
+  lora=<r>  then recover: LoRA adapters of rank r on the compressed kernels, trained for
+            steps= (default 300) by distillation from the dense run (alpha 0.5 with the
+            task loss), every model parameter frozen (the codes stay as calibrated)
 
 Reproduce (after the dense run), e.g.:
   ./launch.sh train --config=experiments/configs/post_training.py:method=gptq,bits=3 \\
       --workdir=workdirs/pt_gptq_w3g128
   ./launch.sh train --config=experiments/configs/post_training.py:method=sparsegpt,nm=2:4,joint
+  ./launch.sh train --config=experiments/configs/post_training.py:method=gptq,bits=2,group=32,lora=8
 """
 import json
 import os
 
-from experiments.configs.common import (activations, finetune_config, parse_arg, post_training,
-                                        prune)
+from experiments.configs.common import (activations, distill, finetune_config, parse_arg,
+                                        post_training, prune, section)
 from mmjax.models.family import PRUNE_PATTERN
 
 
@@ -53,15 +58,23 @@ def _allocation(path: str) -> list:
 
 WORDS = ("tiny", "joint", "w8a8", "parallel", "act_order", "int8", "asym")
 VALUES = {"method": str, "bits": int, "group": int, "format": str, "sparsity": float,
-          "nm": _nm, "alpha": float, "alloc": str}
+          "nm": _nm, "alpha": float, "alloc": str, "lora": int, "steps": int}
 
 
 def get_config(arg=None):
   args = parse_arg(arg, valid=WORDS, values=VALUES)
   c = finetune_config(args)
   c.train.steps = 0
-  return set_method(c, args, PRUNE_PATTERN,
-                    group=args.get("group", 32 if args.get("tiny") else 128))
+  c = set_method(c, args, PRUNE_PATTERN, group=args.get("group", 32 if args.get("tiny") else 128))
+  if "steps" in args and "lora" not in args:
+    raise ValueError("config argument steps= is the LoRA recovery's length; give lora=<rank> "
+                     "too (one-shot rows do not train).")
+  if "lora" in args:
+    c.train.steps = args.get("steps", 3 if args.get("tiny") else 300)
+    c.compress.adapters = section("lora", rank=args["lora"], pattern=PRUNE_PATTERN)
+    c.compress.distill = distill()
+    c.optimizer.trainable = "none"  # the adapters alone: the base keeps its codes
+  return c
 
 
 def set_method(c, args: dict, pattern, group: int = 128):

@@ -38,7 +38,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-from mmjax.compress import formats, intercept, quant, unroll
+from mmjax.compress import formats, intercept, quant, storage, unroll
 from mmjax.compress.core import Method
 
 MODES = ("fake", "int8")
@@ -339,7 +339,7 @@ def inputs(bits: int = 8, mode: str = "fake", *, int8_grads: bool = True,
     missing = uncalibrated({p: state[p] for p in flat})
     if missing:
       raise ValueError(calibrate_first(what, missing, len(flat)))
-    return {p: {"act_scale": state[p], "act_bits": bits if fmt == "int" else 8,
-                "act_mode": mode, "act_format": fmt} for p in flat}
+    return {p: storage.ActScale(state[p], bits if fmt == "int" else 8, mode, fmt)
+            for p in flat}
 
   return Method(label, init=init, wrap=wrap, calibrate=calibrate_stage, describe=describe)

@@ -11,9 +11,9 @@ Directory:
                     symbolic dimension, dtypes), output, bytes and sha256 of each file, and
                     whatever the caller adds (modalities, label names, the source run)
   model.jaxexport   `jax.export.Exported.serialize()` of f(weights, inputs) -> outputs
-  weights.npz       the export's own buffers, as stored (export.py: int8 codes, bit-packed
-                    codes, grid codes with 4-bit two per byte and fp8 as bytes, zero
-                    points, float32 scales, packed masks, fp32 leaves); a dense model's
+  weights.npz       the export's own buffers, as stored (export.py: grid codes with 4-bit
+                    two per byte, fp8 as bytes and other widths bit-packed, zero points,
+                    float32 scales, packed masks, fp32 leaves, factors and adapters); a dense model's
                     artifact has one fp32 buffer. Where each leaf lies in them is part of
                     the program.
   serve.py          the loader
@@ -21,7 +21,8 @@ Directory:
 Inside the program each leaf is rebuilt from those arrays (bit planes unpacked, masks
 scattered, codes times scales) and the model runs on the result; a product whose input the
 run quantized to int8 (`activations.inputs(mode="int8")`) with an 8-bit per-channel weight
-is computed from the stored codes as int8 x int8 -> int32, the weight never dequantized.
+is computed from the stored codes as int8 x int8 -> int32, the weight never dequantized; a
+factorized kernel's product is (x a) b, an adapted one's base + scale (x a) b.
 So the artifact's outputs are those of the compressed model in process (tested), and the
 bytes it ships are the export's, not a dense copy.
 """
@@ -35,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.compress import activations, export, formats, intercept, layout, lowbit, quant
+from mmjax.compress import activations, bitpack, export, formats, intercept, layout, lowbit
 from mmjax.compress.core import unflatten
 from mmjax.compress.serve import sha256 as _sha256  # serve.py: jax, numpy, flatbuffers only
 
@@ -60,14 +61,18 @@ def weights_from_export(export_dir: str):
   own buffers, as stored, and where each leaf's arrays lie in them."""
   index, bufs = export._read(export_dir)
   meta = {}
+  span = lambda kind, s, shape=None: (kind, int(s[0]), int(s[1]),
+                                      tuple(shape) if shape is not None else None)
+  array = lambda e: span("fp32", e["at"], e["shape"])
   for path, e in index.items():
     m = dict(shape=tuple(e["shape"]), dtype=e["dtype"])
-    span = lambda kind, s, shape=None: (kind, int(s[0]), int(s[1]),
-                                        tuple(shape) if shape is not None else None)
     if "mask" in e:
       m["mask"] = span("masks", e["mask"])
     if "act" in e:
       m["act"] = dict(e["act"])
+    if "adapter" in e:
+      m["adapter"] = dict(a=array(e["adapter"]["a"]), b=array(e["adapter"]["b"]),
+                          scale=float(e["adapter"]["scale"]))
     if "grid" in e:
       m.update(kind="grid", grid=e["grid"], contract=tuple(e["contract"]), count=e["count"],
                packed=span("uint8", e["codes"]),
@@ -76,13 +81,12 @@ def weights_from_export(export_dir: str):
         m["zero"] = span("uint8", e["zeros"], e["scale_shape"])
       if "in_scale" in e:
         m["in_scale"] = span("scales", e["in_scale"])
-    elif "bits" in e:
-      m.update(kind="int", bits=e["bits"], granularity=e.get("granularity", "channel"),
-               scale=span("scales", e["scales"], e["scale_shape"]))
-      if "int8" in e:
-        m["codes"] = span("int8", e["int8"])
-      else:
-        m.update(packed=span("packed", e["packed"]), count=e["count"])
+    elif "factors" in e:
+      m.update(kind="factors", a=array(e["factors"]["a"]), b=array(e["factors"]["b"]))
+    elif "codebook" in e:
+      cb = e["codebook"]
+      m.update(kind="codebook", centroids=array(cb["centroids"]), bits=cb["bits"],
+               count=cb["count"], packed=span("uint8", cb["codes"]))
     else:
       m.update(kind="fp32", values=span("fp32", e["fp32"]))
     meta[path] = m
@@ -123,30 +127,34 @@ def _scatter(vals, keep):
   return jnp.where(keep, vals[idx], jnp.zeros((), vals.dtype))
 
 
-def _int_codes(bufs, m):
-  """A symmetric leaf's int8 codes in its full shape."""
-  if "codes" in m:
-    codes = _get(bufs, m, "codes")
-  else:  # bit planes of codes + qmax (export._pack_codes)
-    bits, count = m["bits"], m["count"]
-    planes = jnp.unpackbits(_get(bufs, m, "packed"), count=count * bits).reshape(count, bits)
-    u = jnp.sum(planes.astype(jnp.int16) << jnp.arange(bits, dtype=jnp.int16), axis=1)
-    codes = (u - quant.qmax(bits)).astype(jnp.int8)
-  if "mask" in m:
-    codes = _scatter(codes, _keep(bufs, m))
-  return codes.reshape(m["shape"])
+def _grid_codes(bufs, m):
+  """A symmetric integer grid leaf's signed codes, [K, N] (its matrix view)."""
+  grid = formats.from_dict(m["grid"])
+  u = bitpack.unpack(_get(bufs, m, "packed"), m["count"], grid.code_bits, jnp)
+  codes = (u.astype(jnp.int16) - grid.offset()).astype(jnp.int8)
+  if "mask" in m:  # kept codes in matrix-view order; pruned ones are code 0
+    codes = _scatter(codes, layout.to_matrix(_keep(bufs, m).reshape(m["shape"]),
+                                             m["contract"]).reshape(-1))
+  k = int(np.prod([m["shape"][a] for a in m["contract"]]))
+  return codes.reshape(k, -1)
 
 
-def materialize(bufs: dict, m: dict):
-  """One leaf's float weights from the stored buffers (jnp: runs inside the program)."""
-  shape, dtype = m["shape"], m["dtype"]
-  if m["kind"] == "fp32":
+def _base(bufs: dict, m: dict):
+  """One leaf's float weights from its codes, values or factors (no adapter)."""
+  shape, kind = m["shape"], m["kind"]
+  if kind == "fp32":
     v = _get(bufs, m, "values")
     if "mask" in m:
       v = _scatter(v, _keep(bufs, m))
-    return v.reshape(shape).astype(dtype)
-  if m["kind"] == "int":
-    return (_int_codes(bufs, m).astype(jnp.float32) * _get(bufs, m, "scale")).astype(dtype)
+    return v.reshape(shape)
+  if kind == "factors":
+    return (_get(bufs, m, "a") @ _get(bufs, m, "b")).reshape(shape)
+  if kind == "codebook":
+    idx = bitpack.unpack(_get(bufs, m, "packed"), m["count"], m["bits"], jnp)
+    v = _get(bufs, m, "centroids")[idx.astype(jnp.int32)]
+    if "mask" in m:
+      v = _scatter(v, _keep(bufs, m))
+    return v.reshape(shape)
   grid = formats.from_dict(m["grid"])
   scale = _get(bufs, m, "scale")
   zero = _get(bufs, m, "zero")
@@ -155,26 +163,59 @@ def materialize(bufs: dict, m: dict):
                 in_scale=_get(bufs, m, "in_scale"),
                 mask=_keep(bufs, m).reshape(shape) if "mask" in m else None)
   return lowbit.dequantize(stored, dict(grid=grid, shape=shape, contract=m["contract"],
-                                        count=m["count"])).astype(dtype)
+                                        count=m["count"]))
+
+
+def _adapter(bufs, m):
+  ad = m["adapter"]
+  return _get(bufs, ad, "a"), _get(bufs, ad, "b"), ad["scale"]
+
+
+def materialize(bufs: dict, m: dict):
+  """One leaf's float weights from the stored buffers (jnp: runs inside the program)."""
+  w = _base(bufs, m)
+  if "adapter" in m:
+    a, b, scale = _adapter(bufs, m)
+    w = w + scale * (a @ b).reshape(m["shape"])
+  return w.astype(m["dtype"])
 
 
 def _integer_product(m) -> bool:
-  """Products computed from the stored codes: int8 inputs, 8-bit per-channel weights."""
+  """Products computed from the stored codes: int8 inputs, 8-bit symmetric per-channel
+  integer grids on a plain [K, N] kernel."""
   act = m.get("act") or {}
-  return (act.get("mode") == "int8" and m["kind"] == "int" and m["bits"] == 8
-          and m["granularity"] == "channel" and len(m["shape"]) == 2)
+  g = m.get("grid") or {}
+  return (act.get("mode") == "int8" and m["kind"] == "grid" and g.get("kind") == "int"
+          and g.get("bits") == 8 and g.get("symmetric") and g.get("granularity") == "channel"
+          and tuple(m["contract"]) == (0,) and len(m["shape"]) == 2
+          and "in_scale" not in m and "adapter" not in m)
+
+
+def _low_rank(m) -> bool:
+  """Products that compute through factors: (x a) b, and base + scale (x a) b."""
+  return m["kind"] == "factors" or "adapter" in m
+
+
+def _plain(d: intercept.Dot) -> bool:
+  return d.w_is_rhs and d.w.ndim == 2 and d.dims == (((d.x.ndim - 1,), (0,)), ((), ()))
+
+
+def _times(x, a):
+  return jax.lax.dot_general(x, a.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
 
 
 def forward(apply_fn, meta: dict, like=None):
-  """-> f(bufs, *args) = apply_fn(the rebuilt parameters, *args), the products whose
-  inputs the run quantized rewritten as it ran them. `like`: the parameter tree's
-  structure (default: nested dicts, as Flax's)."""
+  """-> f(bufs, *args) = apply_fn(the rebuilt parameters, *args), with the products whose
+  inputs the run quantized rewritten as it ran them, and the products of factorized or
+  adapted kernels computed through their factors ((x a) b, never the [K, N] product).
+  `like`: the parameter tree's structure (default: nested dicts, as Flax's)."""
   acts = {p: m["act"] for p, m in meta.items() if m.get("act")}
+  low_rank = [p for p, m in meta.items() if _low_rank(m) and p not in acts]
 
   def f(bufs, *args):
     flat = {p: materialize(bufs, m) for p, m in meta.items()}
     params = unflatten(flat, like) if like is not None else unflatten(flat)
-    if not acts:
+    if not acts and not low_rank:
       return apply_fn(params, *args)
     scales = {p: jnp.float32(a["scale"]) for p, a in acts.items()}
     by_mode = {p: activations.rewriter(scales, a["bits"], a["mode"], False,
@@ -182,16 +223,25 @@ def forward(apply_fn, meta: dict, like=None):
 
     def rewrite(d: intercept.Dot):
       m = meta[d.path]
-      if _integer_product(m) and activations._is_plain_matmul(d):
-        s_x = scales[d.path]
-        xq = activations._codes(d.x.astype(jnp.float32), s_x)
-        codes = _int_codes(bufs, m)
-        acc = jax.lax.dot_general(xq, codes, (((d.x.ndim - 1,), (0,)), ((), ())),
-                                  preferred_element_type=jnp.int32)
-        y = acc.astype(jnp.float32) * (s_x * _get(bufs, m, "scale")[0])
-        return y.astype(d.out_aval.dtype)
-      return by_mode[d.path](d)
-    return intercept.dots(apply_fn, list(acts), rewrite, "artifact")(params, *args)
+      if d.path in acts:
+        if _integer_product(m) and activations._is_plain_matmul(d):
+          s_x = scales[d.path]
+          xq = activations._codes(d.x.astype(jnp.float32), s_x)
+          acc = jax.lax.dot_general(xq, _grid_codes(bufs, m), (((d.x.ndim - 1,), (0,)),
+                                                               ((), ())),
+                                    preferred_element_type=jnp.int32)
+          y = acc.astype(jnp.float32) * (s_x * _get(bufs, m, "scale")[0])
+          return y.astype(d.out_aval.dtype)
+        return by_mode[d.path](d)
+      if not _plain(d):  # a product of another shape: through the rebuilt weights
+        return d.bind(d.x, d.w)
+      if m["kind"] == "factors":
+        return _times(_times(d.x, _get(bufs, m, "a")), _get(bufs, m, "b")).astype(
+            d.out_aval.dtype)
+      a, b, scale = _adapter(bufs, m)
+      base = _base(bufs, m).astype(d.w.dtype)
+      return (d.bind(d.x, base) + scale * _times(_times(d.x, a), b)).astype(d.out_aval.dtype)
+    return intercept.dots(apply_fn, list(acts) + low_rank, rewrite, "artifact")(params, *args)
   return f
 
 

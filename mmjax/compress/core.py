@@ -16,6 +16,7 @@ import zlib
 import jax
 
 from mmjax.compress import hooks as hooks_lib
+from mmjax.compress import storage
 from mmjax.compress.binding import Entry, Rules, _take, rules  # noqa: F401  (re-exported)
 from mmjax.compress.paths import (Flat, flatten, leaf_specs, match_paths,  # noqa: F401
                                   unflatten)
@@ -90,7 +91,7 @@ class Plan:
       for stage in EXCLUSIVE:
         owner = {}
         for e in out:
-          if getattr(e.method, stage) is None:
+          if getattr(e.method, stage) is None or (stage == "view" and e.method.adds):
             continue
           for p in e.paths:
             if p in owner:
@@ -99,6 +100,14 @@ class Plan:
                                "(narrow one rule, or put both in one rules([...]) where the "
                                "first match wins).")
             owner[p] = e.method.name
+      for i, e in enumerate(out):  # an adding view composes on top of earlier views only
+        if e.method.adds:
+          later = [(f.method.name, p) for f in out[i + 1:] if f.method.view is not None
+                   and not f.method.adds for p in set(e.paths) & set(f.paths)]
+          if later:
+            raise ValueError(f"method {e.method.name!r} adds to the view of {later[0][1]}, "
+                             f"but {later[0][0]!r} views it later; put the adding method "
+                             "after the one whose view it adds to.")
       self._bound[key] = out
     return self._bound[key]
 
@@ -290,19 +299,22 @@ class Plan:
     return unflatten(flat, params), state
 
   def describe(self, params, state) -> dict:
-    """{path: info} merged over methods (views composed in order, as the forward sees);
-    a leaf a method's rule matched but the method skipped has `"skipped"`: the reason."""
+    """{path: storage.Stored}: the records every method's describe gave each leaf, merged
+    by role over methods (views composed in order, as the forward sees); a leaf a method's
+    rule matched but the method skipped has `skipped`: the reason."""
     flat = flatten(params)
     merged = {}
     entries = self.entries(flat)
     for e in entries:
       for path, why in e.skipped:
-        merged.setdefault(path, {}).setdefault("skipped", f"{e.method.name}: {why}")
+        if path not in merged:
+          merged[path] = storage.Stored(skipped=f"{e.method.name}: {why}")
     last = max((i for i, e in enumerate(entries) if e.method.describe is not None), default=-1)
     for e in entries[:last + 1]:
       if e.method.describe is not None:
-        for path, info in e.method.describe(_sub(flat, e.paths), state[e.method.name]).items():
-          merged.setdefault(path, {}).update(info)
+        for path, records in e.method.describe(_sub(flat, e.paths), state[e.method.name]).items():
+          merged[path] = storage.merge(merged.get(path), records,
+                                       f"compression method {e.method.name!r}: describe of {path}")
       if e.method.view is not None:  # jitted: one program, not an op-by-op pass per leaf
         flat = {**flat, **jax.jit(e.method.view)(_sub(flat, e.paths), state[e.method.name])}
     return merged

@@ -1,32 +1,38 @@
-"""Export a compressed model as what it really is: integer codes, scales, packed masks.
+"""Export a compressed model as what it really is: integer codes, scales, packed masks,
+factors, each leaf as its storage records say (`storage.py`).
 
-Format (a directory):
-  index.json.gz  per parameter path: shape, bits, whether masked, granularity, the scale's
-               shape, the activation scale of its input (when quantized), and offsets into
-               the buffers below
+Format `mmjax-compressed-v3` (a directory):
+  index.json.gz  per parameter path: shape, dtype, and one entry per record: `mask` (span
+               of its packed bits), grid codes (`grid`, `contract`, `bits`, `count`, the
+               codes' span, `scale_shape`, `scales`, `zeros`, `in_scale`), `factors`
+               (spans and shapes of a and b), `codebook` (its values, the indices' span
+               and width), `adapter` (a, b and scale), `act` (the
+               input's scale, bits, mode, format), or `fp32` (the values' span), with
+               `stated_bytes` when a method counts its own format
   arrays/      one Orbax checkpoint of a handful of flat buffers:
-               `int8`   codes of 8-bit leaves (kept elements only when masked)
-               `packed` codes of 2..7-bit leaves, bit-packed (`bits` bits per value)
-               `fp32`   leaves no quantizer touched (kept elements only when masked)
-               `scales` float32 scales, per output channel or per tensor; grid scales
-                        [groups, N] and AWQ's per-input scales
-               `masks`  np.packbits of every masked leaf's mask, one bit per element
-               `uint8`  codes of the post-training grids (`formats.Grid`), unsigned:
-                        4-bit codes two per byte (low nibble first), fp8 as its byte, 8-bit
-                        as is, other widths bit-packed; and asymmetric grids' zero points
+               `uint8`   grid codes, unsigned (`bitpack.py`: 8-bit one a byte, 4-bit two a
+                         byte, other widths bit planes), codebook indices, and asymmetric
+                         grids' zero points
+               `scales`  float32 grid scales [G, N] and AWQ/SmoothQuant input scales
+               `masks`   np.packbits of every masked leaf's mask, one bit per element
+               `fp32`    leaves stored as values (kept elements only when masked), factors,
+                         codebooks and adapters
 
-Concatenating into a few buffers keeps Orbax's per-array metadata (a few hundred bytes an
-array) from eating the savings of a small model. `disk_bytes` measures what landed on
-disk. `load` rebuilds the float view (exactly the fake-quantized, masked weights the model
-was trained with); `load_codes` gives the int8 codes and scales for integer inference,
+QAT's symmetric codes are grid codes like the post-training methods' (one vocabulary,
+`formats.Grid`). Concatenating into a few buffers keeps Orbax's per-array metadata (a few
+hundred bytes an array) from eating the savings of a small model. `disk_bytes` measures
+what landed on disk. `load` rebuilds the float view (exactly the weights the model was
+trained with: codes times scales, masked, factors multiplied out, adapters added);
+`load_grid_codes` gives the stored codes for low-bit inference (`lowbit.py`),
 `load_activation_scales` the calibrated input scales (`activations.apply_quantized`).
-A leaf whose method states its own storage (`bytes` in its description) but whose codes
-this format does not know is stored as its fp32 view, and the index says so.
 The dense fp32 references are the same writer with no plan (`export(params)`), so the sizes
 are measured alike: raw (`zstd=False`: 4 bytes a parameter, what "fp32 model size" means)
 and zstd-compressed as Orbax writes checkpoints by default (trained fp32 weights shrink by
 about 7% under zstd; int8 codes of trained weights carry ~7.7 bits of entropy, so against
 that reference int8 cannot pass ~3.87x whatever the container).
+
+Exports of format v2 (before storage records: QAT codes as signed int8 / bit planes) are
+refused with the command that converts them (`convert_export.py`).
 """
 from __future__ import annotations
 
@@ -39,56 +45,24 @@ import shutil
 import jax
 import numpy as np
 
-from mmjax.compress import formats, layout, quant
+from mmjax.compress import bitpack, formats, layout, storage
 from mmjax.compress.core import Plan, flatten, unflatten
 
-BUFFERS = ("int8", "packed", "fp32", "scales", "masks", "uint8")
+FORMAT = "mmjax-compressed-v3"
+BUFFERS = ("uint8", "fp32", "scales", "masks")
 INDEX = "index.json.gz"
+KNOWN = (storage.Mask, storage.GridCodes, storage.Factors, storage.Codebook, storage.Stated,
+         storage.Adapter, storage.ActScale)  # the records `write` stores
 
 
-def _pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-  u = (codes.astype(np.int16) + quant.qmax(bits)).astype(np.uint8)  # 0 .. 2*qmax < 2**bits
-  planes = (u[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
-  return np.packbits(planes.reshape(-1))
-
-
-def _unpack_codes(buf: np.ndarray, n: int, bits: int) -> np.ndarray:
-  planes = np.unpackbits(buf, count=n * bits).reshape(n, bits)
-  u = (planes.astype(np.int16) << np.arange(bits, dtype=np.int16)).sum(axis=1)
-  return (u - quant.qmax(bits)).astype(np.int8)
-
-
-def pack_unsigned(u: np.ndarray, bits: int) -> np.ndarray:
-  """Unsigned codes < 2**bits -> bytes: 8 bits as is, 4 bits two per byte (low nibble
-  first: what the int4 matmul unpacks), other widths bit-planes."""
-  u = np.asarray(u, np.uint8).reshape(-1)
-  if bits == 8:
-    return u
-  if bits == 4:
-    u = np.concatenate([u, np.zeros(len(u) % 2, np.uint8)])
-    return (u[0::2] | (u[1::2] << 4)).astype(np.uint8)
-  planes = (u[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
-  return np.packbits(planes.reshape(-1))
-
-
-def unpack_unsigned(buf: np.ndarray, n: int, bits: int) -> np.ndarray:
-  if bits == 8:
-    return buf[:n]
-  if bits == 4:
-    return np.stack([buf & 0xF, buf >> 4], axis=1).reshape(-1)[:n]
-  planes = np.unpackbits(buf, count=n * bits).reshape(n, bits)
-  return (planes.astype(np.uint16) << np.arange(bits, dtype=np.uint16)).sum(1).astype(np.uint8)
-
-
-def _grid_entry(w, d, keep, put):
-  """The codes of a post-training grid (`describe` gives grid, scale, zero, in_scale)."""
-  grid = d["grid"]
-  axes = tuple(d["contract"])
+def _grid_entry(w, rec: storage.GridCodes, keep, put):
+  """The codes of `w` on the record's grid with its scales."""
+  grid, axes = rec.grid, tuple(rec.contract)
   m = np.asarray(layout.to_matrix(w, axes), np.float32)
   k = m.shape[0]
-  scale = np.asarray(d["scale"], np.float32)
-  zero = np.asarray(d["zero"], np.float32)
-  ins = np.asarray(d["in_scale"], np.float32) if d.get("in_scale") is not None else None
+  scale = np.asarray(rec.scale, np.float32)
+  zero = np.asarray(rec.zero, np.float32)
+  ins = np.asarray(rec.in_scale, np.float32) if rec.in_scale is not None else None
   x = m * ins[:, None] if ins is not None else m
   codes = np.asarray(grid.codes(x, grid.expand(scale, k), grid.expand(zero, k)))
   if grid.kind.startswith("fp8"):
@@ -99,7 +73,7 @@ def _grid_entry(w, d, keep, put):
   if keep is not None:
     u = u[np.asarray(layout.to_matrix(keep.reshape(w.shape), axes)).reshape(-1)]
   entry = dict(grid=dataclasses.asdict(grid), contract=list(axes), bits=grid.code_bits,
-               count=int(u.size), codes=put("uint8", pack_unsigned(u, grid.code_bits)),
+               count=int(u.size), codes=put("uint8", bitpack.pack(u, grid.code_bits)),
                scale_shape=list(scale.shape), scales=put("scales", scale.reshape(-1)))
   if grid.kind == "int" and not grid.symmetric:
     entry["zeros"] = put("uint8", zero.reshape(-1).astype(np.uint8))
@@ -116,7 +90,7 @@ def _grid_view(entry, arrays, keep):
   out = [a for a in range(len(shape)) if a not in axes]
   k = int(np.prod([shape[a] for a in axes]))
   n = int(np.prod([shape[a] for a in out]))
-  u = unpack_unsigned(_take(arrays, "uint8", entry["codes"]), entry["count"], entry["bits"])
+  u = bitpack.unpack(_take(arrays, "uint8", entry["codes"]), entry["count"], entry["bits"])
   keep_m = None
   if keep is not None:
     keep_m = np.asarray(layout.to_matrix(keep.reshape(shape), axes)).reshape(-1)
@@ -147,12 +121,18 @@ def export(params, out_dir: str, plan: Plan | None = None, cstate=None,
   `zstd=False` stores the buffers raw (Orbax's default is zstd on every array): with no plan
   that is the plain dense fp32 reference, 4 bytes a parameter. Overwrites `out_dir` only
   once the new export is complete (written beside it, renamed)."""
-  import orbax.checkpoint as ocp
   plan = plan or Plan()
   view = jax.device_get(flatten(jax.jit(plan.view)(params, cstate)))
   if info is None:  # `plan.describe(params, cstate)`, passed in by a caller that has it
     info = plan.describe(params, cstate) if not plan.is_identity else {}
-  info = jax.device_get(info)
+  return write(view, jax.device_get(info), out_dir, plan.name, zstd)
+
+
+def write(view: dict, stored: dict, out_dir: str, plan_name: str = "identity",
+          zstd: bool = True) -> dict:
+  """Write `view` ({path: the float weights the model computes with}) stored as `stored`
+  says ({path: storage.Stored}; leaves without one as fp32). -> the index."""
+  import orbax.checkpoint as ocp
   bufs = {k: [] for k in BUFFERS}
   sizes = {k: 0 for k in BUFFERS}
   index = {}
@@ -165,51 +145,47 @@ def export(params, out_dir: str, plan: Plan | None = None, cstate=None,
 
   for path in sorted(view):
     w = np.asarray(view[path], np.float32)
-    d = info.get(path, {})
-    entry = {"shape": list(w.shape), "dtype": str(view[path].dtype)}
-    mask = d.get("mask")
-    keep = np.asarray(mask, bool).reshape(-1) if mask is not None else None
+    st = stored.get(path) or storage.Stored()
+    unknown = [r for r in st.records() if type(r) not in KNOWN]
+    if unknown:
+      raise ValueError(f"export: {path} is described by a storage record "
+                       f"{type(unknown[0]).__name__}, which the export cannot write (it writes "
+                       f"{', '.join(c.__name__ for c in KNOWN)}); describe the leaf with one of "
+                       "those (storage.Stated(bytes) keeps its fp32 view and counts your bytes), "
+                       "or teach mmjax/compress/export.py to write it.")
+    entry = {"shape": list(w.shape), "dtype": str(np.asarray(view[path]).dtype)}
+    keep = np.asarray(st.mask.keep, bool).reshape(-1) if st.mask is not None else None
+    if st.adapter is not None:  # the base is stored as it is: the view less the adapter
+      entry["adapter"] = _adapter_entry(st.adapter, put)
+      w = w - np.asarray(_adapter_delta(st.adapter), np.float32).reshape(w.shape)
     if keep is not None:
       entry["mask"] = put("masks", np.packbits(keep))
       w = np.where(keep.reshape(w.shape), w, 0.0)  # as `update` leaves them (Plan.start)
-    per_layer = [k for k in ("act_scale", "in_scale") if k in d and np.ndim(d[k]) > (
-        0 if k == "act_scale" else 1)]
-    if per_layer:
-      raise ValueError(f"export: {path} has per-layer {per_layer[0]}s (stacked layers under a "
-                       "scan), which the export does not store yet; export it without "
-                       "activation quantization, AWQ or SmoothQuant (grid codes, masks and "
-                       "weight scales of stacked kernels export).")
-    if "act_scale" in d:
-      if not float(np.float32(d["act_scale"])) > 0.0:  # 0.0: `activations.inputs` at init
-        raise ValueError(f"export: the input scale of {path} is not calibrated; calibrate "
-                         "first: call plan.calibrate(apply_fn, params, cstate, batches).")
-      entry["act"] = {"scale": float(np.float32(d["act_scale"])), "bits": int(d["act_bits"]),
-                      "mode": d.get("act_mode", "fake"), "format": d.get("act_format", "int")}
-    if d.get("codes") == "grid" and "grid" in d:
-      entry.update(_grid_entry(w, d, keep, put))
-    elif d.get("codes") == "symmetric":
-      bits, gran = int(d["bits"]), d.get("granularity", "channel")
-      axes = tuple(d.get("scale_axes", range(w.ndim - 1)))
-      codes, scale = jax.device_get(quant.quantize(w, bits, gran, d.get("clip_ratio", 1.0),
-                                                   contract=axes))
-      codes = np.asarray(codes).reshape(-1)
-      codes = codes[keep] if keep is not None else codes
-      entry.update(bits=bits, granularity=gran, scale_shape=list(np.shape(scale)),
-                   scales=put("scales", np.asarray(scale, np.float32).reshape(-1)))
-      if bits == 8:
-        entry["int8"] = put("int8", codes)
-      else:
-        entry["packed"] = put("packed", _pack_codes(codes, bits))
-        entry["count"] = int(codes.size)
+    if st.act is not None:
+      entry["act"] = _act_entry(path, st.act)
+    if isinstance(st.codes, storage.GridCodes):
+      if np.ndim(st.codes.in_scale) > 1:
+        raise ValueError(f"export: {path} has per-layer input scales (stacked layers under a "
+                         "scan), which the export does not store yet; export it without AWQ "
+                         "or SmoothQuant (grid codes, masks and weight scales of stacked "
+                         "kernels export).")
+      entry.update(_grid_entry(w, st.codes, keep, put))
+    elif isinstance(st.codes, storage.Factors):
+      if keep is not None:
+        raise ValueError(f"export: {path} has both a mask and low-rank factors; a factorized "
+                         "kernel is stored as its factors, so prune it or factorize it, not "
+                         "both.")
+      entry["factors"] = {k: _array_entry(getattr(st.codes, k), put) for k in ("a", "b")}
+    elif isinstance(st.codes, storage.Codebook):
+      entry["codebook"] = _codebook_entry(w, st.codes, keep, put)
     else:
-      if "bytes" in d:  # a method's own format: stored as its fp32 view, said so
-        entry["stated_bytes"] = int(d["bytes"])
+      if isinstance(st.codes, storage.Stated):  # a method's own format: its fp32 view, said so
+        entry["stated_bytes"] = int(st.codes.bytes)
       vals = w.reshape(-1)
       entry["fp32"] = put("fp32", vals[keep] if keep is not None else vals)
     index[path] = entry
 
-  dtypes = dict(int8=np.int8, packed=np.uint8, fp32=np.float32, scales=np.float32,
-                masks=np.uint8, uint8=np.uint8)
+  dtypes = dict(fp32=np.float32, scales=np.float32, masks=np.uint8, uint8=np.uint8)
   arrays = {k: np.concatenate(v).astype(dtypes[k]) for k, v in bufs.items()
             if sizes[k]}  # Orbax stores no empty arrays; the index never points at them
   out_dir = os.path.abspath(out_dir)
@@ -219,11 +195,51 @@ def export(params, out_dir: str, plan: Plan | None = None, cstate=None,
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=zstd)) as ckptr:
     ckptr.save(os.path.join(tmp, "arrays"), args=ocp.args.PyTreeSave(arrays))
   with gzip.open(os.path.join(tmp, INDEX), "wt") as f:  # paths repeat: gzip takes 85%
-    json.dump({"format": "mmjax-compressed-v2", "plan": plan.name,
-               "leaves": index}, f, separators=(",", ":"))
+    json.dump({"format": FORMAT, "plan": plan_name, "leaves": index}, f,
+              separators=(",", ":"))
   shutil.rmtree(out_dir, ignore_errors=True)
   os.rename(tmp, out_dir)
   return index
+
+
+def _array_entry(a, put) -> dict:
+  a = np.asarray(a, np.float32)
+  return {"at": put("fp32", a.reshape(-1)), "shape": list(a.shape)}
+
+
+def _codebook_entry(w, cb: storage.Codebook, keep, put) -> dict:
+  """Each (kept) element's index of its nearest value in the codebook: the view is made of
+  those values, so the indices give it back exactly."""
+  c = np.asarray(cb.centroids, np.float32).reshape(-1)
+  idx = np.argmin(np.abs(w.reshape(-1)[:, None] - c[None, :]), axis=1).astype(np.uint8)
+  idx = idx[keep] if keep is not None else idx
+  return {"centroids": _array_entry(c, put), "bits": cb.bits, "count": int(idx.size),
+          "codes": put("uint8", bitpack.pack(idx, cb.bits))}
+
+
+def _array(arrays, e):
+  return _take(arrays, "fp32", e["at"]).reshape(e["shape"])
+
+
+def _adapter_delta(ad: storage.Adapter):
+  return ad.scale * (np.asarray(ad.a, np.float32) @ np.asarray(ad.b, np.float32))
+
+
+def _adapter_entry(ad: storage.Adapter, put) -> dict:
+  return {"a": _array_entry(ad.a, put), "b": _array_entry(ad.b, put), "scale": float(ad.scale)}
+
+
+def _act_entry(path, act: storage.ActScale) -> dict:
+  if np.ndim(act.scale) > 0:
+    raise ValueError(f"export: {path} has per-layer activation scales (stacked layers under "
+                     "a scan), which the export does not store yet; export it without "
+                     "activation quantization (grid codes, masks and weight scales of stacked "
+                     "kernels export).")
+  if not float(np.float32(act.scale)) > 0.0:  # 0.0: `activations.inputs` at init
+    raise ValueError(f"export: the input scale of {path} is not calibrated; calibrate "
+                     "first: call plan.calibrate(apply_fn, params, cstate, batches).")
+  return {"scale": float(np.float32(act.scale)), "bits": int(act.bits), "mode": act.mode,
+          "format": act.format}
 
 
 def disk_bytes(path: str) -> int:
@@ -242,6 +258,10 @@ def _read(export_dir):
   import orbax.checkpoint as ocp
   with gzip.open(path, "rt") as f:
     index = json.load(f)
+  if index.get("format") != FORMAT:
+    raise ValueError(f"{export_dir} is an mmjax export of format {index.get('format')!r}, "
+                     f"written before storage records; this reader takes {FORMAT!r}. Convert "
+                     f"it: python -m mmjax.compress.convert_export --src={export_dir}")
   with ocp.StandardCheckpointer() as ckptr:
     arrays = ckptr.restore(os.path.join(os.path.abspath(export_dir), "arrays"))
   return index["leaves"], {k: np.asarray(v) for k, v in arrays.items()}
@@ -252,60 +272,6 @@ def _take(arrays, kind, span):
   return arrays[kind][start:start + n]
 
 
-def _leaf(entry, arrays):
-  """-> (codes or values, scale or None, mask or None), codes/values in full shape."""
-  shape = tuple(entry["shape"])
-  n = int(np.prod(shape))
-  keep = None
-  if "mask" in entry:
-    keep = np.unpackbits(_take(arrays, "masks", entry["mask"]), count=n).astype(bool)
-  if "int8" in entry:
-    vals = _take(arrays, "int8", entry["int8"])
-  elif "packed" in entry:
-    vals = _unpack_codes(_take(arrays, "packed", entry["packed"]), entry["count"],
-                         entry["bits"])
-  else:
-    vals = _take(arrays, "fp32", entry["fp32"])
-  if keep is not None:
-    full = np.zeros(n, vals.dtype)
-    full[keep] = vals
-    vals = full
-  scale = None
-  if "scales" in entry:
-    scale = _take(arrays, "scales", entry["scales"]).reshape(entry.get("scale_shape", [-1]))
-  return vals.reshape(shape), scale, (keep.reshape(shape) if keep is not None else None)
-
-
-def load_codes(export_dir: str) -> dict:
-  """{path: {"codes" | "values": array, "scale": array or None, "mask": ...}}."""
-  index, arrays = _read(export_dir)
-  out = {}
-  for path, entry in index.items():
-    if "grid" in entry:  # post-training grids: `load_grid_codes` gives their codes
-      mask = _mask(entry, arrays)
-      out[path] = {"values": _grid_view(entry, arrays, mask), "scale": None, "mask": mask,
-                   "bits": entry["bits"]}
-      continue
-    vals, scale, mask = _leaf(entry, arrays)
-    key = "codes" if "bits" in entry else "values"
-    out[path] = {key: vals, "scale": scale, "mask": mask, "bits": entry.get("bits", 32)}
-  return out
-
-
-def load(export_dir: str):
-  """The float parameter tree the compressed model computes with (dequantized)."""
-  index, arrays = _read(export_dir)
-  flat = {}
-  for path, entry in index.items():
-    if "grid" in entry:
-      flat[path] = _grid_view(entry, arrays, _mask(entry, arrays)).astype(entry["dtype"])
-      continue
-    vals, scale, _ = _leaf(entry, arrays)
-    w = vals.astype(np.float32) * scale if scale is not None else vals.astype(np.float32)
-    flat[path] = w.astype(entry["dtype"])
-  return unflatten(flat)
-
-
 def _mask(entry, arrays):
   if "mask" not in entry:
     return None
@@ -313,14 +279,50 @@ def _mask(entry, arrays):
                        count=int(np.prod(entry["shape"]))).astype(bool)
 
 
+def leaf_values(entry, arrays) -> np.ndarray:
+  """One leaf's float32 weights as the model computes with them."""
+  shape, keep = tuple(entry["shape"]), _mask(entry, arrays)
+  if "grid" in entry:
+    w = _grid_view(entry, arrays, keep)
+  elif "factors" in entry:
+    f = entry["factors"]
+    w = _array(arrays, f["a"]) @ _array(arrays, f["b"])
+  elif "codebook" in entry:
+    cb = entry["codebook"]
+    vals = _array(arrays, cb["centroids"])[
+        bitpack.unpack(_take(arrays, "uint8", cb["codes"]), cb["count"], cb["bits"])]
+    w = vals if keep is None else np.zeros(keep.size, np.float32)
+    if keep is not None:
+      w[keep] = vals
+  else:
+    vals = _take(arrays, "fp32", entry["fp32"])
+    if keep is not None:
+      full = np.zeros(keep.size, np.float32)
+      full[keep] = vals
+      vals = full
+    w = vals
+  w = np.asarray(w, np.float32).reshape(shape)
+  if "adapter" in entry:
+    ad = entry["adapter"]
+    w = w + ad["scale"] * (_array(arrays, ad["a"]) @ _array(arrays, ad["b"])).reshape(shape)
+  return w
+
+
+def load(export_dir: str):
+  """The float parameter tree the compressed model computes with."""
+  index, arrays = _read(export_dir)
+  return unflatten({p: leaf_values(e, arrays).astype(e["dtype"]) for p, e in index.items()})
+
+
 def load_grid_codes(export_dir: str) -> dict:
   """{path: {"packed": the stored bytes, "grid", "shape", "contract", "scale" [G, N],
-  "zero", "in_scale" or None, "mask" or None}} of the post-training grid leaves, as stored
-  (4-bit codes two per byte): what a low-bit matmul consumes (`lowbit.py`)."""
+  "zero", "in_scale" or None, "mask" or None}} of the grid leaves, as stored (4-bit codes
+  two per byte): what a low-bit matmul consumes (`lowbit.py`). Leaves with an adapter are
+  left out (their products add it: `leaf_values` gives their weights)."""
   index, arrays = _read(export_dir)
   out = {}
   for path, entry in index.items():
-    if "grid" not in entry:
+    if "grid" not in entry or "adapter" in entry:
       continue
     scale = _take(arrays, "scales", entry["scales"]).reshape(entry["scale_shape"])
     out[path] = dict(

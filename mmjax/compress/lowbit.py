@@ -16,18 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mmjax.compress import formats, intercept, layout
-
-
-def unpack(packed, count: int, bits: int):
-  """Stored bytes -> unsigned codes (the export's layouts), in jnp."""
-  if bits == 8:
-    return packed[:count]
-  if bits == 4:
-    return jnp.stack([packed & 0xF, packed >> 4], axis=1).reshape(-1)[:count]
-  planes = jnp.unpackbits(packed, count=count * bits).reshape(count, bits)
-  return jnp.sum(planes.astype(jnp.uint16) << jnp.arange(bits, dtype=jnp.uint16),
-                 axis=1).astype(jnp.uint8)
+from mmjax.compress import bitpack, formats, intercept, layout
 
 
 def dequantize(arrays: dict, meta: dict):
@@ -35,7 +24,7 @@ def dequantize(arrays: dict, meta: dict):
   grid, shape, axes, count = meta["grid"], meta["shape"], meta["contract"], meta["count"]
   k = math.prod(shape[a] for a in axes)
   n = math.prod(shape) // k
-  u = unpack(arrays["packed"], count, grid.code_bits)
+  u = bitpack.unpack(arrays["packed"], count, grid.code_bits, jnp)
   if arrays.get("mask") is not None:  # kept codes only: scatter into the matrix view
     keep = layout.to_matrix(arrays["mask"], axes).reshape(-1)
     idx = jnp.cumsum(keep) - 1

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from mmjax.compress import lowbit
+from mmjax.compress import bitpack
 
 
 def _pow2(n: int, at_least: int = 1) -> int:
@@ -113,7 +113,7 @@ def matmul(x, packed, scale, center, *, bits: int, group: int, n: int, block_m: 
 def reference(x, packed, scale, center, *, bits: int, group: int, n: int):
   """The same product in plain jnp: the codes dequantized, then one matmul."""
   k = x.shape[1]
-  u = lowbit.unpack(packed, k * n, bits).reshape(k, n)
+  u = bitpack.unpack(packed, k * n, bits, jnp).reshape(k, n)
   rows = lambda a: jnp.repeat(a, group, axis=0)[:k]
   w = (u.astype(jnp.float32) - rows(center)) * rows(scale)
   return jnp.dot(x.astype(jnp.float32), w, preferred_element_type=jnp.float32)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.compress import storage
 from mmjax.compress.protocol import TRAINABLE, Method
 
 
@@ -73,13 +74,8 @@ def factorize(rank: int | None = None, ranks: dict | None = None,
     return {p: (f[p]["a"] @ f[p]["b"]).astype(w.dtype) for p, w in leaves.items()}
 
   def describe(leaves, state):
-    out = {}
-    for p, w in leaves.items():
-      a = state[TRAINABLE][p]["a"]
-      r = int(a.shape[1])
-      out[p] = {"factors": "low_rank", "rank": r,
-                "bytes": int((w.shape[0] + w.shape[1]) * r * np.dtype(a.dtype).itemsize)}
-    return out
+    f = state[TRAINABLE]
+    return {p: storage.Factors(f[p]["a"], f[p]["b"]) for p in leaves}
 
   def accepts(path, leaf):
     return None if len(leaf.shape) == 2 else f"shape {tuple(leaf.shape)} is not 2-D"

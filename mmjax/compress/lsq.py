@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 from mmjax.compress import layout
 from mmjax.compress.protocol import TRAINABLE, Method
-from mmjax.compress.quant import GRANULARITIES, check_bits, qmax, reduce_axes, uncompressible
+from mmjax.compress.quant import (GRANULARITIES, check_bits, grid_codes, qmax, reduce_axes,
+                                  uncompressible)
 
 
 def _scaled_grad(x, g):
@@ -63,12 +64,8 @@ def lsq(bits: int = 4, granularity: str = "channel", *, contract=None,
     return {p: quantize(w, state[TRAINABLE][p], bits, axes(p, w)) for p, w in leaves.items()}
 
   def describe(leaves, state):
-    out = {}
-    for p, w in leaves.items():
-      scales = int(state[TRAINABLE][p].size)
-      out[p] = {"bits": bits, "granularity": granularity, "learned_scales": True,
-                "bytes": math.ceil(w.size * bits / 8) + 4 * scales}
-    return out
+    return {p: grid_codes(w, jnp.maximum(state[TRAINABLE][p], 1e-8), bits, axes(p, w))
+            for p, w in leaves.items()}
 
   def accepts(path, leaf):
     return uncompressible(path, leaf, granularity, contract)

@@ -44,6 +44,10 @@ run's optimizer trains with the model, under the same schedule and clipping; its
 the train step that entry lives in the optimized tree (`TrainState.aux`, `Plan.split`)
 and is merged back into the state (`Plan.merge`) wherever the state is read.
 
+A view that adds to the compressed weights rather than replacing them (LoRA adapters on a
+quantized base: view = earlier view + a @ b) sets `adds=True`: it may share its paths with
+one earlier view method (the plan composes views in order), never with a later one.
+
 Constraints on the master weights (pruning masks) live in `update` alone: the weights are
 masked at step 0 and after every optimizer step, so the mask costs one elementwise pass
 fused into the optimizer's update, and `view` is for weights that differ from the master
@@ -97,6 +101,7 @@ class Method:
   task_weight: float = 1.0  # the task loss is scaled by the product over methods
   trains: bool = False  # its state's "trainable" entry is trained by the run's optimizer
   hooks: Optional[tuple] = None  # ((module path regex, fn(output, state) -> output), ...)
+  adds: bool = False  # its view adds to the view of an earlier method on the same paths
 
   def __post_init__(self):
     if not any(getattr(self, s) is not None for s in STAGES if s != "init"):

@@ -19,7 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from mmjax.compress import layout
+from mmjax.compress import layout, storage
 from mmjax.compress.core import Method
 from mmjax.compress.select import n_m_mask, top_k_masks
 
@@ -116,7 +116,7 @@ def unstructured(sparsity: float, *, score: str = "magnitude", scope: str = "lay
     return apply_masks(flat, masks), {"masks": masks, "key": state["key"]}
 
   def describe(flat, state):
-    return {p: {"mask": m} for p, m in state["masks"].items()}
+    return {p: storage.Mask(m) for p, m in state["masks"].items()}
 
   return Method(name or f"{score}_{scope}_{target:g}", init=init, update=update,
                 describe=describe)
@@ -168,6 +168,6 @@ def n_of_m(n: int = 2, m: int = 4, *, begin: int = 0, every: int | None = None,
     return apply_masks(flat, masks), {"masks": masks}
 
   def describe(flat, state):
-    return {p: {"mask": mk, "n_m": (n, m)} for p, mk in state["masks"].items()}
+    return {p: storage.Mask(mk, n_m=(n, m)) for p, mk in state["masks"].items()}
 
   return Method(name or f"{n}:{m}", init=init, update=update, describe=describe, check=check)

@@ -83,6 +83,18 @@ def fake_quant(w, bits: int, granularity: str = "channel", clip_ratio: float = 1
   return fake_quant_with_scale(w, scale_of(w, bits, granularity, clip_ratio, contract), bits)
 
 
+def grid_codes(w, scale, bits: int, axes: tuple):
+  """The storage record of symmetric codes with `scale` (keepdims over `axes`): one
+  vocabulary with the post-training grids, a `formats.Grid` per output column of the
+  matrix view whose rows are `axes` (per tensor: every axis; stacked layers: a column per
+  layer)."""
+  from mmjax.compress import formats, storage
+  axes = tuple(int(a) for a in axes)
+  scale_m = layout.to_matrix(jnp.broadcast_to(scale.astype(jnp.float32), w.shape), axes)[:1]
+  return storage.GridCodes(scale_m, jnp.zeros_like(scale_m),
+                           grid=formats.grid("int", bits, granularity="channel"), contract=axes)
+
+
 def uncompressible(path: str, leaf, granularity: str = "channel", contract=None):
   """Why a leaf (anything with .shape and .dtype) cannot be stored smaller as codes and
   scales, or None when it can."""
@@ -121,9 +133,8 @@ def weights(bits: int = 8, granularity: str = "channel", clip_ratio: float = 1.0
     return {p: fake_quant(w, bits, granularity, clip_ratio, axes(p, w)) for p, w in flat.items()}
 
   def describe(flat, state):
-    return {p: {"codes": "symmetric", "bits": bits, "granularity": granularity,
-                "scale_axes": list(axes(p, w)), "clip_ratio": clip_ratio}
-            for p, w in flat.items()}
+    return {p: grid_codes(w, scale_of(w, bits, granularity, clip_ratio, axes(p, w)), bits,
+                          axes(p, w)) for p, w in flat.items()}
 
   def accepts(path, leaf):
     return uncompressible(path, leaf, granularity, contract)

@@ -4,11 +4,10 @@ Counted from the parameters the model computes with (the compressed view), never
 targets. Compressed bytes follow the export format (`mmjax.compress.export`): kept values
 at their bit width (fp32 when not quantized), one bit per element for a mask (a packed
 bitmap; for 2:4 that equals 2-bit indices of the kept pair), a float32 scale per quantized
-channel. Leaves no method touched stay fp32; a method that stores a leaf in a format of its
-own states its `bytes`, and the report counts those. A leaf counts as compressed (`bits`
-below 32, or masked) only when its description says how it is stored (`codes`, a stated
-`bytes`, a `mask`), as the export stores it; `bits` alone leave it fp32, as in the export.
-A leaf its rule matched but its method skipped (`accepts`) says why in `skipped`. The
+channel or group. Each leaf's bytes are its storage records' (`storage.py`: each record
+states its own `nbytes`); leaves with no record stay fp32. A leaf counts as compressed when
+it has a record other than an activation scale. A leaf its rule matched but its method
+skipped (`accepts`) says why in `skipped`. The
 bytes on disk of an exported checkpoint are measured separately (`export.disk_bytes`) and
 reported next to these.
 """
@@ -21,28 +20,29 @@ import os
 import jax
 import numpy as np
 
+from mmjax.compress import storage
 from mmjax.compress.core import Plan, flatten
 
 
-def leaf_report(path, view, info) -> dict:
+def leaf_report(path, view, stored: storage.Stored | None) -> dict:
   view = np.asarray(view)
   n = int(view.size)
-  nonzero = int(np.count_nonzero(view))
-  bits = int(info.get("bits", 32)) if ("codes" in info or "bytes" in info) else 32
-  mask = info.get("mask")
-  kept = int(np.asarray(mask).sum()) if mask is not None else n
-  compressed = kept * bits / 8 + (math.ceil(n / 8) if mask is not None else 0)
-  if info.get("codes") == "symmetric":
-    axes = info.get("scale_axes", list(range(view.ndim - 1)))
-    reduced = int(np.prod([view.shape[a] for a in axes])) if view.ndim else 1
-    compressed += 4 * (n // max(reduced, 1))
-  if "bytes" in info:
-    compressed = float(info["bytes"])
-  row = dict(path=path, shape=list(view.shape), size=n, sparsity=1.0 - nonzero / max(n, 1),
-             bits=bits, masked=mask is not None, n_m=list(info["n_m"]) if "n_m" in info else None,
-             dense_bytes=4 * n, compressed_bytes=int(math.ceil(compressed)))
-  if "skipped" in info:
-    row["skipped"] = info["skipped"]
+  stored = stored or storage.Stored()
+  mask, codes = stored.mask, stored.codes
+  row = dict(path=path, shape=list(view.shape), size=n,
+             sparsity=1.0 - int(np.count_nonzero(view)) / max(n, 1), bits=stored.bits,
+             masked=mask is not None, n_m=list(mask.n_m) if mask is not None and mask.n_m
+             else None, dense_bytes=4 * n,
+             compressed_bytes=int(math.ceil(stored.nbytes(tuple(view.shape)))),
+             compressed=any(r is not stored.act for r in stored.records()))
+  if codes is not None:
+    row["format"] = (codes.name if isinstance(codes, storage.GridCodes) else
+                     f"low_rank r={codes.rank}" if isinstance(codes, storage.Factors) else
+                     getattr(codes, "what", "") or type(codes).__name__)
+  if stored.adapter is not None:
+    row["adapter_rank"] = int(np.shape(stored.adapter.a)[-1])
+  if stored.skipped:
+    row["skipped"] = stored.skipped
   return row
 
 
@@ -68,9 +68,9 @@ def build(params, plan: Plan, cstate, info: dict | None = None, **extra) -> dict
   `info` is `plan.describe(params, cstate)` when the caller already has it."""
   view = host_tree(flatten(jax.jit(plan.view)(params, cstate)))
   info = host_tree(plan.describe(params, cstate) if info is None else info)
-  rows = [leaf_report(p, view[p], info.get(p, {})) for p in sorted(view)]
+  rows = [leaf_report(p, view[p], info.get(p)) for p in sorted(view)]
   groups = sorted({r["path"].split("/")[0] for r in rows})
-  touched = [r for r in rows if r["masked"] or r["bits"] < 32]
+  touched = [r for r in rows if r["compressed"]]
   return dict(plan=plan.name, leaves=rows, total=_total(rows),
               compressed_leaves=_total(touched) if touched else None,
               by_group={g: _total([r for r in rows if r["path"].split("/")[0] == g])
@@ -85,7 +85,7 @@ def format_table(report: dict, max_rows: int = 40) -> str:
   lines = [f"compression: {report['plan']}",
            f"{'path':58s} {'shape':>14s} {'sparsity':>8s} {'bits':>4s} {'dense MB':>8s} "
            f"{'comp MB':>8s}"]
-  rows = [r for r in report["leaves"] if r["masked"] or r["bits"] < 32]
+  rows = [r for r in report["leaves"] if r.get("compressed", r["masked"] or r["bits"] < 32)]
   for r in rows[:max_rows]:
     lines.append(f"{r['path'][-58:]:58s} {str(tuple(r['shape'])):>14s} {r['sparsity']:8.4f} "
                  f"{r['bits']:4d} {_mb(r['dense_bytes'])} {_mb(r['compressed_bytes'])}")

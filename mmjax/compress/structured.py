@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mmjax.compress import storage
 from mmjax.compress.core import Method
 from mmjax.compress.pruning import Schedule, apply_masks, check_sparsity
 from mmjax.compress.select import top_k_masks
@@ -95,7 +96,7 @@ def units(sparsity: float, layout, *, what: str = "unit", schedule: Schedule = S
 
   def describe(flat, state):
     axes = {p: a for _, (_, leaves) in modules(flat).items() for p, a in leaves.items()}
-    return {p: {"mask": m, "structured": what, "unit_axis": axes[p]}
+    return {p: storage.Mask(m, structured=what, unit_axis=axes[p])
             for p, m in leaf_masks(flat, state["units"]).items()}
 
   return Method(name or f"{what}s_{target:g}", init=init, update=update, describe=describe,

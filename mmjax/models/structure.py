@@ -58,21 +58,22 @@ def shrink(view_params, describe: dict, model_cfg):
   (its structured masks say which columns and rows to keep)."""
   from mmjax.compress import flatten, unflatten
   flat = {p: np.asarray(w) for p, w in flatten(jax.device_get(view_params)).items()}
-  info = {p: d for p, d in jax.device_get(describe).items() if "structured" in d}
+  info = {p: d.mask for p, d in jax.device_get(describe).items()
+          if d.mask is not None and d.mask.structured}
   kept = {"head": set(), "mlp": set()}
   out = dict(flat)
   for path, d in info.items():
-    axis, mask = int(d["unit_axis"]), np.asarray(d["mask"])
+    axis, mask = int(d.unit_axis), np.asarray(d.keep)
     keep = np.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1).any(axis=1)
     out[path] = np.compress(keep, flat[path], axis=axis)
-    kept[d["structured"]].add(int(keep.sum()))
+    kept[d.structured].add(int(keep.sum()))
   hd = model_cfg.head_dim or model_cfg.d_model // model_cfg.num_heads
   changes = {}
   all_paths = list(flat)
   for unit, anchor in (("head", "/query/kernel"), ("mlp", "/fc1/kernel")):
     if not kept[unit]:
       continue
-    pruned = {p.rsplit("/", 2)[0] for p, d in info.items() if d["structured"] == unit}
+    pruned = {p.rsplit("/", 2)[0] for p, d in info.items() if d.structured == unit}
     widths = {k // hd for k in kept[unit]} if unit == "head" else kept[unit]
     if len(widths) != 1 or set(_modules(all_paths, anchor)) != pruned:
       what = "attention module" if unit == "head" else "MLP"

@@ -43,7 +43,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from mmjax.compress import intercept, layout, unroll
+from mmjax.compress import intercept, layout, storage, unroll
 from mmjax.compress.core import Method, flatten, unflatten
 from mmjax.compress.formats import Grid
 from mmjax.compress.post_training import schedule, staged, stats as statistics
@@ -320,25 +320,15 @@ def build(name: str, solve: Callable, wanted: tuple, *, grid=None,
   def describe(flat, state):
     out = {}
     for p, w in flat.items():
-      d = {}
+      records = []
       if masks:
-        d["mask"] = state[p]["mask"]
-        if n_m:
-          d["n_m"] = tuple(n_m)
+        records.append(storage.Mask(state[p]["mask"], n_m=tuple(n_m) if n_m else None))
       if grid is not None:
-        g = grid_of(p)
-        k = layout.to_matrix(w, axes(p, w)).shape[0]
-        kept = w.size if not masks else jnp.sum(state[p]["mask"])
-        nbytes = g.nbytes(k, w.size // k) - w.size * g.code_bits / 8
-        nbytes += kept * g.code_bits / 8 + (-(-w.size // 8) if masks else 0)
-        if in_scales:  # AWQ's per-input scales, fp32 (per layer of a stacked kernel)
-          nbytes += 4 * state[p]["in_scale"].size
-        d.update(codes="grid", format=g.name, bits=g.code_bits, bytes=nbytes,
-                 grid=g, scale=state[p]["scale"], zero=state[p]["zero"],
-                 contract=list(axes(p, w)))
-        if in_scales:
-          d["in_scale"] = state[p]["in_scale"]
-      out[p] = d
+        records.append(storage.GridCodes(
+            state[p]["scale"], state[p]["zero"],
+            state[p]["in_scale"] if in_scales else None, grid=grid_of(p),
+            contract=tuple(axes(p, w))))
+      out[p] = tuple(records)
     return out
 
   return Method(name, init=init, view=view if grid is not None else None,

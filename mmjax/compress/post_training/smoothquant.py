@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mmjax.compress import activations, intercept, layout, quant, unroll
+from mmjax.compress import activations, intercept, layout, quant, storage, unroll
 from mmjax.compress.core import Method
 from mmjax.compress.formats import grid as make_grid
 from mmjax.compress.post_training import method as pt, stats as statistics
@@ -131,9 +131,8 @@ def method(alpha: float = 0.5, *, mode: str = "fake", int8_grads: bool = True,
       scale, zero = W8.fit(m * pt.in_columns(s, m.shape[1]))
       # the export stores the weights (codes of diag(s) W, and s); the smoothed int8
       # activations are served through the plan's wrap
-      out[p] = {"codes": "grid", "format": "w8c_smoothed", "bits": 8,
-                "bytes": w.size + 4 * (w.size // k) + 4 * s.size, "grid": W8, "scale": scale,
-                "zero": zero, "in_scale": s, "contract": list(axes(p, w))}
+      out[p] = storage.GridCodes(scale, zero, s, grid=W8, contract=tuple(axes(p, w)),
+                                 label="w8c_smoothed")
     return out
 
   return Method(name or f"smoothquant_{alpha:g}_{mode}", init=init, view=view, wrap=wrap,

@@ -1,0 +1,34 @@
+"""Adapters selectable from a config: LoRA on whatever the earlier sections made of the
+kernels (recovery after post-training quantization, with the base frozen by
+config.optimizer.trainable='none')."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from mmjax.compress import lora, rules
+from mmjax.methods.registry import ADAPTERS, Settings, register, setting
+
+
+@register("lora", stage=ADAPTERS, doc="LoRA adapters: each matched kernel computes with its "
+          "compressed view + (alpha / rank) a @ b, a and b trained with the model.")
+@dataclasses.dataclass(frozen=True)
+class LoRA(Settings):
+  rank: int = setting(8, "the adapters' rank r, in [1, min(K, N)] of every kernel")
+  alpha: Optional[float] = setting(None, "scale alpha / rank; None: alpha = rank (scale 1)")
+  pattern: Optional[str] = setting(None, "regex over parameter paths; None: the family's "
+                                   "matmul pattern")
+
+  def check(self, where):
+    if self.rank < 1:
+      raise ValueError(f"{where}.rank={self.rank} must be >= 1.")
+
+  def build(self, ctx, where):
+    import re
+    method = lora.adapters(rank=self.rank, alpha=self.alpha)
+    rx = re.compile(ctx.pattern(self.pattern, "matmul"))
+    try:
+      method.check({p: s for p, s in ctx.shapes.items() if rx.fullmatch(p) and len(s) == 2})
+    except ValueError as e:
+      raise ValueError(f"{where}: {e}") from None
+    return rules([(ctx.pattern(self.pattern, "matmul"), method)], ctx.paths)
