@@ -79,6 +79,8 @@ METHODS = {
     "lsq": {"bits": ("3", 3), "granularity": ("tensor", "tensor"),
             "pattern": (r".*/kernel", r".*/kernel")},
     "lowrank": {"rank": ("4", 4), "pattern": (r".*/mlp/\w+/kernel", r".*/mlp/\w+/kernel")},
+    "lora": {"rank": ("2", 2), "alpha": ("4", 4.0),
+             "pattern": (r".*/mlp/\w+/kernel", r".*/mlp/\w+/kernel")},
     "distill": {
         "teacher": ("/tmp/teacher_run", "/tmp/teacher_run"),
         "temperature": ("4", 4.0),
@@ -135,6 +137,9 @@ CASES = {
     f"pretrained.py:model=vit,checkpoint={REPO}/tests/golden/vit,tiny,method=qat,steps=4": {
         **_section("quant", "fake_quant"), **_fields("compress.export", EXPORT)},
     "lowrank.py:tiny": {**_section("factorize", "lowrank"), **_fields("compress.export", EXPORT)},
+    "post_training.py:tiny,method=gptq,bits=2,group=32,lora=4": {
+        **_section("post_training", "gptq"), **_section("adapters", "lora"),
+        **_section("distill", "distill")},
     "combined.py:tiny": {**_section("prune", "magnitude"), **_section("quant", "fake_quant"),
                          **_section("distill", "distill"), **_fields("compress.export", EXPORT)},
 }
