@@ -7,6 +7,7 @@ import dataclasses
 from typing import Optional
 
 from mmjax.compress import lora, rules
+from mmjax.methods.factorization import kernels_2d
 from mmjax.methods.registry import ADAPTERS, Settings, register, setting
 
 
@@ -24,11 +25,9 @@ class LoRA(Settings):
       raise ValueError(f"{where}.rank={self.rank} must be >= 1.")
 
   def build(self, ctx, where):
-    import re
     method = lora.adapters(rank=self.rank, alpha=self.alpha)
-    rx = re.compile(ctx.pattern(self.pattern, "matmul"))
     try:
-      method.check({p: s for p, s in ctx.shapes.items() if rx.fullmatch(p) and len(s) == 2})
+      method.check({p: ctx.shapes[p] for p in kernels_2d(ctx, self.pattern)})
     except ValueError as e:
       raise ValueError(f"{where}: {e}") from None
     return rules([(ctx.pattern(self.pattern, "matmul"), method)], ctx.paths)

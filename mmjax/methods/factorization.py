@@ -23,13 +23,14 @@ class LowRank(Settings):
   def build(self, ctx, where):
     method = lowrank.factorize(rank=self.rank)
     try:
-      method.check({p: s for p, s in ctx.shapes.items() if p in _matches(ctx, self.pattern)})
+      method.check({p: ctx.shapes[p] for p in kernels_2d(ctx, self.pattern)})
     except ValueError as e:
       raise ValueError(f"{where}: {e}") from None
     return rules([(ctx.pattern(self.pattern, "matmul"), method)], ctx.paths)
 
 
-def _matches(ctx, pattern):
+def kernels_2d(ctx, pattern):
+  """The 2-D parameters `pattern` (None: the family's matmul pattern) fully matches."""
   import re
   rx = re.compile(ctx.pattern(pattern, "matmul"))
   return {p for p in ctx.paths if rx.fullmatch(p) and len(ctx.shapes[p]) == 2}

@@ -126,7 +126,6 @@ def method(alpha: float = 0.5, *, mode: str = "fake", int8_grads: bool = True,
     out = {}
     for p, w in flat.items():
       s = state[p]["smooth"]
-      k = s.shape[-1]
       m = layout.to_matrix(w, axes(p, w))
       scale, zero = W8.fit(m * pt.in_columns(s, m.shape[1]))
       # the export stores the weights (codes of diag(s) W, and s); the smoothed int8
