@@ -32,7 +32,7 @@ setup(
         "scikit-learn>=1.3",
         # TensorBoard event files without TensorFlow.
         "tensorboardX>=2.6",
-        # jax.export's serialization (deployable artifacts, python -m mmjax.deploy).
+        # jax.export's serialization (deployable artifacts, python -m mmjax.cli.deploy).
         "flatbuffers>=24",
         # Hugging Face checkpoints of the pretrained families (mmjax.pretrained).
         "safetensors>=0.4",

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mmjax.attention import dot_product_attention  # noqa: E402
+from mmjax.kernels.attention import dot_product_attention  # noqa: E402
 
 
 def median_time(fn, args, reps, min_time=0.2):

@@ -3,7 +3,7 @@
   python bench/compress_overhead.py [--init workdirs/dense] [--reps 15] \
       [--out bench/out/compress_overhead.json]
 
-Builds the real harness train step (`mmjax.train.make_steps`, the model-agnostic
+Builds the real harness train step (`mmjax.harness.train.make_steps`, the model-agnostic
 `mmjax.compress.step` with mmjax's loss, jitted with the state donated, as the harness
 does) of the `small` model for each method, its state from `steps.init` on the same
 weights, and times them interleaved in one process (method order rotated every round),
@@ -65,8 +65,8 @@ def _batch(cfg, batch_size):
 def _plan(cfg_compress, model_cfg, *extra):
   """The plan `config.compress = cfg_compress` builds (checked against the model's
   parameter shapes), then the parts in `extra`."""
-  from mmjax import compress_config
   from mmjax.compress import Plan
+  from mmjax.harness import compress_config
   from mmjax.models import family
   return Plan(compress_config.build({"compress": cfg_compress}, family.of(model_cfg)).plan,
               *extra)
@@ -76,13 +76,13 @@ def _copy(tree):
   return jax.tree.map(jax.numpy.array, tree)  # a copy: the step donates its state
 
 
-def _build(model_cfg, tx, schedule, plan, params, batch, frozen=None):
+def _build(model_cfg, tx, lr_schedule, plan, params, batch, frozen=None):
   """-> (Steps, TrainState): the harness's step for `plan` and its state on `params` (a
   copy), as `train_and_evaluate` starts it (`steps.init` applies `plan.start`)."""
-  from mmjax import task, train
+  from mmjax.harness import task, train
   from mmjax.models import family
   fam = family.of(model_cfg)
-  steps = train.make_steps(fam, task.from_config({}, fam), tx, schedule, plan)
+  steps = train.make_steps(fam, task.from_config({}, fam), tx, lr_schedule, plan)
   state = jax.jit(steps.init)(_copy(params), jax.random.PRNGKey(0), batch, frozen)
   return steps, state
 
@@ -165,16 +165,16 @@ def main():
 
   import optax
 
-  from mmjax import checkpointing
   from mmjax.compress import Plan, activations, distill, flatten, match_paths, quant, rules
-  from mmjax.models.family import ACT_PATTERN, PRUNE_PATTERN, QUANT_PATTERN
+  from mmjax.harness import checkpointing
   from mmjax.models import MultimodalModel, get_preset
+  from mmjax.models.family import ACT_PATTERN, PRUNE_PATTERN, QUANT_PATTERN
 
   cfg = get_preset("small")
   model = MultimodalModel(cfg)
   batch = _batch(cfg, args.batch_size)
   tx = optax.adamw(1e-3, weight_decay=1e-4)
-  schedule = lambda s: 1e-3
+  lr_schedule = lambda s: 1e-3
   params0 = jax.jit(model.init)(jax.random.key(0), batch)["params"]
   source = "fresh initialisation"
   if args.init:
@@ -185,8 +185,8 @@ def main():
 
   once = dict(kind="one_shot", begin=0)  # 90% masks at step 0, only applied afterwards
   always = dict(kind="polynomial", begin=0, end=10**8, every=1)
-  prune = lambda sched: dict(method="magnitude", sparsity=0.9, pattern=PRUNE_PATTERN,
-                             schedule=sched)
+  prune = lambda ramp: dict(method="magnitude", sparsity=0.9, pattern=PRUNE_PATTERN,
+                            ramp=ramp)
   int8 = dict(bits=8, pattern=QUANT_PATTERN)
   # the inputs of every matmul weight's product in int8 (weights int8 by the QAT part)
   int8_inputs = lambda grads: rules([(ACT_PATTERN, activations.inputs(8, "int8",
@@ -213,7 +213,7 @@ def main():
   steps, states, built = {}, {}, {}
   for name, (cc, act) in methods.items():
     plan = _plan(cc, cfg, *([act] if act is not None else []))
-    built[name], state = _build(cfg, tx, schedule, plan, params0, batch)
+    built[name], state = _build(cfg, tx, lr_schedule, plan, params0, batch)
     if plan.needs_calibration(list(flatten(params0))):  # activation scales start at 1.0
       params, cstate = plan.calibrate(apply, state.params, state.cstate, [batch])
       state = state.replace(params=params, cstate=cstate)
@@ -236,7 +236,7 @@ def main():
     frozen = {"distill": params0}
     for name, plan in (("student", Plan()), ("student + distill", dplan)):
       d = name != "student"
-      built[name], state = _build(s_cfg, tx, schedule, plan, s_params, batch,
+      built[name], state = _build(s_cfg, tx, lr_schedule, plan, s_params, batch,
                                   frozen if d else None)
       fn = jax.jit(built[name].train_step, donate_argnums=(0,))
       if not d:
@@ -247,7 +247,7 @@ def main():
       states[name] = state
     # self-distillation (the combined pipeline's): the small model, started from the
     # teacher's weights as the pipeline starts it, taught by itself
-    built["self-distill"], states["self-distill"] = _build(cfg, tx, schedule, dplan,
+    built["self-distill"], states["self-distill"] = _build(cfg, tx, lr_schedule, dplan,
                                                            params0, batch, frozen)
     compiled = jax.jit(built["self-distill"].train_step, donate_argnums=(0,)).lower(
         states["self-distill"], batch, frozen).compile()

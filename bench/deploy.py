@@ -60,7 +60,7 @@ def _serve(directory):
 
 
 def _model(init):
-  from mmjax import checkpointing
+  from mmjax.harness import checkpointing
   from mmjax.models import MultimodalModel, get_preset, random_inputs
   cfg = get_preset("small")
   model = MultimodalModel(cfg)

@@ -173,8 +173,8 @@ def base_timing(modes, log):
   (`staged`): levels, and the equations its passes run in forwards' worth."""
   from mmjax.compress import Plan, flatten, formats, rules
   from mmjax.compress.post_training import gptq, sparsegpt
-  from mmjax.models.family import PRUNE_PATTERN as P
   from mmjax.models import MultimodalModel, get_preset, random_inputs
+  from mmjax.models.family import PRUNE_PATTERN as P
   cfg = get_preset("base")
   model = MultimodalModel(cfg)
   params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), random_inputs(cfg, 1))[
@@ -200,15 +200,15 @@ def base_timing(modes, log):
 
 
 def sequential_cut(apply, params, batches, pattern, log):
-  """The schedule and the cut forward of sequential mode on `base`: levels, and how many
+  """The passes and the cut forward of sequential mode on `base`: levels, and how many
   equations the passes run together against one forward (1.0) and against re-running the
   whole forward per level (levels x 1.0)."""
   from mmjax.compress import flatten, layout
-  from mmjax.compress.post_training import schedule, staged
+  from mmjax.compress.post_training import passes, staged
   paths = [p for p in flatten(params) if re.fullmatch(pattern, p)]
   t0 = time.perf_counter()
   closed = jax.make_jaxpr(apply)(params, batches[0])
-  groups, levels = schedule.solve_order(apply, params, batches[0], paths, closed=closed)
+  groups, levels = passes.solve_order(apply, params, batches[0], paths, closed=closed)
   cut = staged.build(apply, params, list(flatten(params)), batches[:1], paths, levels,
                      ("gram",), lambda path, ndim: layout.contract_axes(None, path, ndim),
                      closed)
@@ -219,7 +219,7 @@ def sequential_cut(apply, params, batches, pattern, log):
              forwards_run=forwards, plan_s=plan_s)
   log(f"  base sequential: {len(groups)} blocks in {len(levels)} levels; the cut passes "
       f"run {forwards:.2f} forwards' worth of the {len(pl.ops)} equations (uncut: "
-      f"{len(levels)}); schedule and cut {plan_s:.1f} s")
+      f"{len(levels)}); passes and cut {plan_s:.1f} s")
   return res
 
 

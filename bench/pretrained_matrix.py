@@ -41,7 +41,7 @@ METHODS = {
 
 def _run(family, arg, workdir, data_dir):
   from experiments.configs import pretrained
-  from mmjax import train
+  from mmjax.harness import train
   c = pretrained.get_config(f"model={family},checkpoint={os.path.join(GOLDEN, family)},"
                             f"dataset={FAMILIES[family]},tiny" + (f",{arg}" if arg else ""))
   c.data.data_dir, c.data.download, c.mesh.data = data_dir, True, 1
@@ -64,8 +64,9 @@ def _deploy_diff(workdir, out):
   import jax
   import ml_collections
   import numpy as np
-  from mmjax import deploy, family as family_lib, run_setup
+  from mmjax.cli import deploy
   from mmjax.compress import export
+  from mmjax.harness import family as family_lib, run_setup
   deploy.build(workdir, out, platforms=("cpu",), log=lambda *_: None)
   spec = importlib.util.spec_from_file_location("artifact_serve", os.path.join(out, "serve.py"))
   serve = importlib.util.module_from_spec(spec)

@@ -2,7 +2,7 @@
 
   python bench/train_step.py --data_dir=DIR --out bench/out/train_step.json
 
-Runs the real harness (`mmjax.train.train_and_evaluate`) on the `small` dense config for
+Runs the real harness (`mmjax.harness.train.train_and_evaluate`) on the `small` dense config for
 `--steps` steps (input pipeline, logging every 50 steps, a checkpoint every 100 and at the
 end, one evaluation at the end), then, in the same process, times the compiled train step
 alone on one fixed batch. Reports compile time, steps/s and examples/s of the loop and of
@@ -121,8 +121,8 @@ def main(argv=None):
   import jax
 
   from experiments.configs import dense
-  from mmjax import optim, sharding, train
   from mmjax.data.pipeline import train_iterator
+  from mmjax.harness import optim, sharding, train
 
   cfg = dense.get_config()
   cfg.data.data_dir = args.data_dir
@@ -135,8 +135,8 @@ def main(argv=None):
 
   setup = train.validate(cfg)
   fam = setup.family
-  tx, schedule = optim.make_optimizer(cfg.optimizer, args.steps)
-  steps = train.make_steps(fam, setup.task, tx, schedule, setup.compression.plan)
+  tx, lr_schedule = optim.make_optimizer(cfg.optimizer, args.steps)
+  steps = train.make_steps(fam, setup.task, tx, lr_schedule, setup.compression.plan)
   sample = fam.example_batch(1)
   rng = jax.random.PRNGKey(0)
   params = jax.jit(fam.init)(jax.random.fold_in(rng, 1), sample)

@@ -52,11 +52,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  from mmjax import sharding
+  from mmjax.harness import sharding
   sharding.maybe_initialize_distributed()
-  from mmjax import train
-  from mmjax.checkpointing import CheckpointMismatchError
   from mmjax.data.sources import DatasetCorruptedError, DatasetNotPreparedError
+  from mmjax.harness import train
+  from mmjax.harness.checkpointing import CheckpointMismatchError
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, KeyError, CheckpointMismatchError, DatasetNotPreparedError,

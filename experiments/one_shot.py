@@ -6,7 +6,7 @@ weight-only setting (the compressed weights are its inputs, so nothing recompile
 The validation set is drawn from the training split (a shuffle with its own seed), so that
 choosing settings never looks at the test split; `split="test"` evaluates on the test split
 instead (what the harness reports). The model and the metrics are the run's own model
-family and task (`mmjax.family`, `mmjax.task`): any model the harness trains.
+family and task (`mmjax.harness.family`, `mmjax.harness.task`): any model the harness trains.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmjax import checkpointing, family as family_lib, task as task_lib, train
 from mmjax.compress import Plan, flatten, unflatten
 from mmjax.data import pipeline
+from mmjax.harness import checkpointing, family as family_lib, task as task_lib, train
 
 VALIDATION_SEED = 10_007
 

@@ -216,7 +216,7 @@ def run_all(rows, seeds, calib_seeds, sweep_dir, tiny, data_dir, dataset, log=pr
   from experiments import sensitivity
   from experiments.results import is_complete
   from experiments.results import run_dir as dense_run_dir
-  from mmjax import train
+  from mmjax.harness import train
   todo = [(r, s, c) for s in range(seeds) for r in rows for (s2, c) in runs_of(r, seeds,
                                                                                 calib_seeds)
           if s2 == s and (only_seeds is None or s in only_seeds)]

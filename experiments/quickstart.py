@@ -43,7 +43,7 @@ QUICK = dict(dense_steps=1800, dense_lr=2.5e-4, dense_warmup=100, compress_steps
 
 def _stage(name, config, workdir, log):
   """Run one stage (or reuse it); -> its wall time in s (None if reused)."""
-  from mmjax import train
+  from mmjax.harness import train
   if os.path.exists(os.path.join(workdir, "summary.json")):
     log(f"[quickstart] {name}: already done in {workdir}, reused")
     return None
@@ -65,7 +65,7 @@ def figures(recs, times, d, c) -> str:
       f"stage (dataset preparation included) {times['dense']:.0f} s and the compressed "
       f"{times['compressed']:.0f} s. Dense {d.train.steps:,} steps (lr {d.optimizer.lr:g}) "
       f"**{100 * dense['accuracy']:.2f}%** test accuracy; combined {c.train.steps:,} steps "
-      f"(pruning ramp to 90% by step {c.compress.prune.schedule.end}) "
+      f"(pruning ramp to 90% by step {c.compress.prune.ramp.end}) "
       f"**{100 * comp['accuracy']:.2f}%** ({comp['accuracy'] / dense['accuracy']:.1%} of "
       f"dense), export {comp['disk_bytes']:,} bytes on disk, **"
       f"{dense['disk_bytes'] / comp['disk_bytes']:.1f}× smaller** than the dense raw fp32 "
@@ -85,8 +85,8 @@ def configs(workdir, data_dir, tiny):
     d.optimizer.warmup_steps = QUICK["dense_warmup"]
     d.train.eval_every = d.train.checkpoint_every = 500
     c.train.steps = c.train.eval_every = c.train.checkpoint_every = QUICK["compress_steps"]
-    c.compress.prune.schedule.end = QUICK["prune_end"]
-    c.compress.prune.schedule.every = QUICK["prune_every"]
+    c.compress.prune.ramp.end = QUICK["prune_end"]
+    c.compress.prune.ramp.every = QUICK["prune_every"]
   return d, c
 
 

@@ -52,8 +52,8 @@ def _raw_export_bytes(workdir):
   a temporary directory (the workdir is left as it was)."""
   import tempfile
 
-  from mmjax import checkpointing
   from mmjax.compress import export
+  from mmjax.harness import checkpointing
   reader = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), read_only=True)
   params = reader.restore_local(reader.latest_step())["params"]
   reader.close()

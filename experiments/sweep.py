@@ -165,7 +165,7 @@ def enable_compile_cache(path: str):
 def run_all(names, seeds, sweep_dir, tiny, data_dir, log=print, adjust=None, dataset=None):
   """Train every (name, seed) not yet complete (`seeds`: a count, or the seeds themselves);
   `adjust(config)` edits each config last."""
-  from mmjax import train
+  from mmjax.harness import train
   # seed-major: a complete one-seed table exists after the first pass over the suite
   seeds = range(seeds) if isinstance(seeds, int) else seeds
   todo = [(n, s) for s in seeds for n in names]

@@ -38,7 +38,7 @@ def procedural_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_dense_dir(procedural_dir, tmp_path_factory):
   from experiments.configs import dense
-  from mmjax import train
+  from mmjax.harness import train
 
   def build(workdir):
     c = dense.get_config("tiny")

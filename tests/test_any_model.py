@@ -13,9 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from mmjax import checkpointing, deploy, family, lowering, train
+from mmjax.cli import deploy, lowering
 from mmjax.compress import flatten
 from mmjax.data import pipeline
+from mmjax.harness import checkpointing, family, train
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)

@@ -1,11 +1,11 @@
-"""mmjax.attention against an independent float64 NumPy reference, forward and gradients."""
+"""mmjax.kernels.attention against an independent float64 NumPy reference, forward and gradients."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mmjax.attention import choose_implementation, dot_product_attention
+from mmjax.kernels.attention import choose_implementation, dot_product_attention
 from reference_attention import attention_fwd_bwd
 
 CPU_IMPLS = ("reference", "chunked", "xla")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax import checkpointing
+from mmjax.harness import checkpointing
 
 
 def _state(step):

@@ -9,8 +9,8 @@ import pytest
 
 from experiments.configs import nm, prune, qat
 from experiments.configs import structured as structured_cfg
-from mmjax import checkpointing, family, train
 from mmjax.compress import flatten
+from mmjax.harness import checkpointing, family, train
 from mmjax.models.family import PRUNE_PATTERN
 import re
 
@@ -49,7 +49,7 @@ def test_gradual_pruning_run_reaches_its_sparsity_and_reports_it(procedural_dir,
   report = json.load(open(os.path.join(workdir, "compression_report.json")))
   pruned = [r for r in report["leaves"] if re.fullmatch(PRUNE_PATTERN, r["path"])]
   assert pruned and all(r["masked"] for r in pruned)
-  for r in pruned:  # realized, per layer, +-1 element (gradual schedule ended at step 22)
+  for r in pruned:  # realized, per layer, +-1 element (gradual ramp ended at step 22)
     assert abs(r["sparsity"] * r["size"] - 0.75 * r["size"]) <= 1, r
   assert report["dense_accuracy"] is not None and report["accuracy"] is not None
   assert any("TOTAL" in l for l in logs)
@@ -90,8 +90,8 @@ def test_structured_run_writes_a_physically_smaller_model(procedural_dir, dense_
 def test_qat_tensor_granularity_reports_one_scale(dense_dir):
   """config -> plan -> report without training (the harness runs QAT in the tests above):
   `tensor` granularity computes with one 4-bit grid a leaf and stores one float32 scale."""
-  from mmjax import compress_config
   from mmjax.compress import report
+  from mmjax.harness import compress_config
   c = _cfg(qat, "tiny,bits=4,tensor", None, dense_dir)
   plan = compress_config.build(c, family.from_config(c)).plan
   params, cstate = plan.start(_final_params(dense_dir)["params"], jax.random.key(0))
@@ -255,7 +255,7 @@ def test_bad_distillation_configs(procedural_dir, dense_dir, tmp_path, field, va
 
 def test_teacher_that_does_not_fit_its_config(procedural_dir, dense_dir, tmp_path):
   from experiments.configs import distill
-  from mmjax.checkpointing import CheckpointMismatchError
+  from mmjax.harness.checkpointing import CheckpointMismatchError
   c = distill.get_config("tiny")
   c.data.data_dir, c.mesh.data = procedural_dir, 1
   c.compress.distill.teacher = dense_dir

@@ -1,4 +1,4 @@
-"""Pruning transforms: exact realized sparsity, valid N:M groups, schedules, masks that
+"""Pruning transforms: exact realized sparsity, valid N:M groups, sparsity ramps, masks that
 survive optimizer steps, global vs per-layer thresholds, random baseline, bad input."""
 import warnings
 
@@ -122,8 +122,8 @@ def test_pruned_weights_stay_zero_under_adam():
   assert (w[~mask0] == 0).all() and (w[mask0] != 0).all()
 
 
-def test_polynomial_schedule_monotone_and_reaches_target():
-  s = pruning.Schedule("polynomial", begin=10, end=110, every=10).validate()
+def test_polynomial_ramp_monotone_and_reaches_target():
+  s = pruning.Ramp("polynomial", begin=10, end=110, every=10).validate()
   vals = [float(s.sparsity(t, 0.9)) for t in range(0, 131)]
   assert vals[0] == 0.0 and all(b >= a for a, b in zip(vals, vals[1:]))
   assert vals[110] == pytest.approx(0.9) and vals[130] == pytest.approx(0.9)
@@ -132,8 +132,8 @@ def test_polynomial_schedule_monotone_and_reaches_target():
 
 
 def test_gradual_pruning_in_a_training_loop_reaches_target_at_end_step():
-  sched = pruning.Schedule("polynomial", begin=0, end=40, every=10)
-  plan, params = _plan(pruning.unstructured(0.9, schedule=sched))
+  ramp = pruning.Ramp("polynomial", begin=0, end=40, every=10)
+  plan, params = _plan(pruning.unstructured(0.9, ramp=ramp))
   state = plan.init(params, jax.random.PRNGKey(0))
   seen = []
   update = jax.jit(plan.update)
@@ -258,7 +258,7 @@ def test_state_is_keyed_by_name_so_reordered_rules_read_the_same_checkpoint():
     (lambda: Plan(pruning.n_of_m(2, 4, contract=(3,))).check({"x/kernel": (8, 8)}),
      r"contraction axes \(3,\) do not fit x/kernel"),
     (lambda: pruning.unstructured(0.5, scope="tower"), "scope='tower' is unknown"),
-    (lambda: pruning.Schedule("polynomial", begin=5, end=5).validate(), "must be > begin"),
+    (lambda: pruning.Ramp("polynomial", begin=5, end=5).validate(), "must be > begin"),
     (lambda: rules([(r"c/.*", pruning.unstructured(0.5))], ["a/kernel", "b/kernel"]),
      "(?s)matches no parameter.*a/kernel"),
 ])

@@ -16,12 +16,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Each table must cover its method's registered settings exactly (mmjax/methods/): a setting
 # added without a test value here fails test_every_setting_of_every_method_is_covered.
 SCHEDULE = {
-    "schedule.kind": ("polynomial", "polynomial"),
-    "schedule.begin": ("3", 3),
-    "schedule.end": ("40", 40),
-    "schedule.every": ("2", 2),
-    "schedule.power": ("2", 2.0),  # an int on the command line is still a float
-    "schedule.initial": ("0.1", 0.1),
+    "ramp.kind": ("polynomial", "polynomial"),
+    "ramp.begin": ("3", 3),
+    "ramp.end": ("40", 40),
+    "ramp.every": ("2", 2),
+    "ramp.power": ("2", 2.0),  # an int on the command line is still a float
+    "ramp.initial": ("0.1", 0.1),
 }
 UNSTRUCTURED = {
     "method": ("random", "random"),

@@ -1,4 +1,4 @@
-"""`python -m mmjax.deploy` on mmjax runs: a W4 GPTQ run's artifact returns the compressed
+"""`python -m mmjax.cli.deploy` on mmjax runs: a W4 GPTQ run's artifact returns the compressed
 model's logits for batch sizes 1, 3 and 16 from one program, its sizes land in the run's
 report; a dense run deploys from its checkpoint; bad flags fail with one line. (The
 combined run's artifact, lowered for cpu, cuda and tpu, is checked on the quickstart's
@@ -13,9 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from mmjax import deploy, family, train
+from mmjax.cli import deploy
 from mmjax.compress import export
 from mmjax.data import pipeline
+from mmjax.harness import family, train
 from mmjax.models import MultimodalModel
 from mmjax.models.family import model_config
 
@@ -68,7 +69,7 @@ def test_dense_run_deploys_from_its_checkpoint_and_bad_flags_fail(tiny_dense_dir
   assert not os.path.exists(os.path.join(tiny_dense_dir, "compression_report.json"))
   with pytest.raises(ValueError, match="no config.json"):
     deploy.build(str(tmp_path), str(tmp_path / "x"), platforms=("cpu",))
-  r = subprocess.run([sys.executable, "-m", "mmjax.deploy", f"--workdir={tiny_dense_dir}",
+  r = subprocess.run([sys.executable, "-m", "mmjax.cli.deploy", f"--workdir={tiny_dense_dir}",
                       f"--out={tmp_path / 'y'}", "--platforms=cpu,gpu"], cwd=ROOT,
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 2 and "platforms ['gpu'] unknown; valid: cpu, cuda, rocm, tpu" in (

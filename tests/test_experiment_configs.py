@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from experiments.configs import modalities
-from mmjax import train
+from mmjax.harness import train
 from mmjax.models.family import model_config
 
 

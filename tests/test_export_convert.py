@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from mmjax.compress import convert_export, export
+from mmjax.cli import convert_export
+from mmjax.compress import export
 from mmjax.compress.core import flatten
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
@@ -18,7 +19,7 @@ GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 def test_a_v2_export_is_refused_with_the_command_and_converts_to_the_same_values(tmp_path):
   old = str(tmp_path / "old")
   shutil.copytree(os.path.join(GOLDEN, "export_v2"), old)
-  with pytest.raises(ValueError, match=r"python -m mmjax.compress.convert_export --src="):
+  with pytest.raises(ValueError, match=r"python -m mmjax.cli.convert_export --src="):
     export.load(old)
   want = np.load(os.path.join(GOLDEN, "export_v2_expected.npz"))
   new = str(tmp_path / "new")
@@ -37,7 +38,7 @@ def test_a_v2_export_is_refused_with_the_command_and_converts_to_the_same_values
                                              "pruned/kernel", "grid/kernel"}
 
   # the command the error gives converts in place; a v3 export is not converted again
-  run = lambda: subprocess.run([sys.executable, "-m", "mmjax.compress.convert_export",
+  run = lambda: subprocess.run([sys.executable, "-m", "mmjax.cli.convert_export",
                                 f"--src={old}"], capture_output=True, text=True, timeout=120)
   out = run()
   assert out.returncode == 0, out.stderr

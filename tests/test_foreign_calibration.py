@@ -19,7 +19,7 @@ from flax import linen as nn
 from foreign_zoo import CONVS, MODELS
 from mmjax.compress import Plan, activations, flatten, formats, intercept, layout, rules
 from mmjax.compress import unflatten
-from mmjax.compress.post_training import gptq, schedule, smoothquant, sparsegpt, stats
+from mmjax.compress.post_training import gptq, passes, smoothquant, sparsegpt, stats
 
 G3 = formats.grid("int", 3, granularity="channel")
 KERNELS = r".*kernel"
@@ -62,7 +62,7 @@ def _per_layer(apply, params, solved, batches, baseline):
   its sequential inputs: the forward with every earlier level's kernels as solved."""
   dense, new = flatten(params), flatten(solved)
   paths = sorted(p for p in dense if re.fullmatch(KERNELS, p))
-  _, levels = schedule.solve_order(apply, params, batches[0], paths)
+  _, levels = passes.solve_order(apply, params, batches[0], paths)
   f = _inputs(apply, paths)
   out, before = {}, set()
   for level in levels:

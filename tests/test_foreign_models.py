@@ -130,10 +130,10 @@ def test_foreign_model_gets_the_whole_kit(name, tmp_path):
   teacher, _ = _train(dense, dense.init(params, jax.random.PRNGKey(0), {"x": x[:2]}),
                       _batches(x, y, 60, seed=1))
 
-  schedule = pruning.Schedule("polynomial", begin=0, end=20, every=5)
+  ramp = pruning.Ramp("polynomial", begin=0, end=20, every=5)
   plan = Plan(
       rules([(subset, pruning.n_of_m(2, 4, contract=contract)),
-             (kernels, pruning.unstructured(0.9, schedule=schedule))]),
+             (kernels, pruning.unstructured(0.9, ramp=ramp))]),
       rules([(kernels, quant.weights(8, contract=contract))]),
       rules([(kernels, activations.inputs(8, "int8"))]),
       distill.method(fwd, temperature=2.0, alpha=0.5))
@@ -372,7 +372,7 @@ def test_the_compress_package_imports_no_mmjax_model_code_nor_orbax():
           "mmjax.compress.structured, mmjax.compress.quant, mmjax.compress.activations, "
           "mmjax.compress.distill, mmjax.compress.report, mmjax.compress.export; "
           "bad = sorted(m for m in sys.modules if m.startswith(('mmjax.models', "
-          "'mmjax.checkpointing', 'mmjax.train', 'orbax'))); print(bad); assert not bad")
+          "'mmjax.harness.checkpointing', 'mmjax.harness.train', 'orbax'))); print(bad); assert not bad")
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
   assert r.returncode == 0, r.stdout + r.stderr
 

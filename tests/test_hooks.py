@@ -68,7 +68,7 @@ def test_dropping_half_the_tokens_after_block_1_of_a_foreign_vit():
 
 def test_hooks_on_mmjax_own_model_and_bad_hooks():
   from experiments.configs.common import base_config
-  from mmjax import family
+  from mmjax.harness import family
   fam = family.from_config(base_config(tiny=True))
   batch = fam.example_batch(2, with_labels=False)
   params = fam.init(jax.random.PRNGKey(0), batch)
@@ -90,3 +90,80 @@ def test_hooks_on_mmjax_own_model_and_bad_hooks():
   with pytest.raises(ValueError, match=r"'bad': the hook on .* returns an output the rest "
                      r"of the forward cannot take"):
     bad.check_hooks(fam.apply, params, {}, batch)
+
+
+def test_nnx_hooks_by_attribute_path_and_classes_restored():
+  from flax import nnx
+
+  class NnxBlock(nnx.Module):
+    def __init__(self, rngs):
+      self.fc = nnx.Linear(D, D, rngs=rngs)
+
+    def __call__(self, x):
+      return x + jnp.tanh(self.fc(x))
+
+  class NnxEncoder(nnx.Module):
+    def __init__(self, rngs):
+      self.blocks = nnx.List([NnxBlock(rngs) for _ in range(DEPTH)])
+      self.head = nnx.Linear(D, 10, rngs=rngs)
+
+    def __call__(self, x):
+      for b in self.blocks:
+        x = b(x)
+      return self.head(x.mean(1))
+
+  graphdef, state = nnx.split(NnxEncoder(nnx.Rngs(0)))
+  params = nnx.to_pure_dict(state)
+
+  def apply(p, x):  # an NNX forward calls its root through hooks.call
+    s = nnx.clone(state)
+    nnx.replace_by_pure_dict(s, p)
+    return hooks.call(nnx.merge(graphdef, s), x)
+
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, T, D))
+  paths = hooks.module_paths(apply, params, x)
+  assert "blocks/1" in paths and "blocks/1/fc" in paths and "head" in paths
+  seen = []
+
+  def keep_first_half(out, st):
+    seen.append(out.shape)
+    return out[:, : out.shape[1] // 2]
+
+  plan = Plan(Method("drop_half", hooks=((r"blocks/1", keep_first_half),)))
+  plan.check_hooks(apply, params, {}, x)
+  got = jax.jit(plan.wrap(apply, {}, []))(params, x)
+  assert seen[-1] == (2, T, D)
+
+  # the reference: the same weights applied by hand in float64, half the tokens after block 1
+  w = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  h = np.asarray(x, np.float64)
+  for i in range(DEPTH):
+    h = h + np.tanh(h @ w["blocks"][i]["fc"]["kernel"] + w["blocks"][i]["fc"]["bias"])
+    if i == 1:
+      h = h[:, : T // 2]
+  want = h.mean(1) @ w["head"]["kernel"] + w["head"]["bias"]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+  # no class was left patched: the plain forward keeps every token
+  plain = np.asarray(apply(params, x))
+  assert not np.allclose(plain, want, atol=1e-3)
+  assert "__call__" in vars(NnxBlock) and vars(NnxBlock)["__call__"].__name__ == "__call__"
+
+  typo = Plan(Method("typo", hooks=((r"block/1", keep_first_half),)))
+  with pytest.raises(ValueError, match=r"'typo': hook pattern 'block/1' matches no module "
+                     r"of the forward; nearest module paths: \['blocks/1'"):
+    typo.check_hooks(apply, params, {}, x)
+  plain_jax = lambda p, x: x @ p["w"]
+  with pytest.raises(ValueError, match=r"module hooks need a forward made of Flax modules"):
+    plan.check_hooks(plain_jax, {"w": jnp.ones((D, 3))}, {}, x)
+
+
+def test_the_trainer_checks_hooks_before_anything_is_written(procedural_dir, tmp_path):
+  from experiments.configs import dense
+  from mmjax.harness import train
+  config = dense.get_config("tiny")
+  config.data.data_dir, config.mesh.data, config.train.steps = procedural_dir, 1, 2
+  plan = Plan(Method("typo", hooks=((r"image/blok_00", lambda out, st: out),)))
+  with pytest.raises(ValueError, match=r"'typo': hook pattern 'image/blok_00' matches no "
+                     r"module of the forward; nearest module paths: \['image/block_00'"):
+    train.train_and_evaluate(config, str(tmp_path / "w"), plan=plan, log=lambda *a: None)
+  assert not (tmp_path / "w").exists()

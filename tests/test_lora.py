@@ -74,7 +74,7 @@ def test_adapters_recover_the_best_rank_r_correction_of_2bit_rtn(tmp_path):
 
 
 def _params(workdir):
-  from mmjax import checkpointing
+  from mmjax.harness import checkpointing
   ck = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   params = ck.restore_local(ck.latest_step())["params"]
   ck.close()
@@ -99,7 +99,7 @@ def test_gptq_2bit_then_lora_by_distillation_from_a_config(procedural_dir, tiny_
   distillation from the dense run, no model parameter moves, and the report and export
   carry the adapters."""
   from experiments.configs import post_training
-  from mmjax import train
+  from mmjax.harness import train
   c = post_training.get_config("tiny,method=gptq,bits=2,group=32,lora=4")
   assert c.optimizer.trainable == "none" and c.train.steps == 3
   c.data.data_dir, c.mesh.data, c.init = procedural_dir, 1, tiny_dense_dir

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax import lowering
+from mmjax.cli import lowering
 from mmjax.compress import bitpack, lowbit_matmul
 
 

@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mmjax import attention, lowering
+from mmjax.cli import lowering
 from mmjax.compress import activations
+from mmjax.kernels import attention
 
 PLATFORMS = ("cuda", "tpu")
 

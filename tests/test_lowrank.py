@@ -76,7 +76,7 @@ def test_ranks_for_energy_against_numpy():
 
 def test_lowrank_by_config_and_bad_ranks(procedural_dir, tiny_dense_dir, tmp_path):
   from experiments.configs import lowrank as lowrank_config
-  from mmjax import train
+  from mmjax.harness import train
 
   def config(arg):
     c = lowrank_config.get_config(arg)

@@ -67,7 +67,7 @@ def test_step_sizes_train_and_beat_min_max_scales_at_2_bits():
 
 def test_lsq_by_config(procedural_dir, tiny_dense_dir, tmp_path):
   from experiments.configs import qat
-  from mmjax import train
+  from mmjax.harness import train
   c = qat.get_config("tiny,lsq,bits=4")
   c.data.data_dir, c.mesh.data, c.init, c.train.steps = procedural_dir, 1, tiny_dense_dir, 10
   workdir = str(tmp_path / "lsq")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from experiments.configs import common, dense, post_training
-from mmjax import compress_config, family
 from mmjax.compress import Method, flatten, rules
+from mmjax.harness import compress_config, family
 from mmjax.methods import registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,14 +126,14 @@ def test_different_methods_on_different_paths():
     (dict(method="no_such"), r"config.compress.s.method='no_such' is not a registered "
      r"compression method; registered: .*gptq.*magnitude"),
     (dict(method="magnitude", bits=4), r"unknown field\(s\) \['bits'\] for method "
-     r"'magnitude'; valid: \['pattern', 'rules', 'schedule', 'scope', 'sparsity'\]"),
+     r"'magnitude'; valid: \['pattern', 'ramp', 'rules', 'scope', 'sparsity'\]"),
     (dict(method="magnitude", scope="everywhere"), r"config.compress.s.scope='everywhere' is "
      r"unknown; valid: layer, global"),
     (dict(method="gptq", bits="four"), r"config.compress.s.bits='four' must be int"),
     (dict(method="n_m", n=4, m=2), r"N:M pruning needs integers 1 <= n < m, got n=4, m=2"),
-    (dict(method="magnitude", schedule=dict(kind="cubic")), r"schedule.kind='cubic' is "
+    (dict(method="magnitude", ramp=dict(kind="cubic")), r"ramp.kind='cubic' is "
      r"unknown"),
-    (dict(method="magnitude", schedule=dict(start=3)), r"schedule has unknown field\(s\) "
+    (dict(method="magnitude", ramp=dict(start=3)), r"ramp has unknown field\(s\) "
      r"\['start'\]"),
     (dict(sparsity=0.5), r"config.compress.s names no method; set config.compress.s.method"),
     (dict(method="gptq", bits=3, granularity="group", group_size=48), r"config.compress.s"),

@@ -1,4 +1,4 @@
-"""JAX's Pallas attention kernels behind mmjax's semantics (`mmjax/pallas_attention.py`),
+"""JAX's Pallas attention kernels behind mmjax's semantics (`mmjax/kernels/pallas_attention.py`),
 run in Pallas interpret mode on this CPU against the float64 NumPy reference: forward and
 gradients, odd lengths, masks, cross-attention, empty rows; `implementation="pallas"`
 lowers to the TPU kernel for tpu and the Triton kernel for cuda."""
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from mmjax import attention, lowering, pallas_attention
+from mmjax.cli import lowering
+from mmjax.kernels import attention, pallas_attention
 from reference_attention import attention_fwd_bwd
 from test_attention import _assert_close, _case
 

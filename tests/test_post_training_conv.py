@@ -15,7 +15,7 @@ from flax import linen as nn
 from jax import lax
 
 from mmjax.compress import Plan, flatten, formats, layout, rules
-from mmjax.compress.post_training import awq, gptq, schedule, sparsegpt, staged, stats, wanda
+from mmjax.compress.post_training import awq, gptq, passes, sparsegpt, staged, stats, wanda
 
 
 def im2col(x, taps, strides, padding, lhs_dil, rhs_dil):
@@ -208,7 +208,7 @@ def test_sequential_levels_see_the_solved_conv():
   p32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
   b32 = [jnp.asarray(b, jnp.float32) for b in batches]
   paths = ["stem/kernel", "block_0/w", "block_1/w", "head/w"]
-  _, levels = schedule.solve_order(apply, p32, b32[0], paths)
+  _, levels = passes.solve_order(apply, p32, b32[0], paths)
   assert levels == [[p] for p in paths]
   contract_of = lambda path, ndim: layout.contract_axes(None, path, ndim)
   cut = staged.build(apply, p32, list(flatten(p32)), b32, paths, levels, ("gram",),

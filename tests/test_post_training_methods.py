@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mmjax.compress import Plan, activations, flatten, formats, layout, pruning, rules, step
-from mmjax.compress.post_training import gptq, obs, rtn, schedule, smoothquant, sparsegpt, stats
+from mmjax.compress.post_training import gptq, obs, passes, rtn, smoothquant, sparsegpt, stats
 from test_foreign_models import _loss_fn, _task, linen_model, nnx_model
 
 
@@ -97,7 +97,7 @@ def test_sequential_statistics_come_from_the_compressed_earlier_blocks():
   np.testing.assert_allclose(p_seq["block_1"]["w"], want, rtol=1e-5, atol=1e-6)
   assert not np.allclose(p_seq["block_1"]["w"], p_par["block_1"]["w"])
   assert stats.STATS  # the statistics the methods may ask for
-  order = [p for blk in schedule.blocks(["block_1/w", "block_0/w", "head"]) for p in blk]
+  order = [p for blk in passes.blocks(["block_1/w", "block_0/w", "head"]) for p in blk]
   assert order == ["block_1/w", "block_0/w", "head"]  # first-use order, kept
 
 
@@ -117,14 +117,14 @@ def test_independent_towers_share_a_pass_and_keep_the_block_by_block_weights():
   mix = r.normal(size=(32, 32))
   batches = [jnp.asarray(r.normal(size=(64, 32)) @ mix, jnp.float32) for _ in range(2)]
   paths = ["a/block_0/w", "a/block_1/w", "b/block_0/w", "b/block_1/w", "join/w"]
-  deps = schedule.dependencies(apply, params, batches[0], paths)
+  deps = passes.dependencies(apply, params, batches[0], paths)
   assert list(deps) == paths  # the order the forward first uses them
   assert deps["a/block_1/w"] == {"a/block_0/w"} and deps["b/block_0/w"] == set()
   assert deps["join/w"] == set(paths[:4])
-  assert schedule.levels(schedule.blocks(paths), deps) == [
+  assert passes.levels(passes.blocks(paths), deps) == [
       ["a/block_0/w", "b/block_0/w"], ["a/block_1/w", "b/block_1/w"], ["join/w"]]
   # a block that depends on one the forward uses later: one block per level, in order
-  assert schedule.levels([["x"], ["y"]], {"x": {"y"}}) == [["x"], ["y"]]
+  assert passes.levels([["x"], ["y"]], {"x": {"y"}}) == [["x"], ["y"]]
 
   grid = formats.grid("int", 3, granularity="group", group_size=16)
   got, _ = _calibrated(Plan(rules([(r".*w", gptq.method(grid))])), params, apply, batches)
@@ -142,8 +142,8 @@ def test_independent_towers_share_a_pass_and_keep_the_block_by_block_weights():
 
 def test_mmjax_towers_are_calibrated_together():
   """On mmjax's own model the three towers' blocks share levels; the fusion comes after."""
-  from mmjax.models.family import PRUNE_PATTERN
   from mmjax.models import MultimodalModel, get_preset, random_inputs
+  from mmjax.models.family import PRUNE_PATTERN
   import re
   cfg = get_preset("tiny")
   model = MultimodalModel(cfg)
@@ -151,7 +151,7 @@ def test_mmjax_towers_are_calibrated_together():
   params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch)["params"])
   apply = lambda p, b: model.apply({"params": p}, b)
   paths = [p for p in flatten(params) if re.fullmatch(PRUNE_PATTERN, p)]
-  groups, lv = schedule.solve_order(apply, params, batch, paths)
+  groups, lv = passes.solve_order(apply, params, batch, paths)
   prefixes = [sorted({"/".join(p.split("/")[:2]) for p in level}) for level in lv]
   assert prefixes == [["audio/block_00", "image/block_00", "text/block_00"],
                       ["fusion/layer_00"]], prefixes

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mmjax.compress import flatten, layout, unflatten
-from mmjax.compress.post_training import schedule, staged
+from mmjax.compress.post_training import passes, staged
 
 D = 16
 
@@ -67,7 +67,7 @@ def test_each_level_sees_the_earlier_levels_solved_and_the_cut_runs_about_two_fo
   b32 = [jnp.asarray(b, jnp.float32) for b in batches]
   paths = [p for p in flatten(params) if p != "head/w"]
   closed = jax.make_jaxpr(apply)(p32, b32[0])
-  _, levels = schedule.solve_order(apply, p32, b32[0], paths, closed=closed)
+  _, levels = passes.solve_order(apply, p32, b32[0], paths, closed=closed)
   assert [sorted(lv) for lv in levels] == [
       [f"{t}/block_{i}/{k}" for t in "ab" for k in "oq"] for i in range(3)] + [["join/w"]]
   contract_of = lambda path, ndim: layout.contract_axes(None, path, ndim)

@@ -90,7 +90,7 @@ def test_every_suite_row_builds_a_plan_on_tiny():
   """Config -> plan -> shape checks for each row (the harness runs some for real)."""
   from experiments import post_training_suite as pts
   from experiments.configs import post_training
-  from mmjax import compress_config, family
+  from mmjax.harness import compress_config, family
   shapes = None
   for row, (arg, calibrates) in pts.ROWS.items():
     if row.startswith("alloc"):

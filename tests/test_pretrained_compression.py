@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mmjax.compress import Plan, flatten, formats, intercept, layout, rules, unflatten
-from mmjax.compress.post_training import gptq, schedule, sparsegpt, stats
+from mmjax.compress.post_training import gptq, passes, sparsegpt, stats
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_pretrained_bert  # noqa: E402  (each family's golden configuration)
@@ -69,7 +69,7 @@ def _magnitude(w, sparsity=0.5):
 
 def _per_layer(apply, params, solved, batches, paths, baseline):
   dense, new = flatten(params), flatten(solved)
-  _, levels = schedule.solve_order(apply, params, batches[0], paths)
+  _, levels = passes.solve_order(apply, params, batches[0], paths)
   observe = intercept.observe(apply, paths, lambda d: stats.rows(
       d, layout.contract_axes(None, d.path, d.w.ndim)), convs=True)
   f = jax.jit(lambda p, b: {k: jnp.concatenate(v) for k, v in observe(p, b).items()})

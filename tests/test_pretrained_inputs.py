@@ -140,7 +140,7 @@ def _config(arg, **data):
 
 
 def _fails_before_work(config, message, tmp_path):
-  from mmjax import train
+  from mmjax.harness import train
   workdir = str(tmp_path / "run")
   with tfds.testing.mock_data(num_examples=8):
     with pytest.raises(ValueError, match=message):

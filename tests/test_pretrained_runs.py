@@ -13,7 +13,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments.configs import pretrained
-from mmjax import deploy, train
+from mmjax.cli import deploy
+from mmjax.harness import train
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 QUIET = lambda *_: None
@@ -60,8 +61,8 @@ def test_clip_zero_shot_dense_gptq_deploy_and_sensitivity(tmp_path):
 
     import jax
     import numpy as np
-    from mmjax import family as family_lib
     from mmjax.compress import export
+    from mmjax.harness import family as family_lib
     spec = importlib.util.spec_from_file_location("clip_serve", os.path.join(art, "serve.py"))
     serve = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(serve)
@@ -114,9 +115,9 @@ def test_every_method_and_family_by_config(family, arg, dataset, want, two_tower
   assert 0.0 <= out[f"eval_{metric}"] <= 1.0
   if "probe" in arg:  # only the new head moved
     import numpy as np
-    from mmjax import checkpointing
     from mmjax.compress import flatten
-    from mmjax import family as family_lib
+    from mmjax.harness import checkpointing
+    from mmjax.harness import family as family_lib
     with open(os.path.join(workdir, "config.json")) as f:
       config = __import__("ml_collections").ConfigDict(json.load(f))
     with tfds.testing.mock_data(num_examples=32):

@@ -34,7 +34,7 @@ def test_quickstart_end_to_end_then_reuses_its_stages(procedural_dir, tmp_path):
   # the compressed run as an artifact for cpu, cuda and tpu; on this CPU, loaded by its own
   # serve.py, it classifies the test split exactly as the run did
   env = {**os.environ, "XLA_FLAGS": "", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
-  d = subprocess.run([sys.executable, "-m", "mmjax.deploy", f"--workdir={workdir}/compressed",
+  d = subprocess.run([sys.executable, "-m", "mmjax.cli.deploy", f"--workdir={workdir}/compressed",
                       f"--out={workdir}/artifact", "--evaluate", f"--data_dir={procedural_dir}"],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert d.returncode == 0, d.stderr[-3000:]

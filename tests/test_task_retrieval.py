@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from experiments.configs.common import base_config
-from mmjax import checkpointing, family, task as task_lib, train
 from mmjax.data import pipeline
+from mmjax.harness import checkpointing, family, task as task_lib, train
 from mmjax.tasks import retrieval
 
 

@@ -1,4 +1,4 @@
-from mmjax import tokenizer
+from mmjax.data import tokenizer
 
 
 def test_round_trip_and_padding():

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from experiments.configs import dense
-from mmjax import checkpointing, optim, sharding, train
 from mmjax.compress import export
 from mmjax.data.pipeline import InputConfig, train_iterator
+from mmjax.harness import checkpointing, optim, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,8 +96,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(procedural_dir, tmp_p
 # from a dense teacher, from scratch: the compression state must resume as exactly as the
 # weights
 COMPRESSED = ("--config=experiments/configs/combined.py:tiny", "--config.init=",
-              "--config.compress.prune.schedule.end=40",
-              "--config.compress.prune.schedule.every=10")
+              "--config.compress.prune.ramp.end=40",
+              "--config.compress.prune.ramp.every=10")
 
 
 @pytest.fixture(scope="module")
@@ -234,10 +234,10 @@ def test_one_step_on_8_devices_equals_1_device(procedural_dir, cpu_devices):
   cfg = _tiny(procedural_dir)
   setup = train.validate(cfg)
   fam = setup.family
-  tx, schedule = optim.make_optimizer(cfg.optimizer, 30)
+  tx, lr_schedule = optim.make_optimizer(cfg.optimizer, 30)
   local = next(train_iterator(InputConfig(data_dir=procedural_dir, batch_size=16)))
   sample = fam.example_batch(1)
-  steps = train.make_steps(fam, setup.task, tx, schedule)
+  steps = train.make_steps(fam, setup.task, tx, lr_schedule)
   init_fn = lambda: steps.init(fam.init(jax.random.PRNGKey(1), sample),
                                jax.random.PRNGKey(0), sample)
   results = {}

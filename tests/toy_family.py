@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.family import Family
+from mmjax.harness.family import Family
 
 ARGS = {"width": 32, "blocks": 2, "patch": 7, "classes": 10, "dropout": 0.0}
 

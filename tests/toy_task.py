@@ -3,7 +3,7 @@ trained with label smoothing and ranked by top-k accuracy (`config.task.k`)."""
 import jax.numpy as jnp
 import optax
 
-from mmjax.task import Task
+from mmjax.harness.task import Task
 
 
 def task(args: dict, family) -> Task:

@@ -6,8 +6,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.family import Family
-from mmjax.tokenizer import VOCAB_SIZE
+from mmjax.data.tokenizer import VOCAB_SIZE
+from mmjax.harness.family import Family
 
 ARGS = {"width": 32, "dim": 16}
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from mmjax.models.family import ACT_PATTERN, PRUNE_PATTERN, QUANT_PATTERN
 from mmjax.models import get_preset
+from mmjax.models.family import ACT_PATTERN, PRUNE_PATTERN, QUANT_PATTERN
 
 ARGS = ("tiny",)
 
@@ -52,7 +52,7 @@ def base_config(*, tiny: bool, modalities=None) -> ml_collections.ConfigDict:
   model = get_preset("tiny" if tiny else "small", modalities=modalities).to_dict()
   model["towers"] = {k: {**v, "image_size": list(v["image_size"])} if "image_size" in v else v
                      for k, v in model["towers"].items()}
-  c.model_module = "mmjax.models.family"  # a model module (mmjax/family.py): its family(args)
+  c.model_module = "mmjax.models.family"  # a model module (mmjax/harness/family.py): its family(args)
   c.model = model                         # that module's arguments
   c.task_module = "mmjax.tasks.classification"
   c.task = dict(token_mask=config_dict.placeholder(str), label_smoothing=0.0)
@@ -92,7 +92,7 @@ def section(method: str, **kw) -> dict:
   out = {"method": method}
   for f in dataclasses.fields(entry.settings):
     value = kw.pop(f.name, f.default)
-    if dataclasses.is_dataclass(f.default):  # a nested settings record (a Schedule)
+    if dataclasses.is_dataclass(f.default):  # a nested settings record (a pruning Ramp)
       value = {**dataclasses.asdict(f.default), **dict(value if isinstance(value, dict) else
                                                         dataclasses.asdict(value))}
     elif value is None:

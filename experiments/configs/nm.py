@@ -10,5 +10,5 @@ def get_config(arg=None):
   args = parse_arg(arg, values={"n": int, "m": int})
   c = finetune_config(args)
   c.compress.prune = prune(method="n_m", n=args.get("n", 2), m=args.get("m", 4),
-                           schedule=dict(begin=0))
+                           ramp=dict(begin=0))
   return c

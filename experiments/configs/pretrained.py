@@ -32,7 +32,7 @@ and any compression method, by config alone.
       --config=$C:model=clip_b32,checkpoint=/ckpt/clip-vit-base-patch32,method=gptq,bits=4
 
 Every family compresses its own default kernels (Family.patterns); per-tower sensitivity
-(`python -m experiments.sensitivity --workdir=<a run>`) and deploy (`python -m mmjax.deploy`)
+(`python -m experiments.sensitivity --workdir=<a run>`) and deploy (`python -m mmjax.cli.deploy`)
 take the run's workdir as for any run.
 """
 import importlib

@@ -18,6 +18,6 @@ def get_config(arg=None):
   c.compress.prune = prune(method="mlp_units" if args.get("mlp") else "heads",
                            sparsity=args.get("sparsity", 0.5),
                            pattern="",  # empty: the method's own (every head / MLP)
-                           schedule=dict(kind="polynomial", begin=0, end=int(steps * 0.5),
-                                         every=max(1, steps // 20), power=3.0))
+                           ramp=dict(kind="polynomial", begin=0, end=int(steps * 0.5),
+                                     every=max(1, steps // 20), power=3.0))
   return c

@@ -32,7 +32,7 @@ about 7% under zstd; int8 codes of trained weights carry ~7.7 bits of entropy, s
 that reference int8 cannot pass ~3.87x whatever the container).
 
 Exports of format v2 (before storage records: QAT codes as signed int8 / bit planes) are
-refused with the command that converts them (`convert_export.py`).
+refused with the command that converts them (`mmjax/cli/convert_export.py`).
 """
 from __future__ import annotations
 
@@ -261,7 +261,7 @@ def _read(export_dir):
   if index.get("format") != FORMAT:
     raise ValueError(f"{export_dir} is an mmjax export of format {index.get('format')!r}, "
                      f"written before storage records; this reader takes {FORMAT!r}. Convert "
-                     f"it: python -m mmjax.compress.convert_export --src={export_dir}")
+                     f"it: python -m mmjax.cli.convert_export --src={export_dir}")
   with ocp.StandardCheckpointer() as ckptr:
     arrays = ckptr.restore(os.path.join(os.path.abspath(export_dir), "arrays"))
   return index["leaves"], {k: np.asarray(v) for k, v in arrays.items()}

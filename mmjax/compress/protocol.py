@@ -20,7 +20,7 @@ dataclasses) and keeps its state as a pytree. Each stage is a place in a trainin
                                              ordinary trainable parameters, in `fwd.params`
   update(leaves, state, step) -> (leaves, state)
                                              after each optimizer step (`step` = steps
-                                             taken) and once at step 0: schedules advance,
+                                             taken) and once at step 0: ramps advance,
                                              masks are recomputed and applied
   calibrate(leaves, state, calib: Calibration) -> (leaves, state)
                                              from batches handed in: statistics (activation

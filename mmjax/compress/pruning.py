@@ -4,11 +4,11 @@ State: `{"masks": {path: bool array}, "key": rng}`. `update` applies the masks t
 master weights at step 0 and after every optimizer step, so pruned weights are exactly zero
 whatever the optimizer's moments say, and the forward pass computes with the weights as
 they are (no second masking pass; see `core`). Pruned weights do get a gradient, which the
-next `update` discards. Masks are recomputed from the current weights at the schedule's
+next `update` discards. Masks are recomputed from the current weights at the ramp's
 update steps only (`lax.cond`: other steps pay just the elementwise mask, fused into the
 optimizer's update).
 
-Sparsity schedules (Zhu & Gupta 2017): one-shot at `begin`, or polynomial from `initial`
+The sparsity ramp (Zhu & Gupta 2017): one-shot at `begin`, or polynomial from `initial`
 to the target between `begin` and `end`, recomputed every `every` steps:
     s(t) = target + (initial - target) * (1 - (t - begin) / (end - begin)) ** power
 """
@@ -25,7 +25,7 @@ from mmjax.compress.select import n_m_mask, top_k_masks
 
 
 @dataclasses.dataclass(frozen=True)
-class Schedule:
+class Ramp:
   kind: str = "one_shot"  # or "polynomial"
   begin: int = 0
   end: int = 0
@@ -33,7 +33,7 @@ class Schedule:
   power: float = 3.0
   initial: float = 0.0
 
-  def validate(self, where="schedule"):
+  def validate(self, where="ramp"):
     if self.kind not in ("one_shot", "polynomial"):
       raise ValueError(f"{where}.kind={self.kind!r} is unknown; valid: one_shot, polynomial.")
     if self.begin < 0:
@@ -81,7 +81,7 @@ def apply_masks(flat, masks):
 
 
 def unstructured(sparsity: float, *, score: str = "magnitude", scope: str = "layer",
-                 schedule: Schedule = Schedule(), name: str | None = None) -> Method:
+                 ramp: Ramp = Ramp(), name: str | None = None) -> Method:
   """Magnitude (|w|) or random pruning to `sparsity`, each layer to its own target
   (`scope="layer"`) or one threshold over all the leaves this transform owns ("global")."""
   target = check_sparsity(sparsity)
@@ -89,7 +89,7 @@ def unstructured(sparsity: float, *, score: str = "magnitude", scope: str = "lay
     raise ValueError(f"pruning score={score!r} is unknown; valid: magnitude, random.")
   if scope not in ("layer", "global"):
     raise ValueError(f"pruning scope={scope!r} is unknown; valid: layer, global.")
-  schedule.validate()
+  ramp.validate()
 
   def scores(flat, key):
     if score == "magnitude":
@@ -107,11 +107,11 @@ def unstructured(sparsity: float, *, score: str = "magnitude", scope: str = "lay
     return {p: top_k_masks([sc[p]], _keep(sc[p].size, s))[0] for p in paths}
 
   def init(flat, rng):
-    return {"masks": masks_at(flat, rng, schedule.sparsity(0, target)), "key": rng}
+    return {"masks": masks_at(flat, rng, ramp.sparsity(0, target)), "key": rng}
 
   def update(flat, state, step):
-    masks = jax.lax.cond(schedule.is_update_step(step),
-                         lambda: masks_at(flat, state["key"], schedule.sparsity(step, target)),
+    masks = jax.lax.cond(ramp.is_update_step(step),
+                         lambda: masks_at(flat, state["key"], ramp.sparsity(step, target)),
                          lambda: state["masks"])
     return apply_masks(flat, masks), {"masks": masks, "key": state["key"]}
 

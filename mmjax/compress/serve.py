@@ -52,17 +52,17 @@ def _manifest(directory):
   path = os.path.join(directory, "manifest.json")
   if not os.path.exists(path):
     raise ArtifactError(f"{directory} is not an mmjax artifact (no manifest.json); write one "
-                        "with `python -m mmjax.deploy --workdir=<run> --out=<dir>`.")
+                        "with `python -m mmjax.cli.deploy --workdir=<run> --out=<dir>`.")
   try:
     with open(path) as f:
       manifest = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ArtifactError(f"{path} is not readable JSON ({e}); the artifact is damaged: "
-                        "write it again with `python -m mmjax.deploy`.") from None
+                        "write it again with `python -m mmjax.cli.deploy`.") from None
   if manifest.get("format") != FORMAT:
     raise ArtifactError(f"{path}: format {manifest.get('format')!r}, this loader reads "
                         f"{FORMAT!r}; use the serve.py inside that artifact, or write it "
-                        "again with this version's `python -m mmjax.deploy`.")
+                        "again with this version's `python -m mmjax.cli.deploy`.")
   for name, want in manifest["files"].items():
     p = os.path.join(directory, name)
     if not os.path.exists(p):
@@ -70,7 +70,7 @@ def _manifest(directory):
     if os.path.getsize(p) != want["bytes"] or sha256(p) != want["sha256"]:
       raise ArtifactError(f"{p} is truncated or changed ({os.path.getsize(p):,} bytes, the "
                           f"manifest says {want['bytes']:,}); copy it again or write the "
-                          "artifact again with `python -m mmjax.deploy`.")
+                          "artifact again with `python -m mmjax.cli.deploy`.")
   return manifest
 
 

@@ -50,7 +50,7 @@ class Steps(NamedTuple):
   # intermediates), compressed; `aux`: the trainables split out of cstate, if they are
 
 
-def build(apply_fn, loss_fn, tx, plan: Plan | None = None, *, eval_fn=None, schedule=None,
+def build(apply_fn, loss_fn, tx, plan: Plan | None = None, *, eval_fn=None, lr_schedule=None,
           apply_rng: bool = False) -> Steps:
   plan = plan or Plan()
 
@@ -100,8 +100,8 @@ def build(apply_fn, loss_fn, tx, plan: Plan | None = None, *, eval_fn=None, sche
     aux = {**aux, **trained}
     metrics = dict(loss=loss, **metrics, grad_norm=optax.global_norm(grads),
                    param_norm=optax.global_norm(params), update_norm=optax.global_norm(updates))
-    if schedule is not None:
-      metrics["lr"] = schedule(state.step)
+    if lr_schedule is not None:
+      metrics["lr"] = lr_schedule(state.step)
     return state.replace(step=state.step + 1, params=params, aux=aux, opt_state=opt_state,
                          cstate=cstate), metrics
 

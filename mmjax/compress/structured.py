@@ -9,7 +9,7 @@ its own layout. A unit is scored by the squared norm of all its slices; every mo
 keeps the same number of units, round((1 - s) * n), so the pruned model is again a model
 of the same family with fewer units.
 
-State: `{"units": {module: bool [n]}, "key": rng}`; schedules, and masks applied to the
+State: `{"units": {module: bool [n]}, "key": rng}`; the sparsity ramp, and masks applied to the
 weights in `update` only (`pruning.apply_masks`), as in `pruning`.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from mmjax.compress import storage
 from mmjax.compress.core import Method
-from mmjax.compress.pruning import Schedule, apply_masks, check_sparsity
+from mmjax.compress.pruning import Ramp, apply_masks, check_sparsity
 from mmjax.compress.select import top_k_masks
 
 
@@ -47,10 +47,10 @@ def leaf_mask(unit_mask, shape, axis):
                           shape)
 
 
-def units(sparsity: float, layout, *, what: str = "unit", schedule: Schedule = Schedule(),
+def units(sparsity: float, layout, *, what: str = "unit", ramp: Ramp = Ramp(),
           name: str | None = None) -> Method:
   target = check_sparsity(sparsity)
-  schedule.validate()
+  ramp.validate()
 
   def modules(flat):
     return layout({p: tuple(w.shape) for p, w in flat.items()})
@@ -86,11 +86,11 @@ def units(sparsity: float, layout, *, what: str = "unit", schedule: Schedule = S
     return masks
 
   def init(flat, rng):
-    return {"units": unit_masks(flat, schedule.sparsity(0, target)), "key": rng}
+    return {"units": unit_masks(flat, ramp.sparsity(0, target)), "key": rng}
 
   def update(flat, state, step):
-    um = jax.lax.cond(schedule.is_update_step(step),
-                      lambda: unit_masks(flat, schedule.sparsity(step, target)),
+    um = jax.lax.cond(ramp.is_update_step(step),
+                      lambda: unit_masks(flat, ramp.sparsity(step, target)),
                       lambda: state["units"])
     return apply_masks(flat, leaf_masks(flat, um)), {"units": um, "key": state["key"]}
 

@@ -11,7 +11,7 @@ replaced by its layers `p[0]`, `p[1]`, ... (virtual leaves), and the scan's body
 per layer with layer l reading `p[l]` directly (the other `xs`, e.g. stacked LayerNorm
 scales, are sliced). `remat`/`checkpoint` bodies and nested jits are inlined (the same
 values; only the memory plan differs, which calibration does not need). Everything
-downstream (the interceptor, `schedule`, `staged`, `stats`) then sees an ordinary unrolled
+downstream (the interceptor, `passes`, `staged`, `stats`) then sees an ordinary unrolled
 program whose products consume ordinary leaves; each scan iteration is one block
 (`block_of`) for sequential calibration.
 

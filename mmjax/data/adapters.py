@@ -4,7 +4,7 @@ An adapter maps a dataset's features to modalities and a label; preprocessing de
 on the modality kind, so mm_arith and real TFDS datasets share one code path:
   * image: uint8 [h, w, c] -> float32 in [0, 1], resized (bilinear) to `image_size` when
     one is given (datasets whose images vary in size, e.g. coco_captions);
-  * text: a string -> byte tokens int32 [text_len] + mask (mmjax.tokenizer);
+  * text: a string -> byte tokens int32 [text_len] + mask (mmjax.data.tokenizer);
   * audio: integer PCM [n] -> float32 in [-1, 1], cropped or zero-padded to
     `audio_samples`, + mask (the model computes the log-mel spectrogram itself).
 """
@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from mmjax import tokenizer
+from mmjax.data import tokenizer
 
 
 @dataclasses.dataclass(frozen=True)

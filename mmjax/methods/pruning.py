@@ -9,8 +9,8 @@ from mmjax.compress import match_paths, pruning, rules, structured
 from mmjax.methods.registry import PRUNE, Settings, register, setting
 
 
-def _schedule(s: pruning.Schedule, where: str) -> pruning.Schedule:
-  return s.validate(f"{where}.schedule")
+def _ramp(s: pruning.Ramp, where: str) -> pruning.Ramp:
+  return s.validate(f"{where}.ramp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,13 +22,13 @@ class _Unstructured(Settings):
                                    "matmul pattern")
   rules: tuple = setting((), "[(regex, sparsity), ...] instead of pattern/sparsity: one "
                          "part per rule")
-  schedule: pruning.Schedule = setting(pruning.Schedule(), "when masks are recomputed: "
-                                       "one_shot at begin, or polynomial (cubic) from "
-                                       "initial at begin to sparsity at end, every `every`")
+  ramp: pruning.Ramp = setting(pruning.Ramp(), "the sparsity ramp, when masks are "
+                               "recomputed: one_shot at begin, or polynomial (cubic) from "
+                               "initial at begin to sparsity at end, every `every`")
   score = "magnitude"
 
   def check(self, where):
-    _schedule(self.schedule, where)
+    _ramp(self.ramp, where)
 
   def build(self, ctx, where):
     pairs, names = list(self.rules), [f"{where}.rules[{i}] ({r[0]!r}) sparsity"
@@ -39,13 +39,13 @@ class _Unstructured(Settings):
     built = []
     for i, ((pattern, s), w) in enumerate(zip(pairs, names)):
       t = pruning.unstructured(pruning.check_sparsity(s, w), score=self.score,
-                               scope=self.scope, schedule=self.schedule)
+                               scope=self.scope, ramp=self.ramp)
       built.append((pattern, t.renamed(f"{t.name}_rule{i}") if len(pairs) > 1 else t))
     return rules(built, ctx.paths)
 
 
 @register("magnitude", stage=PRUNE, doc="Unstructured pruning by |w| (Zhu & Gupta's gradual "
-          "schedule, or one shot).")
+          "ramp, or one shot).")
 @dataclasses.dataclass(frozen=True)
 class Magnitude(_Unstructured):
   score = "magnitude"
@@ -66,7 +66,7 @@ class NofM(Settings):
   m: int = setting(4, "group size along the inputs")
   pattern: Optional[str] = setting(None, "regex over parameter paths; None: the family's "
                                    "matmul pattern")
-  schedule: pruning.Schedule = setting(pruning.Schedule(), "masks from step schedule.begin")
+  ramp: pruning.Ramp = setting(pruning.Ramp(), "masks from step ramp.begin")
   recompute_every: Optional[int] = setting(None, "choose the mask again from the current "
                                            "weights every k steps after begin (1: each "
                                            "step); None: once, at begin")
@@ -80,7 +80,7 @@ class NofM(Settings):
     pattern = ctx.pattern(self.pattern, "matmul")
     match_paths(pattern, ctx.paths, f"{where}.pattern")
     try:
-      t = pruning.n_of_m(self.n, self.m, begin=self.schedule.begin,
+      t = pruning.n_of_m(self.n, self.m, begin=self.ramp.begin,
                          every=self.recompute_every)
     except ValueError as e:
       raise ValueError(f"{where} (n={self.n}, m={self.m}): {e}") from None
@@ -92,12 +92,12 @@ class _Units(Settings):
   sparsity: float = setting(0.5, "fraction of units removed, in [0, 1)")
   pattern: Optional[str] = setting(None, "regex over parameter paths; None: the family's "
                                    "unit pattern")
-  schedule: pruning.Schedule = setting(pruning.Schedule(), "as for magnitude")
+  ramp: pruning.Ramp = setting(pruning.Ramp(), "as for magnitude")
   unit = "heads"
 
   def check(self, where):
     pruning.check_sparsity(self.sparsity, f"{where}.sparsity")
-    _schedule(self.schedule, where)
+    _ramp(self.ramp, where)
 
   def build(self, ctx, where):
     fam = ctx.family
@@ -110,7 +110,7 @@ class _Units(Settings):
     match_paths(pattern, ctx.paths, f"{where}.pattern")
     what = "head" if self.unit == "heads" else "mlp"
     return rules([(pattern, structured.units(self.sparsity, layout, what=what,
-                                             schedule=self.schedule))], ctx.paths)
+                                             ramp=self.ramp))], ctx.paths)
 
 
 @register("heads", stage=PRUNE, doc="Whole attention heads, ranked by weight norm; the run "

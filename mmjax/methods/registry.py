@@ -153,7 +153,7 @@ def _coerce(value, allowed, where):
     return None
   if hasattr(value, "to_dict"):
     value = value.to_dict()
-  for kind in allowed:  # a nested settings record (pruning's Schedule) from a dict
+  for kind in allowed:  # a nested settings record (pruning's Ramp) from a dict
     if dataclasses.is_dataclass(kind):
       if isinstance(value, kind):
         return value
@@ -254,7 +254,7 @@ def reference_markdown() -> str:
            "A run selects methods by section: `config.compress.<section> = dict(method=<name>,"
            " <setting>=<value>, ...)`; any number of sections, composed in the stage order "
            "below. A `pattern` of None takes the model family's default "
-           "(`mmjax/family.py`).", ""]
+           "(`mmjax/harness/family.py`).", ""]
   for stage, title in STAGE_NAMES.items():
     entries = sorted((e for e in REGISTRY.values() if e.stage == stage), key=lambda e: e.name)
     if not entries:

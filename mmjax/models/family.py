@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from mmjax.family import Family
+from mmjax.harness.family import Family
 from mmjax.models import structure
 from mmjax.models.config import ModelConfig
 from mmjax.models.multimodal import MultimodalModel

@@ -1,4 +1,4 @@
-"""Transformer building blocks on `mmjax.attention`: attention (self and cross), MLP,
+"""Transformer building blocks on `mmjax.kernels.attention`: attention (self and cross), MLP,
 pre-LayerNorm blocks.
 
 Every projection is a plain 2-D `nn.Dense` ([in, out] kernels, heads laid out as
@@ -13,7 +13,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.attention import dot_product_attention
+from mmjax.kernels.attention import dot_product_attention
 
 
 def key_padding_mask(mask):

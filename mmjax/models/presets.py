@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from mmjax.data.tokenizer import VOCAB_SIZE
 from mmjax.models.config import (AudioConfig, FusionConfig, HeadConfig, ImageConfig,
                                  ModelConfig, TextConfig)
-from mmjax.tokenizer import VOCAB_SIZE
 
 
 def tiny() -> ModelConfig:

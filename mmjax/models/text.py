@@ -4,8 +4,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mmjax.data.tokenizer import PAD_ID
 from mmjax.models.layers import encode
-from mmjax.tokenizer import PAD_ID
 
 
 class TextTower(nn.Module):

@@ -1,5 +1,5 @@
 """The transformer block the pretrained families share, on mmjax's attention kernel
-(`mmjax.attention.dot_product_attention`), with mmjax's parameter names (`attn/query`,
+(`mmjax.kernels.attention.dot_product_attention`), with mmjax's parameter names (`attn/query`,
 `key`, `value`, `out`; `mlp/fc1`, `fc2`: 2-D [in, out] kernels), so every compression rule
 and layout that fits mmjax's own models fits these. What differs between families is a
 field: the LayerNorm epsilon (ViT and BERT 1e-12, CLIP and Whisper 1e-5, SigLIP 1e-6),
@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.attention import dot_product_attention
+from mmjax.kernels.attention import dot_product_attention
 
 ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=False),

@@ -9,7 +9,7 @@ Each family takes the same two `config.model` fields for this:
               image defaults (image_processing.py); None: the family's defaults
 and the two-tower families (CLIP, SigLIP) also
   class_names zero-shot classification: the classes' names, in label order (or
-              "<dataset:label_names>": the run's dataset's, mmjax/family.py); the model
+              "<dataset:label_names>": the run's dataset's, mmjax/harness/family.py); the model
               then reads only images and outputs logits over the classes
   templates   the prompts each name is put into ("a photo of a {}."); several are
               averaged (CLIP's prompt ensembling: each normalized, the mean renormalized)

@@ -20,8 +20,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.attention import dot_product_attention
-from mmjax.family import Family
+from mmjax.harness.family import Family
+from mmjax.kernels.attention import dot_product_attention
 from mmjax.pretrained import checkpoint_files, inputs, model_args, two_towers
 from mmjax.pretrained.checkpoint_files import Tensor
 from mmjax.pretrained.clip import _blocks, _linear

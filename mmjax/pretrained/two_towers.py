@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.family import Family
+from mmjax.harness.family import Family
 from mmjax.pretrained import inputs
 
 

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.family import Family
+from mmjax.harness.family import Family
 from mmjax.pretrained import checkpoint_files, inputs, model_args
 from mmjax.pretrained.checkpoint_files import Tensor
 from mmjax.pretrained.encoder import check_activation, encode

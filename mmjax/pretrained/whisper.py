@@ -19,7 +19,7 @@ from __future__ import annotations
 import flax.linen as nn
 import numpy as np
 
-from mmjax.family import Family
+from mmjax.harness.family import Family
 from mmjax.pretrained import checkpoint_files, model_args, whisper_features
 from mmjax.pretrained.checkpoint_files import Tensor
 from mmjax.pretrained.clip import _linear

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmjax.task import Task
+from mmjax.harness.task import Task
 
 ARGS = {"token_mask": None, "label_smoothing": 0.0}
 

@@ -13,7 +13,7 @@ batch key whose equal values mark matching pairs (five captions of one image); w
 it, example i of one tower matches example i of the other.
 
 Evaluation collects each real example's normalized embeddings (`eval_sums` returns them
-as per-example arrays, which `mmjax.task.evaluate` concatenates in order) and `finish`
+as per-example arrays, which `mmjax.harness.task.evaluate` concatenates in order) and `finish`
 ranks the whole split: recall@k in both directions, and `recall@1` (their mean) as the
 metric that ranks runs.
 """
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.task import Task
+from mmjax.harness.task import Task
 
 ARGS = {"outputs": ("image", "text"), "loss": "softmax", "temperature": 0.07, "ks": (1, 5),
         "match_key": None}

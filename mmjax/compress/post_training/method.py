@@ -19,13 +19,13 @@ Calibration modes, as in the GPTQ and SparseGPT papers:
   sequential  kernels are solved block by block in the order the forward consumes them;
               each block's statistics come from the forward with every earlier block
               already compressed; blocks whose inputs do not depend on each other (the
-              towers of a multimodal model) share a pass (`schedule.levels`), and each
+              towers of a multimodal model) share a pass (`passes.levels`), and each
               pass runs only the part of the forward not computed for good by an earlier
               one (`staged`: about two forwards in all instead of one per level)
   parallel    every statistic from the dense forward, one pass (faster; errors of earlier
               layers are not seen by later ones)
 A block is what `group_by` (a regex, its first group the block's name) gives
-(`schedule.blocks`): by default the prefix up to `block_NN` / `layer_NN` / `layers_N`.
+(`passes.blocks`): by default the prefix up to `block_NN` / `layer_NN` / `layers_N`.
 
 Stacked layers (a scan over layers; the layout says `layout.stacked`): the calibration
 forward is the scan unrolled (`unroll`), each layer's slice a kernel of its own and each
@@ -46,8 +46,8 @@ import jax.numpy as jnp
 from mmjax.compress import intercept, layout, storage, unroll
 from mmjax.compress.core import Method, flatten, unflatten
 from mmjax.compress.formats import Grid
-from mmjax.compress.post_training import schedule, staged, stats as statistics
-from mmjax.compress.post_training.schedule import GROUP_BY, blocks  # noqa: F401 (API)
+from mmjax.compress.post_training import passes, staged, stats as statistics
+from mmjax.compress.post_training.passes import GROUP_BY, blocks  # noqa: F401 (API)
 from mmjax.compress.pruning import apply_masks
 
 MODES = ("sequential", "parallel")
@@ -177,7 +177,7 @@ def _calibrate(calib, flat, solve, wanted, mode, contract_of, group_by, block_of
     # forward its statistics need that earlier passes have not computed for good (`staged`)
     tree = calib.params
     closed = closed or jax.make_jaxpr(calib.apply_fn)(tree, calib.batches[0])
-    _, levels = schedule.solve_order(calib.apply_fn, tree, calib.batches[0], paths,
+    _, levels = passes.solve_order(calib.apply_fn, tree, calib.batches[0], paths,
                                      group_by, closed, block_of)
     cut = staged.build(calib.apply_fn, tree, list(params), calib.batches, paths, levels,
                        wanted, contract_of, closed)

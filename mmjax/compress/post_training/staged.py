@@ -1,5 +1,5 @@
 """Sequential calibration that computes each part of the forward about once: the traced
-program cut at the levels of `schedule`, one compiled program per level, and the values
+program cut at the levels of `passes`, one compiled program per level, and the values
 that later levels read kept between passes.
 
 Block-by-block calibration (the GPTQ and SparseGPT papers) takes level L's inputs from the
@@ -27,7 +27,7 @@ from jax.extend import core as jcore
 
 from mmjax.compress import intercept
 from mmjax.compress.intercept import _CALLS, _CASTS, _bind
-from mmjax.compress.post_training import schedule, stats as statistics
+from mmjax.compress.post_training import passes, stats as statistics
 
 
 class _Fixed(NamedTuple):
@@ -69,7 +69,7 @@ def _flatten(closed, n_leaves: int):
   return leaf_ids, ops
 
 
-class Plan(NamedTuple):
+class Cut(NamedTuple):
   leaf_ids: list
   ops: list
   uses: dict    # path -> [(x id, its intercept.Dot or Conv, x and w as avals)]
@@ -79,7 +79,7 @@ class Plan(NamedTuple):
   last: dict    # id -> the last level that reads it
 
 
-def plan(closed, leaf_paths: Sequence, level_of: dict, n_levels: int):
+def cut(closed, leaf_paths: Sequence, level_of: dict, n_levels: int):
   """The per-level cut of `closed` (a jaxpr of apply_fn(params, batch); `leaf_paths` the
   path of each input leaf, None for the batch's) for kernels at `level_of` = {path: level}:
   per pass, the equations its statistics need that no earlier pass computed for good."""
@@ -137,10 +137,10 @@ def plan(closed, leaf_paths: Sequence, level_of: dict, n_levels: int):
     for x in need:
       last[x] = lv
   keeps = [sorted(i for i in final if last.get(i, -1) > lv) for lv, final in enumerate(finals)]
-  return Plan(leaf_ids, ops, uses, runs, needs, keeps, last)
+  return Cut(leaf_ids, ops, uses, runs, needs, keeps, last)
 
 
-def programs(pl: Plan, levels: Sequence[Sequence[str]], wanted, contract_of: Callable):
+def programs(pl: Cut, levels: Sequence[Sequence[str]], wanted, contract_of: Callable):
   """One jitted f_L(values {id: array}) -> (kept {id: array}, {path: stats}) per level."""
   out = []
   for lv, paths in enumerate(levels):
@@ -168,7 +168,7 @@ class Staged:
   that cross levels cached per batch. `stats(lv, leaves_of)`: leaves_of(batch) -> the
   current input leaves (the parameters with every solved kernel written in)."""
 
-  def __init__(self, pl: Plan, levels, wanted, contract_of, batches):
+  def __init__(self, pl: Cut, levels, wanted, contract_of, batches):
     self.pl, self.batches = pl, batches
     self.fs = programs(pl, levels, wanted, contract_of)
     self.cache = [{} for _ in batches]
@@ -210,7 +210,7 @@ def build(apply_fn: Callable, params, flat_paths: Sequence[str], batches, paths,
   unseen = sorted(set(paths) - set(level_of))
   if unseen:  # what consumes them, from the dataflow walk that found the others
     users = {}
-    schedule.dependencies(apply_fn, params, batches[0], paths, closed, users)
+    passes.dependencies(apply_fn, params, batches[0], paths, closed, users)
     raise ValueError(intercept.unseen_message("calibration", unseen, list(paths),
                                               list(flat_paths), users))
   sig = lambda b: (jax.tree.structure(b),
@@ -224,7 +224,7 @@ def build(apply_fn: Callable, params, flat_paths: Sequence[str], batches, paths,
                                                                               group[0])
     n = len(jax.tree.leaves((params, group[0])))
     leaf_paths = list(flat_paths) + [None] * (n - len(flat_paths))
-    pl = plan(c, leaf_paths, level_of, len(levels))
+    pl = cut(c, leaf_paths, level_of, len(levels))
     statistics.check_uses({p: [d for _, d in us] for p, us in pl.uses.items()}, contract_of,
                           list(flat_paths))
     parts.append(Staged(pl, levels, wanted, contract_of, group))

@@ -1,5 +1,5 @@
 """A run's setup: everything validated from its config before anything is compiled or
-written (the trainer, `mmjax.lowering` and the one-shot tools share it). Every error is a
+written (the trainer, `mmjax.cli.lowering` and the one-shot tools share it). Every error is a
 ValueError naming the field, the bad value and what would be valid.
 """
 from __future__ import annotations
@@ -11,11 +11,11 @@ from typing import Any
 
 import jax
 
-from mmjax import checkpointing, compress_config, family as family_lib, optim, sharding
-from mmjax import task as task_lib
 from mmjax.data import pipeline, sources
-from mmjax.family import Family
-from mmjax.task import Task
+from mmjax.harness import checkpointing, compress_config, family as family_lib, optim, sharding
+from mmjax.harness import task as task_lib
+from mmjax.harness.family import Family
+from mmjax.harness.task import Task
 
 
 def model_inputs(batch: dict, fam: Family, task: Task) -> dict:
@@ -56,7 +56,7 @@ class Setup:
 def validate(config, plan=None, read_checkpoints: bool = True) -> Setup:
   """All config errors, raised before compilation and before the workdir is touched;
   `plan` replaces the plan config.compress builds (a method written in a notebook);
-  `read_checkpoints=False`: shapes only, no teacher checkpoint read (`mmjax.lowering`)."""
+  `read_checkpoints=False`: shapes only, no teacher checkpoint read (`mmjax.cli.lowering`)."""
   fam = family_lib.from_config(config)
   task, input_cfg, t = task_lib.from_config(config, fam), input_config(config, fam), config.train
   for field in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax import chunked_attention, pallas_attention
+from mmjax.kernels import chunked_attention, pallas_attention
 
 IMPLEMENTATIONS = ("reference", "chunked", "xla", "cudnn", "pallas")
 # Automatic choice: chunked once a head's logit matrix has this many entries (on this

@@ -4,7 +4,7 @@ Reads top to bottom: the task (the steps of the config's model family under its 
 setup (everything validated from the config before anything is compiled or written) ->
 state (resume rules) -> the loop (train, log, evaluate, checkpoint) -> the run (summary,
 compression outputs). The model and the task come from the modules the config names
-(`mmjax.family`, `mmjax.task`); the step is `mmjax.compress.step`. This file names no
+(`mmjax.harness.family`, `mmjax.harness.task`); the step is `mmjax.compress.step`. This file names no
 model, no task and no compression method.
 """
 from __future__ import annotations
@@ -19,14 +19,15 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 
-from mmjax import checkpointing, compress_finish, optim, sharding, task as task_lib
 from mmjax.compress import step as step_lib
 from mmjax.data import pipeline, sources
-from mmjax.family import Family
-from mmjax.metrics_writer import MetricsWriter, Progress
-from mmjax.run_setup import (Setup, check_calibration_size, check_workdir, init_params,  # noqa: F401
-                             input_config, is_run, model_inputs, validate)
-from mmjax.task import Task
+from mmjax.harness import checkpointing, compress_finish, optim, sharding, task as task_lib
+from mmjax.harness.family import Family
+from mmjax.harness.metrics_writer import MetricsWriter, Progress
+from mmjax.harness.run_setup import (  # noqa: F401 (the trainer's API re-exported)
+    Setup, check_calibration_size, check_workdir, init_params, input_config, is_run,
+    model_inputs, validate)
+from mmjax.harness.task import Task
 
 TrainState = step_lib.TrainState
 
@@ -37,10 +38,10 @@ class NonFiniteLossError(FloatingPointError):
 
 # ============================================================================ the task
 
-def make_steps(fam: Family, task: Task, tx, schedule=None, plan=None) -> step_lib.Steps:
+def make_steps(fam: Family, task: Task, tx, lr_schedule=None, plan=None) -> step_lib.Steps:
   """The compressed train and eval steps of a model family under a task."""
   return step_lib.build(fam.apply, task.loss, tx, plan, eval_fn=task.eval_sums,
-                        schedule=schedule, apply_rng=True)
+                        lr_schedule=lr_schedule, apply_rng=True)
 
 
 def evaluate(eval_step, params, cstate, setup, batch_sharding, aux=None):
@@ -171,14 +172,29 @@ class Programs(NamedTuple):
 
 def programs(config, setup: Setup) -> Programs:
   """The model and its pure step functions for a validated config (what is jitted: the
-  trainer runs them, `mmjax.lowering` lowers them for other platforms)."""
+  trainer runs them, `mmjax.cli.lowering` lowers them for other platforms)."""
   fam = setup.family
-  tx, schedule = optim.make_optimizer(config.optimizer, setup.total_steps)
-  steps = make_steps(fam, setup.task, tx, schedule, setup.compression.plan)
+  tx, lr_schedule = optim.make_optimizer(config.optimizer, setup.total_steps)
+  steps = make_steps(fam, setup.task, tx, lr_schedule, setup.compression.plan)
   seed, sample = int(config.seed), fam.example_batch(1, seed=0)
   init_fn = lambda params, frozen: steps.init(params, jax.random.PRNGKey(seed), sample, frozen)
   fresh = lambda: fam.init(jax.random.fold_in(jax.random.PRNGKey(seed), 1), sample)
   return Programs(steps, init_fn, fresh)
+
+
+def check_hooks(plan, fam: Family, init_fn, fresh, frozen) -> None:
+  """The plan's module hooks against the family's forward, traced for shapes only: a
+  pattern that matches no module, or an output the next module cannot take, is a
+  ValueError before anything is compiled or written."""
+  if plan is None or not plan.hooks({}):
+    return
+  sample = fam.example_batch(1, seed=0)
+
+  def traced(params, frozen):
+    s = init_fn(params, frozen)
+    plan.check_hooks(lambda p, b: fam.apply(p, b, jax.random.PRNGKey(0)), s.params,
+                     plan.merge(s.cstate, s.aux), sample)
+  jax.eval_shape(traced, jax.eval_shape(fresh), frozen)
 
 
 def train_and_evaluate(config, workdir: str, log=print, plan=None) -> dict:
@@ -196,6 +212,7 @@ def train_and_evaluate(config, workdir: str, log=print, plan=None) -> dict:
   frozen_abs = {f.name: sharding.sharded_abstract(f.abstract, mesh, fsdp) for f in comp.frozen}
   abstract, state_shd = sharding.sharded_abstract(jax.eval_shape(
       init_fn, jax.eval_shape(fresh), {k: a for k, (a, _) in frozen_abs.items()}), mesh, fsdp)
+  check_hooks(comp.plan, fam, init_fn, fresh, {k: a for k, (a, _) in frozen_abs.items()})
   ckpt_path, init_dir = os.path.join(workdir, "checkpoints"), config.get("init")
   # every process takes the branch process 0's view of the workdir decides
   resuming = (sharding.process0_decides(os.path.isdir(ckpt_path))

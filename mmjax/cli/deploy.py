@@ -1,6 +1,6 @@
 """A trained or compressed run as a deployable artifact (`mmjax/compress/artifact.py`).
 
-  python -m mmjax.deploy --workdir=<run> --out=<dir> [--platforms=cpu,cuda,tpu] [--evaluate]
+  python -m mmjax.cli.deploy --workdir=<run> --out=<dir> [--platforms=cpu,cuda,tpu] [--evaluate]
 
 The run's model (its config.json) and its weights: the compressed export (<run>/export:
 low-bit codes, scales, zero points, packed masks, activation scales) when the run wrote
@@ -30,8 +30,8 @@ def _read_config(workdir):
 
 def _weights(workdir):
   """-> (bufs, meta, source): the export if the run wrote one, else its checkpoint."""
-  from mmjax import checkpointing
   from mmjax.compress import artifact, flatten
+  from mmjax.harness import checkpointing
   export_dir = os.path.join(workdir, "export")
   if os.path.isdir(export_dir):
     bufs, meta = artifact.weights_from_export(export_dir)
@@ -53,8 +53,8 @@ def _weights(workdir):
 def build(workdir: str, out: str, platforms=("cpu", "cuda", "tpu"), log=print) -> dict:
   """Write the artifact of run `workdir` into `out`; -> its manifest."""
   import numpy as np
-  from mmjax import family as family_lib, train
   from mmjax.compress import artifact, export
+  from mmjax.harness import family as family_lib, train
   platforms = artifact.check_platforms(platforms)
   workdir = os.path.abspath(workdir)
   config = _read_config(workdir)
@@ -97,8 +97,8 @@ def evaluate(workdir: str, out: str, data_dir=None, log=print) -> dict:
   import importlib.util
   import jax
   import numpy as np
-  from mmjax import family as family_lib, task as task_lib, train
   from mmjax.data import pipeline
+  from mmjax.harness import family as family_lib, task as task_lib, train
   config = _read_config(os.path.abspath(workdir))
   if data_dir:
     config.data.data_dir = data_dir

@@ -21,7 +21,7 @@ _GENERIC = {"name", "lr", "schedule", "warmup_steps", "end_lr_factor", "clip_nor
             "trainable"}
 
 
-def make_schedule(opt_cfg, total_steps: int):
+def make_lr_schedule(opt_cfg, total_steps: int):
   lr, warmup = float(opt_cfg.lr), int(opt_cfg.get("warmup_steps", 0))
   kind = opt_cfg.get("schedule", "warmup_cosine")
   end = lr * float(opt_cfg.get("end_lr_factor", 0.0))
@@ -100,14 +100,14 @@ def _trainable(tx, pattern):
 
 
 def make_optimizer(opt_cfg, total_steps: int):
-  """-> (optax transformation, schedule)."""
+  """-> (optax transformation, learning-rate schedule)."""
   factory, extra = validate(opt_cfg, total_steps)
-  schedule = make_schedule(opt_cfg, total_steps)
-  tx = factory(learning_rate=schedule, **extra)
+  lr_schedule = make_lr_schedule(opt_cfg, total_steps)
+  tx = factory(learning_rate=lr_schedule, **extra)
   clip = float(opt_cfg.get("clip_norm", 0.0))
   # Always a chain, so the optimizer state's structure (and a checkpoint) does not depend
   # on whether clipping is on.
   tx = optax.chain(optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(), tx)
   if opt_cfg.get("trainable"):
     tx = _trainable(tx, opt_cfg.get("trainable"))
-  return tx, schedule
+  return tx, lr_schedule

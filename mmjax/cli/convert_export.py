@@ -1,6 +1,6 @@
 """Convert an export written before storage records (format v2) to today's format (v3).
 
-  python -m mmjax.compress.convert_export --src=<export dir> [--dst=<dir>]   (default: in place)
+  python -m mmjax.cli.convert_export --src=<export dir> [--dst=<dir>]   (default: in place)
 
 v2 stored QAT's symmetric codes apart from the grids (signed int8, or codes + qmax in bit
 planes at every width, scales with the kernel's rank); v3 stores every code on a

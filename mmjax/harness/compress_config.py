@@ -12,7 +12,7 @@ Sections compose in stage order: pruning (the quantizer sees the masked weights)
 quantization, post-training methods, activation quantization, loss terms (distillation).
 Regexes match whole parameter paths such as `image/block_00/mlp/fc1/kernel`; a pattern of
 None takes the family's default. This module is the harness's client of `mmjax.compress`:
-it knows checkpoints (the teacher) and asks the family (`mmjax.family`) what is
+it knows checkpoints (the teacher) and asks the family (`mmjax.harness.family`) what is
 model-specific; it names no model, no parameter path and no method.
 """
 from __future__ import annotations
@@ -22,9 +22,10 @@ import json
 import os
 from typing import Any
 
-from mmjax import checkpointing, family as family_lib, methods
+from mmjax import methods
 from mmjax.compress import Plan
-from mmjax.family import Family
+from mmjax.harness import checkpointing, family as family_lib
+from mmjax.harness.family import Family
 
 CALIBRATION_KEYS = {"examples", "seed"}
 

@@ -2,7 +2,7 @@
 and eval steps of a config are lowered with `jax.export` for platforms this machine need
 not have (StableHLO; nothing runs, nothing is compiled by a backend).
 
-  python -m mmjax.lowering --config=experiments/configs/qat.py:tiny,int8 \
+  python -m mmjax.cli.lowering --config=experiments/configs/qat.py:tiny,int8 \
       [--platforms=cuda,tpu] [--config.init=<a dense run>]
 
 Everything is abstract (shapes and dtypes): no dataset, no checkpoint is read (a config
@@ -19,8 +19,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from mmjax import train
 from mmjax.compress.artifact import check_platforms
+from mmjax.harness import train
 
 
 def abstract_programs(config) -> dict:

@@ -144,12 +144,12 @@ def build(module: str, args) -> Family:
   fam = make(_as_dict(args))
   if not isinstance(fam, Family):
     raise ValueError(f"config.model_module={module!r}: family(args) returned "
-                     f"{type(fam).__name__}, not an mmjax.family.Family.")
+                     f"{type(fam).__name__}, not an mmjax.harness.family.Family.")
   if not fam.modalities:
     raise ValueError(f"config.model_module={module!r}: its Family names no modalities (the "
-                     "batch keys its forward reads); see mmjax/family.py.")
+                     "batch keys its forward reads); see mmjax/harness/family.py.")
   missing = sorted(set(PATTERN_KINDS) - set(fam.patterns))
   if missing:
     raise ValueError(f"config.model_module={module!r}: its Family.patterns lacks {missing} "
-                     "(the paths its family compresses by default); see mmjax/family.py.")
+                     "(the paths its family compresses by default); see mmjax/harness/family.py.")
   return fam

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from mmjax.family import Family, _as_dict, import_attr
+from mmjax.harness.family import Family, _as_dict, import_attr
 
 DEFAULT_MODULE = "mmjax.tasks.classification"
 
@@ -50,7 +50,7 @@ def from_config(config, family: Family) -> Task:
   t = make(_as_dict(config.get("task")), family)
   if not isinstance(t, Task):
     raise ValueError(f"config.task_module={module!r}: task(args, family) returned "
-                     f"{type(t).__name__}, not an mmjax.task.Task.")
+                     f"{type(t).__name__}, not an mmjax.harness.task.Task.")
   return t
 
 

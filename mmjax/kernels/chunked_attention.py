@@ -1,4 +1,4 @@
-"""The "chunked" implementation of `mmjax.attention`: memory-efficient (flash) attention
+"""The "chunked" implementation of `mmjax.kernels.attention`: memory-efficient (flash) attention
 in plain JAX, for any backend.
 
 Queries in blocks (``lax.map``), keys in blocks (``lax.scan``) with an online softmax; a
