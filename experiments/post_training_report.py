@@ -1,6 +1,6 @@
 """The post-training suite's results: run records (the sweep dir's, else carried ones), rows
 with mean ± std, where the methods of a family separate, the papers' orderings, the table,
-the Pareto plot, and publishing to experiments/results/ and docs/post_training.md. The rows
+the Pareto plot, and publishing to experiments/results/ and docs/results/post_training.md. The rows
 themselves and running them: experiments/post_training_suite.py."""
 from __future__ import annotations
 
@@ -188,7 +188,7 @@ def report(rows, seeds, calib_seeds, sweep_dir, dataset, trained_results=None, l
 
 def publish(sweep_dir, dataset, readme=None, results_dir=None, log=print):
   """Copy one dataset's post-training results to experiments/results/ and rewrite its
-  docs/post_training.md section (between `<!-- post-training:<config>:begin/end -->`)."""
+  docs/results/post_training.md section (between `<!-- post-training:<config>:begin/end -->`)."""
   import shutil
   from experiments import results
   tag = dataset.split("/")[-1]

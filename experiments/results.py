@@ -14,8 +14,8 @@ import statistics
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 REPO = os.path.normpath(os.path.join(RESULTS_DIR, os.pardir, os.pardir))
 README = os.path.join(REPO, "README.md")  # the quickstart's figures
-RESULTS_DOC = os.path.join(REPO, "docs", "results.md")  # the sweep's table and plot
-POST_TRAINING_DOC = os.path.join(REPO, "docs", "post_training.md")  # the one-shot suite
+RESULTS_DOC = os.path.join(REPO, "docs", "results", "suite.md")  # the sweep's table and plot
+POST_TRAINING_DOC = os.path.join(REPO, "docs", "results", "post_training.md")  # the one-shot suite
 MARK_BEGIN, MARK_END = "<!-- sweep-results:begin -->", "<!-- sweep-results:end -->"
 
 
@@ -210,7 +210,7 @@ def plot(rows, path):
 
 
 def publish(sweep_dir, readme=RESULTS_DOC, results_dir=RESULTS_DIR, log=print):
-  """Copy the results into the repository and rewrite docs/results.md's section between
+  """Copy the results into the repository and rewrite docs/results/suite.md's section between
   markers."""
   os.makedirs(results_dir, exist_ok=True)
   for f in ("results.md", "results.json", "pareto.png"):

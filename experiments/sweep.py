@@ -18,7 +18,7 @@ Then, from the workdirs alone (`--report_only` skips training):
                 the suite's targets with their measured values (experiments/targets.py)
   pareto.png    accuracy against bytes on disk (log scale), one point per method with
                 error bars; the Pareto front over methods that see all three modalities
-`--publish` copies the three files to experiments/results/ and rewrites docs/results.md's
+`--publish` copies the three files to experiments/results/ and rewrites docs/results/suite.md's
 section between its markers: the table there is this command's output.
 
 Bytes on disk are measured: a compression run's export (the harness writes it), or for an
@@ -110,7 +110,7 @@ _CARRY = flags.DEFINE_string("carry", "", "an earlier publish's results.json: it
                              "take precedence), so rows added later join the published table "
                              "without retraining the suite")
 _PUBLISH = flags.DEFINE_bool("publish", False, "copy results to experiments/results/ and "
-                             "rewrite docs/results.md's results section")
+                             "rewrite docs/results/suite.md's results section")
 
 
 def select(patterns: str) -> list:

@@ -6,7 +6,7 @@ Each gets the whole kit at once: gradual magnitude pruning to 90% + 2:4 on a sub
 int8 weight QAT + int8 activations (real int8 x int8 -> int32 products) + logit
 distillation from a dense teacher, trained a few dozen steps on a small synthetic task;
 then its export (codes, masks, activation scales) must reproduce the evaluated logits.
-docs/own_model.md's "Compressing your own model" snippets are read from it and run here."""
+docs/guides/own_model.md's "Compressing your own model" snippets are read from it and run here."""
 import importlib.util
 import os
 import re
@@ -186,9 +186,9 @@ def test_foreign_model_gets_the_whole_kit(name, tmp_path):
   assert "xi8>" in hlo and "xi32>" in hlo  # the served model multiplies integers
 
 
-# --------------------------------- docs/own_model.md "Compressing your own model", run
+# --------------------------------- docs/guides/own_model.md "Compressing your own model", run
 
-OWN_MODEL_DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "docs",
+OWN_MODEL_DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "docs", "guides",
                              "own_model.md")
 MARKER = r"<!-- own-model: ([\w-]+) -->\n```python\n(.*?)```"
 SNIPPETS = ("optax-loop", "baselines", "calibrate", "contract", "nnx", "artifact",
@@ -196,13 +196,13 @@ SNIPPETS = ("optax-loop", "baselines", "calibrate", "contract", "nnx", "artifact
 
 
 def run_readme(name, **env):
-  """Run docs/own_model.md's code block marked `<!-- own-model: name -->` with `env` (and
+  """Run docs/guides/own_model.md's code block marked `<!-- own-model: name -->` with `env` (and
   jax) as its variables; -> those variables after it ran. What runs is what the doc shows."""
   with open(OWN_MODEL_DOC) as f:
     blocks = dict(re.findall(MARKER, f.read(), re.S))
-  assert name in blocks, f"docs/own_model.md has no python block <!-- own-model: {name} -->"
+  assert name in blocks, f"docs/guides/own_model.md has no python block <!-- own-model: {name} -->"
   ns = {"jax": jax, "jnp": jnp, **env}
-  exec(compile(blocks[name], f"docs/own_model.md <!-- own-model: {name} -->", "exec"), ns)
+  exec(compile(blocks[name], f"docs/guides/own_model.md <!-- own-model: {name} -->", "exec"), ns)
   return ns
 
 
@@ -210,14 +210,14 @@ def test_every_readme_snippet_is_run_here():
   with open(OWN_MODEL_DOC) as f:
     assert [n for n, _ in re.findall(MARKER, f.read(), re.S)] == list(SNIPPETS)
   # the README shows the first of them: the same block, so that it is run too
-  with open(os.path.join(os.path.dirname(OWN_MODEL_DOC), os.pardir, "README.md")) as f:
+  with open(os.path.join(os.path.dirname(OWN_MODEL_DOC), os.pardir, os.pardir, "README.md")) as f:
     shown = dict(re.findall(MARKER, f.read(), re.S))
   with open(OWN_MODEL_DOC) as f:
     assert shown == {"optax-loop": dict(re.findall(MARKER, f.read(), re.S))["optax-loop"]}
 
 
 def test_readme_table_of_methods_builds_each_method():
-  """The first call in each row of the table of pieces in docs/own_model.md builds a `Method`."""
+  """The first call in each row of the table of pieces in docs/guides/own_model.md builds a `Method`."""
   from mmjax.compress import Method, formats, post_training
   from mmjax.compress.post_training import gptq, rtn  # noqa: F401 (post_training.rtn...)
   with open(OWN_MODEL_DOC) as f:
@@ -232,7 +232,7 @@ def test_readme_table_of_methods_builds_each_method():
 
 
 def test_readme_snippet_in_an_existing_optax_loop():
-  """docs/own_model.md: three added lines in a plain optax loop."""
+  """docs/guides/own_model.md: three added lines in a plain optax loop."""
   params, apply_fn = plain_model()
   x, y = _task()
   tx = optax.adam(3e-3)

@@ -22,11 +22,11 @@ def _plan(config):
 
 
 def test_the_committed_reference_is_the_generated_one():
-  with open(os.path.join(REPO, "docs", "config_reference.md")) as f:
+  with open(os.path.join(REPO, "docs", "reference", "config.md")) as f:
     committed = f.read()
   assert committed == registry.reference_markdown(), (
-      "docs/config_reference.md is stale: python -m mmjax.methods "
-      "--out=docs/config_reference.md")
+      "docs/reference/config.md is stale: python -m mmjax.cli.reference "
+      "--out=docs/reference")
   for name in registry.REGISTRY:
     assert f"### `{name}`" in committed
 
