@@ -7,7 +7,7 @@ config time, before anything is compiled or written.
     config.calibration = dict(examples=128, seed=0)  # from the training split
 
 Each method's settings, defaults and checks are its registered dataclass
-(`mmjax/methods/`; the reference: docs/config_reference.md, `python -m mmjax.methods`).
+(`mmjax/methods/`; the reference: docs/reference/config.md, `python -m mmjax.methods`).
 Sections compose in stage order: pruning (the quantizer sees the masked weights), weight
 quantization, post-training methods, activation quantization, loss terms (distillation).
 Regexes match whole parameter paths such as `image/block_00/mlp/fc1/kernel`; a pattern of

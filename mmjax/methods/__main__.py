@@ -1,4 +1,4 @@
-"""python -m mmjax.methods [--out=docs/config_reference.md]: the config reference."""
+"""python -m mmjax.methods [--out=docs/reference/config.md]: the config reference."""
 import sys
 
 from mmjax.methods import registry
