@@ -5,8 +5,8 @@
 1. prepares the offline dataset mm_arith/procedural if it is missing (no download);
 2. trains the dense `small` multimodal model (text + image + audio, cross-attention fusion)
    with the quickstart recipe (QUICK below: 1,800 steps at lr 2.5e-4 instead of dense.py's
-   3,000 at 5e-4; measured 92.4% in 467 s on 2 cores; then 800 compression steps: 88.6%,
-   19x smaller on disk; 13.5 min in all, README);
+   3,000 at 5e-4; measured 92.4% in 478 s on 2 cores; then 800 compression steps: 89.3%,
+   19x smaller on disk; 12.4 min in all, 12 min 52 s from a fresh clone with setup, README);
 3. compresses it with the combined pipeline (self-distillation from the dense model +
    gradual magnitude pruning to 90% of the block kernels + int8 QAT of every parameter)
    and exports the real int8 / bit-packed checkpoint;
