@@ -48,10 +48,10 @@ def test_every_relative_link_resolves():
   assert not bad, "links to nothing:\n" + "\n".join(bad)
 
 
-def test_docs_index_lists_every_page():
-  index = _read("docs/README.md")
+def test_docs_index_links_every_page():
+  linked = set(re.findall(r"\]\(([^)#\s]+)", _read("docs/README.md")))
   missing = [p for p in PAGES if p.startswith("docs/") and p != "docs/README.md"
-             and os.path.relpath(p, "docs") not in index]
+             and os.path.relpath(p, "docs") not in linked]
   assert not missing, f"docs/README.md does not link {missing}"
 
 
@@ -62,12 +62,17 @@ def test_python_block_parses_and_imports(page, marker, code, tmp_path):
     return  # run whole, with its model, by tests/test_foreign_models.py
   if "docs: run" in marker:
     script = code
-  else:  # a fragment (it names a config, a directory, ...): its imports must hold
-    script = "\n".join(ast.unparse(n) for n in tree.body
-                       if isinstance(n, (ast.Import, ast.ImportFrom)))
+  else:  # a fragment (it names a config, a directory, ...): its imports must hold, and
+    # every attribute it takes of an imported name must exist (pruning.Ramp, step.build)
+    imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = {(a.asname or a.name).split(".")[0] for n in imports for a in n.names}
+    attrs = sorted({(n.value.id, n.attr) for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                    and isinstance(n.value, ast.Name) and n.value.id in names})
+    script = "\n".join([ast.unparse(n) for n in imports] + [
+        f"assert hasattr({v}, {a!r}), '{v}.{a} does not exist'" for v, a in attrs])
     # a module named as a string (config.model_module = "mmjax.pretrained.vit") exists
-    for name in re.findall(r"""["']((?:mmjax|experiments)(?:\.\w+)+)["']""", code):
-      assert importlib.util.find_spec(name.split(":")[0]) is not None, (page, name)
+    for name in re.findall(r"""["']((?:mmjax|experiments)(?:\.\w+)+)(?::\w+)?["']""", code):
+      assert importlib.util.find_spec(name) is not None, (page, name)
   r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
                      text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode == 0, f"{page}:\n{textwrap.indent(script, '  ')}\n{r.stderr[-2000:]}"
@@ -75,10 +80,18 @@ def test_python_block_parses_and_imports(page, marker, code, tmp_path):
 
 def _launch_commands():
   with open(os.path.join(REPO, "launch.sh")) as f:
-    return set(re.findall(r"^\s*([a-z|]+)\)", f.read(), re.M)) - {"*"}
+    return set(re.findall(r"^\s*([\w|-]+)\)", f.read(), re.M))
 
 
-@pytest.mark.parametrize("page,marker,code", list(_blocks("bash")))
+def _command_blocks():
+  yield from _blocks("bash")
+  for p in _blocks(""):  # unlabelled: the ones that are commands
+    page, marker, code = p.values
+    if re.match(r"\s*(\.venv/bin/|python|\./launch\.sh)", code):
+      yield p
+
+
+@pytest.mark.parametrize("page,marker,code", list(_command_blocks()))
 def test_shell_block_names_what_exists(page, marker, code):
   commands = {c for group in _launch_commands() for c in group.split("|")}
   bad = []
@@ -93,14 +106,50 @@ def test_shell_block_names_what_exists(page, marker, code):
       if w == "-m" and i + 1 < len(words) and words[i + 1] != "pip":
         if importlib.util.find_spec(words[i + 1]) is None:
           bad.append(f"python -m {words[i + 1]}: no such module")
-      if w.startswith("--config=") or w.startswith("--config "):
+      if w.startswith("--config="):
         path = w.split("=", 1)[1].split(":")[0]
         if not os.path.exists(os.path.join(REPO, path)):
           bad.append(f"{w}: no config file {path}")
-      if re.fullmatch(r"(bench|experiments|mmjax|tests)/[\w/]+\.py", w):
+      if re.fullmatch(r"(bench|experiments|mmjax|tests|docs|notebooks)/[\w/.]+\.(py|sh|md)", w):
         if not os.path.exists(os.path.join(REPO, w)):
           bad.append(f"{w}: no such file")
   assert not bad, f"{page}:\n" + "\n".join(bad)
+
+
+def _exists(dotted: str) -> bool:
+  """A module, or an attribute of one (mmjax.compress.hooks.call)."""
+  import importlib
+  parts = dotted.split(".")
+  for i in range(len(parts), 0, -1):
+    mod = ".".join(parts[:i])
+    try:
+      if importlib.util.find_spec(mod) is None:
+        continue
+    except ModuleNotFoundError:
+      continue
+    obj = importlib.import_module(mod)
+    for a in parts[i:]:
+      if not hasattr(obj, a):
+        return False
+      obj = getattr(obj, a)
+    return True
+  return False
+
+
+def test_names_and_paths_in_the_prose_exist():
+  """`mmjax.x.y` names and repo paths (mmjax/..., docs/..., bench/...) in inline code."""
+  bad = []
+  for page in PAGES:
+    text = re.sub(r"```.*?```", "", _read(page), flags=re.S)
+    for span in re.findall(r"`([^`\n]+)`", text):
+      for name in re.findall(r"(?<![\w/.])(mmjax(?:\.\w+)+)", span):
+        if not _exists(name):
+          bad.append(f"{page}: {name}")
+      for path in re.findall(r"(?<![\w/.])((?:mmjax|experiments|bench|tests|docs|notebooks)"
+                             r"/[\w/.-]*\w)", span):
+        if not re.search(r"[<*{]", span) and not os.path.exists(os.path.join(REPO, path)):
+          bad.append(f"{page}: {path}")
+  assert not bad, "named in the docs but not in the code:\n" + "\n".join(sorted(set(bad)))
 
 
 def test_generated_reference_is_current(tmp_path):

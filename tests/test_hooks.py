@@ -121,6 +121,7 @@ def test_nnx_hooks_by_attribute_path_and_classes_restored():
     return hooks.call(nnx.merge(graphdef, s), x)
 
   x = jax.random.normal(jax.random.PRNGKey(1), (2, T, D))
+  before = {cls: vars(cls)["__call__"] for cls in (NnxBlock, NnxEncoder, nnx.Linear)}
   paths = hooks.module_paths(apply, params, x)
   assert "blocks/1" in paths and "blocks/1/fc" in paths and "head" in paths
   seen = []
@@ -146,7 +147,24 @@ def test_nnx_hooks_by_attribute_path_and_classes_restored():
   # no class was left patched: the plain forward keeps every token
   plain = np.asarray(apply(params, x))
   assert not np.allclose(plain, want, atol=1e-3)
-  assert "__call__" in vars(NnxBlock) and vars(NnxBlock)["__call__"].__name__ == "__call__"
+  # a hook that raises leaves nothing patched either
+  boom = Plan(Method("boom", hooks=((r"blocks/2", lambda out, st: 1 / 0),)))
+  with pytest.raises(ZeroDivisionError):
+    boom.wrap(apply, {}, [])(params, x)
+  assert {cls: vars(cls)["__call__"] for cls in before} == before
+
+  # a submodel called through hooks.call inside a hooked call is hooked once, not twice
+  class Pair(nnx.Module):
+    def __init__(self, rngs):
+      self.enc = NnxEncoder(rngs)
+
+    def __call__(self, x):
+      return hooks.call(self.enc, x)
+
+  pair, count = Pair(nnx.Rngs(0)), []
+  counting = Plan(Method("count", hooks=((r".*blocks/1", lambda out, st: count.append(1) or out),)))
+  counting.wrap(lambda p, x: hooks.call(pair, x), {}, [])(None, x)
+  assert len(count) == 1
 
   typo = Plan(Method("typo", hooks=((r"block/1", keep_first_half),)))
   with pytest.raises(ValueError, match=r"'typo': hook pattern 'block/1' matches no module "

@@ -52,7 +52,7 @@ def base_config(*, tiny: bool, modalities=None) -> ml_collections.ConfigDict:
   model = get_preset("tiny" if tiny else "small", modalities=modalities).to_dict()
   model["towers"] = {k: {**v, "image_size": list(v["image_size"])} if "image_size" in v else v
                      for k, v in model["towers"].items()}
-  c.model_module = "mmjax.models.family"  # a model module (mmjax/harness/family.py): its family(args)
+  c.model_module = "mmjax.models.family"  # a model module (the contract: mmjax/harness/family.py)
   c.model = model                         # that module's arguments
   c.task_module = "mmjax.tasks.classification"
   c.task = dict(token_mask=config_dict.placeholder(str), label_smoothing=0.0)

@@ -14,9 +14,16 @@ module's path joined by "/":
 - Flax NNX: the attribute path from the root module (`blocks/1`, as `nnx.iter_modules`
   gives it). NNX has no interception, so an NNX forward calls its root module through
   `hooks.call(model, *args)` instead of `model(*args)`; with no hook active it is exactly
-  `model(*args)`. During a hooked call the `__call__` of the matched modules' classes is
-  replaced, and restored after (also on error), and the replacement acts only on the
-  matched instances: nothing outside the call sees a change.
+  `model(*args)`. During a hooked call, the `__call__` of the classes of the modules a
+  pattern matches (say `Block`) is wrapped, under a lock, and restored after (also on
+  error); the wrapper acts on the matched instances only, but other code calling a module
+  of such a class in another thread meanwhile runs through it (unchanged, not hooked).
+  Not hooked: modules run under `nnx.scan` / `nnx.vmap` / `nnx.remat` (rebuilt as new
+  objects), and a module shared at two paths answers to the first. A nested `hooks.call`
+  (a submodel called the same way) leaves it to the outer one.
+Hooks act while the forward is traced, so an `apply_fn` that is itself a `jax.jit`-ed
+function, already traced without hooks, keeps its cached program: jit the hooked forward
+(`plan.wrap(apply_fn, ...)`), not the bare one.
 A forward with no module in it (plain JAX) cannot be hooked and says so. `check` traces
 the forward once (shapes only): a pattern that matches no module is an error listing the
 nearest paths, and a hook whose output the next module cannot take is an error naming the
@@ -28,13 +35,17 @@ import contextlib
 import contextvars
 import difflib
 import re
+import threading
 from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 
-# what a call in progress does with each module output: fn(path, output) -> output
+# what a call in progress does with module outputs: (fn(path, output) -> output,
+# matches(path) -> whether fn wants that module's output at all)
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mmjax_hooks", default=None)
+_IN_NNX_CALL: contextvars.ContextVar = contextvars.ContextVar("mmjax_nnx_call", default=False)
+_PATCH_LOCK = threading.RLock()  # class attributes are process-wide
 
 
 def module_path(context) -> str:
@@ -42,14 +53,14 @@ def module_path(context) -> str:
 
 
 @contextlib.contextmanager
-def _active(on_output: Callable):
-  """Within: every linen `__call__` and every module of `call` passes its output through
-  on_output(path, output)."""
+def _active(on_output: Callable, matches: Callable):
+  """Within: every linen `__call__`, and every module of `call` whose path `matches`,
+  passes its output through on_output(path, output)."""
   def interceptor(next_fun, a, k, context):
     out = next_fun(*a, **k)
     return on_output(module_path(context), out) if context.method_name == "__call__" else out
 
-  token = _ACTIVE.set(on_output)
+  token = _ACTIVE.set((on_output, matches))
   try:
     with nn.intercept_methods(interceptor):
       yield
@@ -61,35 +72,46 @@ def call(model, *args, **kwargs):
   """`model(*args, **kwargs)` for an NNX root module, with the active hooks (if any)
   applied to its submodules' outputs by attribute path."""
   from flax import nnx  # only NNX forwards reach this
-  on_output = _ACTIVE.get()
-  if on_output is None:
+  active = _ACTIVE.get()
+  if active is None or _IN_NNX_CALL.get():
     return model(*args, **kwargs)
-  path_of = {id(m): "/".join(str(p) for p in path) for path, m in nnx.iter_modules(model)
-             if path}
-  # each class that defines the __call__ a submodule runs, patched once; an instance whose
-  # __call__ reaches another patched one (super()) has its output hooked once, outermost
-  owners = {next(c for c in type(m).__mro__ if "__call__" in vars(c))
-            for path, m in nnx.iter_modules(model)
-            if path and any("__call__" in vars(c) for c in type(m).__mro__)}
-  originals, running = {}, set()
-  for cls in owners:
-    originals[cls] = inner = vars(cls)["__call__"]
+  on_output, matches = active
+  iter_modules = getattr(nnx, "iter_modules", None) or type(model).iter_modules
+  path_of = {}
+  for path, m in iter_modules(model):
+    p = "/".join(str(x) for x in path)
+    if path and matches(p) and id(m) not in path_of:
+      path_of[id(m)] = p
+  # each class that defines the __call__ a matched module runs, wrapped once; an instance
+  # whose __call__ reaches another wrapped one (super()) has its output hooked once
+  mods = {id(m): m for _, m in iter_modules(model)}
+  owners = {next((c for c in type(mods[i]).__mro__ if "__call__" in vars(c)), None)
+            for i in path_of} - {None}
+  running = set()
 
-    def hooked(self, *a, _inner=inner, **k):
+  def wrap(inner):
+    def hooked(self, *a, **k):
       if id(self) in running or id(self) not in path_of:
-        return _inner(self, *a, **k)
+        return inner(self, *a, **k)
       running.add(id(self))
       try:
-        out = _inner(self, *a, **k)
+        out = inner(self, *a, **k)
       finally:
         running.discard(id(self))
       return on_output(path_of[id(self)], out)
-    cls.__call__ = hooked
-  try:
-    return model(*args, **kwargs)
-  finally:
-    for cls, original in originals.items():
-      cls.__call__ = original
+    return hooked
+
+  token = _IN_NNX_CALL.set(True)
+  with _PATCH_LOCK:
+    originals = {cls: vars(cls)["__call__"] for cls in owners}
+    try:
+      for cls, inner in originals.items():
+        cls.__call__ = wrap(inner)
+      return model(*args, **kwargs)
+    finally:
+      for cls, original in originals.items():
+        cls.__call__ = original
+      _IN_NNX_CALL.reset(token)
 
 
 def apply(apply_fn: Callable, hooks: Sequence[tuple]) -> Callable:
@@ -104,7 +126,7 @@ def apply(apply_fn: Callable, hooks: Sequence[tuple]) -> Callable:
     return out
 
   def wrapped(*args, **kwargs):
-    with _active(on_output):
+    with _active(on_output, lambda path: any(rx.fullmatch(path) for rx, _ in compiled)):
       return apply_fn(*args, **kwargs)
   return wrapped
 
@@ -118,7 +140,7 @@ def module_paths(apply_fn: Callable, *args, **kwargs) -> list:
     return out
 
   def run(*a):
-    with _active(record):
+    with _active(record, lambda path: True):
       return apply_fn(*a, **kwargs)
   jax.eval_shape(run, *args)
   return list(dict.fromkeys(p for p in seen if p))

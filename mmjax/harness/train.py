@@ -182,19 +182,17 @@ def programs(config, setup: Setup) -> Programs:
   return Programs(steps, init_fn, fresh)
 
 
-def check_hooks(plan, fam: Family, init_fn, fresh, frozen) -> None:
-  """The plan's module hooks against the family's forward, traced for shapes only: a
-  pattern that matches no module, or an output the next module cannot take, is a
-  ValueError before anything is compiled or written."""
+def check_hooks(plan, fam: Family, abstract) -> None:
+  """The plan's module hooks against the family's forward (training mode, the compressed
+  weights), traced for shapes only from the abstract train state: a pattern that matches
+  no module, or an output the next module cannot take, is a ValueError before anything is
+  compiled or written."""
   if plan is None or not plan.hooks({}):
     return
-  sample = fam.example_batch(1, seed=0)
-
-  def traced(params, frozen):
-    s = init_fn(params, frozen)
-    plan.check_hooks(lambda p, b: fam.apply(p, b, jax.random.PRNGKey(0)), s.params,
-                     plan.merge(s.cstate, s.aux), sample)
-  jax.eval_shape(traced, jax.eval_shape(fresh), frozen)
+  apply = lambda p, b: fam.apply(p, b, jax.random.PRNGKey(0))
+  jax.eval_shape(lambda params, cstate: plan.check_hooks(apply, params, cstate,
+                                                         fam.example_batch(1, seed=0)),
+                 abstract.params, plan.merge(abstract.cstate, abstract.aux))
 
 
 def train_and_evaluate(config, workdir: str, log=print, plan=None) -> dict:
@@ -212,7 +210,7 @@ def train_and_evaluate(config, workdir: str, log=print, plan=None) -> dict:
   frozen_abs = {f.name: sharding.sharded_abstract(f.abstract, mesh, fsdp) for f in comp.frozen}
   abstract, state_shd = sharding.sharded_abstract(jax.eval_shape(
       init_fn, jax.eval_shape(fresh), {k: a for k, (a, _) in frozen_abs.items()}), mesh, fsdp)
-  check_hooks(comp.plan, fam, init_fn, fresh, {k: a for k, (a, _) in frozen_abs.items()})
+  check_hooks(comp.plan, fam, abstract)
   ckpt_path, init_dir = os.path.join(workdir, "checkpoints"), config.get("init")
   # every process takes the branch process 0's view of the workdir decides
   resuming = (sharding.process0_decides(os.path.isdir(ckpt_path))
