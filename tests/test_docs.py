@@ -60,22 +60,24 @@ def test_python_block_parses_and_imports(page, marker, code, tmp_path):
   tree = ast.parse(code, filename=page)  # a syntax error fails here
   if "own-model" in marker:
     return  # run whole, with its model, by tests/test_foreign_models.py
-  if "docs: run" in marker:
-    script = code
-  else:  # a fragment (it names a config, a directory, ...): its imports must hold, and
-    # every attribute it takes of an imported name must exist (pruning.Ramp, step.build)
-    imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    names = {(a.asname or a.name).split(".")[0] for n in imports for a in n.names}
-    attrs = sorted({(n.value.id, n.attr) for n in ast.walk(tree) if isinstance(n, ast.Attribute)
-                    and isinstance(n.value, ast.Name) and n.value.id in names})
-    script = "\n".join([ast.unparse(n) for n in imports] + [
-        f"assert hasattr({v}, {a!r}), '{v}.{a} does not exist'" for v, a in attrs])
-    # a module named as a string (config.model_module = "mmjax.pretrained.vit") exists
-    for name in re.findall(r"""["']((?:mmjax|experiments)(?:\.\w+)+)(?::\w+)?["']""", code):
-      assert importlib.util.find_spec(name) is not None, (page, name)
-  r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                     text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert r.returncode == 0, f"{page}:\n{textwrap.indent(script, '  ')}\n{r.stderr[-2000:]}"
+  if "docs: run" in marker:  # run whole, in a process of its own (it may register things)
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, f"{page}:\n{textwrap.indent(code, '  ')}\n{r.stderr[-2000:]}"
+    return
+  # a fragment (it names a config, a directory, ...): its imports must hold, and every
+  # attribute it takes of an imported name must exist (pruning.Ramp, step.build)
+  imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+  names = {(a.asname or a.name).split(".")[0] for n in imports for a in n.names}
+  attrs = sorted({(n.value.id, n.attr) for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                  and isinstance(n.value, ast.Name) and n.value.id in names})
+  scope = {}
+  exec(compile(ast.Module(imports, []), page, "exec"), scope)  # imports only: no side effects
+  missing = [f"{v}.{a}" for v, a in attrs if not hasattr(scope[v], a)]
+  assert not missing, f"{page}: {missing} do not exist"
+  # a module named as a string (config.model_module = "mmjax.pretrained.vit") exists
+  for name in re.findall(r"""["']((?:mmjax|experiments)(?:\.\w+)+)(?::\w+)?["']""", code):
+    assert importlib.util.find_spec(name) is not None, (page, name)
 
 
 def _launch_commands():
