@@ -89,25 +89,38 @@ def _mean_std(xs):
   return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def aggregate(records: list, baselines=()) -> list:
+def dense_step_times(dense: list) -> dict:
+  """{origin: mean seconds per step of the dense runs timed there}."""
+  times = {}
+  for r in dense:
+    if r["steps_per_s"]:
+      times.setdefault(r.get("origin", ""), []).append(1.0 / r["steps_per_s"])
+  return {o: sum(t) / len(t) for o, t in times.items()}
+
+
+def aggregate(records: list, baselines=(), dense_times: dict | None = None) -> list:
   """One row per method (in the records' order), mean and std over its seeds; ratios
-  against the `dense` method's mean."""
+  against the `dense` method's mean. A run's step time is compared with the dense runs of
+  its own `origin` (runs carried from an earlier publish were timed on another machine):
+  `dense_times` {origin: dense seconds per step}, by default from the dense records."""
   by = {}
   for r in records:
     by.setdefault(r["name"], []).append(r)
   dense = by.get("dense", [])
   dense_bytes = _mean_std([r["disk_bytes"] for r in dense])[0]
-  dense_rate = _mean_std([r["steps_per_s"] for r in dense])[0]
+  if dense_times is None:
+    dense_times = dense_step_times(dense)
   rows = []
   for name, rs in by.items():
     acc, acc_std = _mean_std([r["accuracy"] for r in rs])
     disk = _mean_std([r["disk_bytes"] for r in rs])[0]
-    rate = _mean_std([r["steps_per_s"] for r in rs])[0]
+    ratios = [1.0 / r["steps_per_s"] / dense_times[r.get("origin", "")] for r in rs
+              if r["steps_per_s"] and dense_times.get(r.get("origin", ""))]
     rows.append(dict(
         name=name, config=rs[0]["config"], seeds=len(rs), accuracy=acc, accuracy_std=acc_std,
         sparsity=_mean_std([r["sparsity"] for r in rs])[0], bits=rs[0]["bits"],
         disk_bytes=disk, ratio=(dense_bytes / disk) if dense_bytes and disk else None,
-        step_time_ratio=(dense_rate / rate) if dense_rate and rate else None,
+        step_time_ratio=_mean_std(ratios)[0] if ratios else None,
         wall_s=sum(r["wall_s"] or 0 for r in rs), baseline=name in baselines))
   return rows
 

@@ -210,6 +210,10 @@ def report(names, seeds, sweep_dir, log=print, carried=()) -> dict:
   """results.json, results.md and pareto.png in `sweep_dir` from the complete runs, and the
   `carried` records (an earlier publish's) of runs not complete here."""
   from experiments import results, targets
+  # a run's step time compares with the dense runs timed alongside it (its `origin`: the
+  # date of the sweep that timed it; an earlier publish's runs ran on another machine)
+  here = "sweep of " + time.strftime("%Y-%m-%d")
+  carried = [{**r, "origin": r.get("origin") or "an earlier publish"} for r in carried]
   old = {(r["name"], int(r["seed"])): r for r in carried}
   names = [n for n in SUITE if n in set(names) | {n for n, _ in old}]
   records, notes, n_old = [], [], 0
@@ -217,7 +221,7 @@ def report(names, seeds, sweep_dir, log=print, carried=()) -> dict:
     for seed in range(seeds):
       workdir = run_dir(sweep_dir, name, seed)
       if is_complete(workdir):
-        rec = results.run_record(name, seed, workdir, SUITE[name])
+        rec = {**results.run_record(name, seed, workdir, SUITE[name]), "origin": here}
         there = old.get((name, seed))
         if name == "dense" and there and there["accuracy"] != rec["accuracy"]:
           notes.append(f"dense seed {seed} was retrained here ({rec['accuracy']:.2%}; the "
@@ -230,7 +234,11 @@ def report(names, seeds, sweep_dir, log=print, carried=()) -> dict:
         log(f"[sweep] {name} seed {seed}: not complete, left out of the results")
   if not records:
     raise ValueError(f"no complete run under {sweep_dir}: run the sweep first.")
-  rows = results.aggregate(records, BASELINES)
+  # step times compare with the dense runs timed alongside: carried runs with the carried
+  # dense runs (another machine), even where dense was retrained here
+  dense_times = results.dense_step_times(
+      [r for r in records + carried if r["name"] == "dense"])
+  rows = results.aggregate(records, BASELINES, dense_times)
   total = sum(r["wall_s"] or 0 for r in records)
   seeds_seen = ", ".join(sorted({str(r["seed"]) for r in records}))
   meta = (f"{len(records)} runs (seeds {seeds_seen}), {total / 3600:.2f} h of training wall "

@@ -118,3 +118,16 @@ def test_targets_give_verdicts_from_the_rows_and_say_what_has_not_run():
       "97.00% vs 96.50%: gap 0.50 points (one seed: no std yet)", None)
   md = targets.table_md(targets.check(rows))
   assert "| only_image near chance (≤ 20%) | 25.00% | **missed** |" in md
+
+
+def test_step_time_ratio_compares_each_run_with_the_dense_runs_of_its_origin():
+  """Carried runs were timed on another machine: each run against its own origin's dense."""
+  rec = lambda name, rate, origin: dict(name=name, config="x", accuracy=0.9, sparsity=0.0,
+                                        bits="32", disk_bytes=100, steps_per_s=rate,
+                                        wall_s=1.0, origin=origin)
+  records = [rec("dense", 4.0, "here"), rec("m", 2.0, "here"), rec("m", 0.5, "before")]
+  rows = {r["name"]: r for r in results.aggregate(records, dense_times=results.dense_step_times(
+      [rec("dense", 4.0, "here"), rec("dense", 1.0, "before")]))}
+  # here: 0.5 s / 0.25 s = 2; before: 2 s / 1 s = 2 (against the mixed mean it would differ)
+  assert rows["m"]["step_time_ratio"] == pytest.approx(2.0)
+  assert rows["dense"]["step_time_ratio"] == pytest.approx(1.0)
