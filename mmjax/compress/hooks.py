@@ -77,16 +77,15 @@ def call(model, *args, **kwargs):
     return model(*args, **kwargs)
   on_output, matches = active
   iter_modules = getattr(nnx, "iter_modules", None) or type(model).iter_modules
-  path_of = {}
+  path_of, owners = {}, set()
   for path, m in iter_modules(model):
     p = "/".join(str(x) for x in path)
     if path and matches(p) and id(m) not in path_of:
       path_of[id(m)] = p
-  # each class that defines the __call__ a matched module runs, wrapped once; an instance
-  # whose __call__ reaches another wrapped one (super()) has its output hooked once
-  mods = {id(m): m for _, m in iter_modules(model)}
-  owners = {next((c for c in type(mods[i]).__mro__ if "__call__" in vars(c)), None)
-            for i in path_of} - {None}
+      # the class that defines the __call__ it runs, wrapped once; an instance whose
+      # __call__ reaches another wrapped one (super()) has its output hooked once
+      owners.add(next((c for c in type(m).__mro__ if "__call__" in vars(c)), None))
+  owners.discard(None)
   running = set()
 
   def wrap(inner):

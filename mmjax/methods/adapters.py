@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from mmjax.compress import lora, rules
-from mmjax.methods.factorization import kernels_2d
+from mmjax.compress import lora
+from mmjax.methods.factorization import on_2d_kernels
 from mmjax.methods.registry import ADAPTERS, Settings, register, setting
 
 
@@ -25,9 +25,5 @@ class LoRA(Settings):
       raise ValueError(f"{where}.rank={self.rank} must be >= 1.")
 
   def build(self, ctx, where):
-    method = lora.adapters(rank=self.rank, alpha=self.alpha)
-    try:
-      method.check({p: ctx.shapes[p] for p in kernels_2d(ctx, self.pattern)})
-    except ValueError as e:
-      raise ValueError(f"{where}: {e}") from None
-    return rules([(ctx.pattern(self.pattern, "matmul"), method)], ctx.paths)
+    return on_2d_kernels(lora.adapters(rank=self.rank, alpha=self.alpha), ctx, self.pattern,
+                         where)

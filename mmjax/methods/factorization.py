@@ -21,16 +21,18 @@ class LowRank(Settings):
       raise ValueError(f"{where}.rank={self.rank} must be >= 1.")
 
   def build(self, ctx, where):
-    method = lowrank.factorize(rank=self.rank)
-    try:
-      method.check({p: ctx.shapes[p] for p in kernels_2d(ctx, self.pattern)})
-    except ValueError as e:
-      raise ValueError(f"{where}: {e}") from None
-    return rules([(ctx.pattern(self.pattern, "matmul"), method)], ctx.paths)
+    return on_2d_kernels(lowrank.factorize(rank=self.rank), ctx, self.pattern, where)
 
 
-def kernels_2d(ctx, pattern):
-  """The 2-D parameters `pattern` (None: the family's matmul pattern) fully matches."""
+def on_2d_kernels(method, ctx, pattern, where):
+  """`method` (a rank-r one: factors, adapters) bound to the kernels `pattern` (None: the
+  family's matmul pattern) matches, its rank checked against the 2-D ones' shapes first:
+  a bad rank is one line naming the section and the kernel."""
   import re
   rx = re.compile(ctx.pattern(pattern, "matmul"))
-  return {p for p in ctx.paths if rx.fullmatch(p) and len(ctx.shapes[p]) == 2}
+  try:
+    method.check({p: ctx.shapes[p] for p in ctx.paths
+                  if rx.fullmatch(p) and len(ctx.shapes[p]) == 2})
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+  return rules([(rx.pattern, method)], ctx.paths)
