@@ -184,13 +184,22 @@ class Plan:
       if e.method.wrap is not None:
         apply_fn = e.method.wrap(apply_fn, state[e.method.name], e.paths)
     hooks = self.hooks(state)
-    return hooks_lib.apply(apply_fn, [(p, f) for _, p, f in hooks]) if hooks else apply_fn
+    return hooks_lib.apply(apply_fn, [(p, f, n) for n, p, f in hooks]) if hooks else apply_fn
 
   def hooks(self, state) -> list:
-    """[(method name, module regex, fn(output) -> output)] of every method's hooks, each
-    bound to its method's state."""
-    return [(m.name, pattern, (lambda out, fn=fn, st=state.get(m.name, {}): fn(out, st)))
-            for m in self.methods() if m.hooks for pattern, fn in m.hooks]
+    """[(method name, module regex, fn)] of every method's hooks, each bound to its
+    method's state: fn(output) -> output, or `hooks.Around` of fn(ModuleCall) (its carry
+    shared by the method's hooks within one forward)."""
+    out = []
+    for m in self.methods():
+      st = state.get(m.name, {})
+      for pattern, fn in m.hooks or ():
+        if isinstance(fn, hooks_lib.Around):
+          bound = hooks_lib.Around(lambda call, fn=fn.fn, st=st: fn(call, st))
+        else:
+          bound = lambda out, fn=fn, st=st: fn(out, st)
+        out.append((m.name, pattern, bound))
+    return out
 
   def check_hooks(self, apply_fn, params, state, *args) -> "Plan":
     """The hooks against the forward, traced for shapes (before anything runs): patterns

@@ -7,7 +7,12 @@ lengths included (the base of token merging and token pruning).
     method = Method("drop", hooks=((r"block_1", drop_half),))
 
 A hook is `(module path regex, fn(output, state) -> output)`, matched in full against a
-module's path joined by "/":
+module's path joined by "/". `Around(fn)` instead runs the module itself:
+`fn(call, state) -> output`, where `call` (a `ModuleCall`) has the module's `path`,
+`args` and `kwargs`, and `call(*args, **kwargs)` runs it (`call()`: with its own inputs;
+so a hook may change the inputs first: a mask, an attention bias), and `call.carry` is a
+dict the method's hooks share within one forward, fresh at every call (what token
+merging passes from block to block: the tokens' sizes, the keys it matches on). Paths:
 - Flax linen (mmjax's own models and foreign ones, unchanged): the module's scope path
   (`image/block_01`, the path of the parameters it owns without their last parts), through
   Flax's method interception (`nn.intercept_methods`).
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import difflib
 import re
 import threading
@@ -48,19 +54,46 @@ _IN_NNX_CALL: contextvars.ContextVar = contextvars.ContextVar("mmjax_nnx_call", 
 _PATCH_LOCK = threading.RLock()  # class attributes are process-wide
 
 
+@dataclasses.dataclass(frozen=True)
+class Around:
+  """A hook that runs the module itself: fn(call: ModuleCall, state) -> output."""
+  fn: Callable
+
+
+class HookError(ValueError):
+  """A hook's own complaint about its settings (say, more tokens to merge than a block
+  has): `check` reports it as it is, not as a shape the next module cannot take."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleCall:
+  """One module call seen by an `Around` hook: `call()` runs it as it was called,
+  `call(*args, **kwargs)` with other inputs."""
+  path: str
+  args: tuple
+  kwargs: dict
+  carry: dict
+  run: Callable
+
+  def __call__(self, *args, **kwargs):
+    return self.run(*args, **kwargs) if (args or kwargs) else self.run(*self.args,
+                                                                       **self.kwargs)
+
+
 def module_path(context) -> str:
   return "/".join(context.module.path)
 
 
 @contextlib.contextmanager
-def _active(on_output: Callable, matches: Callable):
-  """Within: every linen `__call__`, and every module of `call` whose path `matches`,
-  passes its output through on_output(path, output)."""
+def _active(on_call: Callable, matches: Callable):
+  """Within: every linen `__call__`, and every module of `call` whose path `matches`, runs
+  as on_call(path, run, args, kwargs) (run(*args, **kwargs) calls the module)."""
   def interceptor(next_fun, a, k, context):
-    out = next_fun(*a, **k)
-    return on_output(module_path(context), out) if context.method_name == "__call__" else out
+    if context.method_name != "__call__":
+      return next_fun(*a, **k)
+    return on_call(module_path(context), next_fun, a, k)
 
-  token = _ACTIVE.set((on_output, matches))
+  token = _ACTIVE.set((on_call, matches))
   try:
     with nn.intercept_methods(interceptor):
       yield
@@ -75,7 +108,7 @@ def call(model, *args, **kwargs):
   active = _ACTIVE.get()
   if active is None or _IN_NNX_CALL.get():
     return model(*args, **kwargs)
-  on_output, matches = active
+  on_call, matches = active
   iter_modules = getattr(nnx, "iter_modules", None) or type(model).iter_modules
   path_of, owners = {}, set()
   for path, m in iter_modules(model):
@@ -92,12 +125,13 @@ def call(model, *args, **kwargs):
     def hooked(self, *a, **k):
       if id(self) in running or id(self) not in path_of:
         return inner(self, *a, **k)
-      running.add(id(self))
-      try:
-        out = inner(self, *a, **k)
-      finally:
-        running.discard(id(self))
-      return on_output(path_of[id(self)], out)
+      def run(*a, **k):
+        running.add(id(self))
+        try:
+          return inner(self, *a, **k)
+        finally:
+          running.discard(id(self))
+      return on_call(path_of[id(self)], run, a, k)
     return hooked
 
   token = _IN_NNX_CALL.set(True)
@@ -114,18 +148,30 @@ def call(model, *args, **kwargs):
 
 
 def apply(apply_fn: Callable, hooks: Sequence[tuple]) -> Callable:
-  """`apply_fn` with `hooks` ((pattern, fn(output) -> output), ...) applied to the outputs
-  of the modules whose path a pattern matches in full (in order, for each module)."""
-  compiled = [(re.compile(p), fn) for p, fn in hooks]
-
-  def on_output(path, out):
-    for rx, fn in compiled:
-      if rx.fullmatch(path):
-        out = fn(out)
-    return out
+  """`apply_fn` with `hooks` ((pattern, fn), ...) on the modules whose path a pattern
+  matches in full, in order for each module (the first innermost: what it returns is
+  what the second sees). fn(output) -> output, or `Around(fn)` with fn(ModuleCall) ->
+  output; a `(pattern, fn, group)` hook shares its carry with the hooks of its group
+  (default: its own), fresh at every call."""
+  compiled = [(re.compile(h[0]), h[1], h[2] if len(h) > 2 else i)
+              for i, h in enumerate(hooks)]
 
   def wrapped(*args, **kwargs):
-    with _active(on_output, lambda path: any(rx.fullmatch(path) for rx, _ in compiled)):
+    carries = {}
+
+    def on_call(path, run, a, k):
+      chain = run
+      for rx, fn, group in compiled:
+        if rx.fullmatch(path):
+          if isinstance(fn, Around):
+            carry = carries.setdefault(group, {})
+            chain = (lambda *a, fn=fn, inner=chain, carry=carry, **k:
+                     fn.fn(ModuleCall(path, a, k, carry, inner)))
+          else:
+            chain = lambda *a, fn=fn, inner=chain, **k: fn(inner(*a, **k))
+      return chain(*a, **k)
+
+    with _active(on_call, lambda path: any(rx.fullmatch(path) for rx, _, _ in compiled)):
       return apply_fn(*args, **kwargs)
   return wrapped
 
@@ -134,9 +180,9 @@ def module_paths(apply_fn: Callable, *args, **kwargs) -> list:
   """Every module path `apply_fn(*args)` calls, linen or NNX (traced for shapes only)."""
   seen = []
 
-  def record(path, out):
+  def record(path, run, a, k):
     seen.append(path)
-    return out
+    return run(*a, **k)
 
   def run(*a):
     with _active(record, lambda path: True):
@@ -146,7 +192,7 @@ def module_paths(apply_fn: Callable, *args, **kwargs) -> list:
 
 
 def check(apply_fn: Callable, named_hooks: Sequence[tuple], *args, **kwargs) -> None:
-  """`named_hooks`: ((method name, pattern, fn(output) -> output), ...). Every pattern
+  """`named_hooks`: ((method name, pattern, fn), ...) as `apply` takes them. Every pattern
   matches a module of the forward, and the hooked forward traces; else one ValueError
   naming the method, the pattern or module, and what is valid."""
   paths = module_paths(apply_fn, *args, **kwargs)
@@ -160,10 +206,14 @@ def check(apply_fn: Callable, named_hooks: Sequence[tuple], *args, **kwargs) -> 
       near = difflib.get_close_matches(pattern, paths, n=5, cutoff=0.0)
       raise ValueError(f"compression method {name!r}: hook pattern {pattern!r} matches no "
                        f"module of the forward; nearest module paths: {near}.")
-  for i, (name, pattern, fn) in enumerate(named_hooks):
-    hooked = apply(apply_fn, [(p, f) for _, p, f in named_hooks[:i + 1]])
+  names = list(dict.fromkeys(n for n, _, _ in named_hooks))
+  for i, name in enumerate(names):  # one method at a time: its hooks work as a unit
+    hooked = apply(apply_fn, [(p, f, n) for n, p, f in named_hooks if n in names[:i + 1]])
+    pattern = "|".join(p for n, p, _ in named_hooks if n == name)
     try:
       jax.eval_shape(lambda *a: hooked(*a, **kwargs), *args)
+    except HookError as e:
+      raise HookError(f"compression method {name!r}: {e}") from None
     except Exception as e:  # noqa: BLE001 (whatever the next module raises on a bad shape)
       why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
       raise ValueError(f"compression method {name!r}: the hook on {pattern!r} returns an "

@@ -100,7 +100,8 @@ class Method:
   accepts: Optional[Callable] = None  # (path, ShapeDtypeStruct) -> None | why not
   task_weight: float = 1.0  # the task loss is scaled by the product over methods
   trains: bool = False  # its state's "trainable" entry is trained by the run's optimizer
-  hooks: Optional[tuple] = None  # ((module path regex, fn(output, state) -> output), ...)
+  hooks: Optional[tuple] = None  # ((module path regex, fn(output, state) -> output, or
+  #   hooks.Around(fn(call: hooks.ModuleCall, state) -> output)), ...)
   adds: bool = False  # its view adds to the view of an earlier method on the same paths
 
   def __post_init__(self):

@@ -46,6 +46,13 @@ DEFAULT_KV_BLOCK = 512
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
+def size_bias(size):
+  """Token sizes [batch, n] (how many input tokens each stands for, after token merging;
+  0 = padding) -> the logit bias log(size) of proportional attention (ToMe): attending to
+  a token of size s weighs as s copies of it. Padding gets 0 (its mask removes it)."""
+  return jnp.where(size > 0, jnp.log(jnp.maximum(size, 1e-30)), 0.0)
+
+
 def dot_product_attention(query, key, value, *, mask=None, bias=None, is_causal=False,
                           scale=None, implementation=None, q_block_size=None,
                           kv_block_size=None):

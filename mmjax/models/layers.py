@@ -32,7 +32,9 @@ class MultiHeadAttention(nn.Module):
   head_dim: Optional[int] = None
 
   @nn.compact
-  def __call__(self, x, context=None, *, context_mask=None):
+  def __call__(self, x, context=None, *, context_mask=None, logit_bias=None):
+    """`context_mask` [batch, kv_len] bool (True = a real token); `logit_bias` [batch,
+    kv_len] added to every query's logits for that key (token merging's log-size)."""
     context = x if context is None else context
     d = x.shape[-1]
     if self.head_dim is None and d % self.num_heads:
@@ -45,6 +47,7 @@ class MultiHeadAttention(nn.Module):
     k = split(dense("key")(context))
     v = split(dense("value")(context))
     out = dot_product_attention(q, k, v, mask=key_padding_mask(context_mask),
+                                bias=key_padding_mask(logit_bias),
                                 implementation=self.implementation)
     return nn.Dense(d, dtype=self.dtype, name="out")(out.reshape(out.shape[:2] + (inner,)))
 
@@ -66,6 +69,15 @@ class Mlp(nn.Module):
     return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
 
 
+class PostAttention(nn.Module):
+  """The identity, as a module: where a block's tokens are after the attention's residual
+  and before the MLP, a place a module hook can reach (token merging merges here, as ToMe
+  does, so the MLP already runs on fewer tokens). No parameters: paths are unchanged."""
+
+  def __call__(self, x):
+    return x
+
+
 class _Block(nn.Module):
   """The body both blocks share: x + attention(queries, keys/values), then
   x + mlp(ln(x)); a subclass says how the attention's inputs are normalised."""
@@ -77,9 +89,11 @@ class _Block(nn.Module):
   dtype: jnp.dtype = jnp.float32
   head_dim: Optional[int] = None
 
-  def body(self, x, queries, context, context_mask, attn_name):
+  def body(self, x, queries, context, context_mask, attn_name, context_bias=None):
     x = x + MultiHeadAttention(self.num_heads, self.implementation, self.dtype, self.head_dim,
-                               name=attn_name)(queries, context, context_mask=context_mask)
+                               name=attn_name)(queries, context, context_mask=context_mask,
+                                               logit_bias=context_bias)
+    x = PostAttention(name="post_attn")(x)
     h = nn.LayerNorm(name="ln_mlp")(x)
     return x + Mlp(self.mlp_dim, self.gelu_approximate, self.mlp_gated, self.dtype,
                    name="mlp")(h)
@@ -89,19 +103,19 @@ class EncoderBlock(_Block):
   """Pre-LN self-attention block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
   @nn.compact
-  def __call__(self, x, mask=None):
+  def __call__(self, x, mask=None, bias=None):
     h = nn.LayerNorm(name="ln_attn")(x)
-    return self.body(x, h, None, mask, "attn")
+    return self.body(x, h, None, mask, "attn", bias)
 
 
 class CrossBlock(_Block):
   """Pre-LN cross-attention block: queries from x, keys/values from another modality."""
 
   @nn.compact
-  def __call__(self, x, context, context_mask=None):
+  def __call__(self, x, context, context_mask=None, context_bias=None):
     h = nn.LayerNorm(name="ln_query")(x)
     c = nn.LayerNorm(name="ln_context")(context)
-    return self.body(x, h, c, context_mask, "cross_attn")
+    return self.body(x, h, c, context_mask, "cross_attn", context_bias)
 
 
 def compute_dtype(cfg):
@@ -121,3 +135,4 @@ def encode(x, attn_mask, token_mask, cfg, num_layers: int, intermediates: dict):
   intermediates["final"] = x
   intermediates["mask"] = token_mask
   return x, intermediates
+

@@ -19,7 +19,9 @@ TOWERS = {"text": TextTower, "image": ImageTower, "audio": AudioTower}
 
 
 def masked_mean(x, mask):
-  """Mean over real tokens: x [b, n, d], mask [b, n] -> [b, d] (zeros if none real)."""
+  """Mean over real tokens: x [b, n, d], mask [b, n] -> [b, d] (zeros if none real).
+  `mask` may be float token sizes (after token merging): a mean weighted by size, which
+  is the mean over the input tokens the merged ones stand for."""
   w = mask.astype(x.dtype)[..., None]
   return (x * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
 
@@ -44,10 +46,15 @@ class MultimodalModel(nn.Module):
       x, tower_inter = TOWERS[tower_cfg.kind](tower_cfg, cfg, name=m)(
           jnp.asarray(inputs[m]), None if mask is None else jnp.asarray(mask))
       tokens[m], masks[m], inter[m] = x, tower_inter["mask"], tower_inter
-    fused, inter["fusion"] = Fusion(cfg, name="fusion")(tokens, masks)
+    # a tower whose tokens were merged (token merging's hooks) reports their sizes
+    sizes = ({m: inter[m].get("size", masks[m].astype(jnp.float32)) for m in masks}
+             if any("size" in inter[m] for m in masks) else None)
+    fused, inter["fusion"] = Fusion(cfg, name="fusion")(tokens, masks, sizes)
     head = cfg.head
     if head.kind == "classify":
-      pooled = jnp.concatenate([masked_mean(fused[m], masks[m]) for m in cfg.modalities], -1)
+      weights = masks if sizes is None else sizes
+      pooled = jnp.concatenate([masked_mean(fused[m], weights[m]) for m in cfg.modalities],
+                               -1)
       h = nn.LayerNorm(name="head_ln")(pooled)
       inter["pooled"] = h
     else:  # per_token: logits at every position of one modality

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.kernels.attention import dot_product_attention
+from mmjax.models.layers import PostAttention
 
 ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
@@ -30,13 +31,16 @@ class SelfAttention(nn.Module):
   key_bias: bool = True  # Whisper's key projection has none
 
   @nn.compact
-  def __call__(self, x, mask=None):
+  def __call__(self, x, mask=None, logit_bias=None):
+    """`logit_bias` [batch, kv_len]: added to every query's logits for that key (token
+    merging's log-size)."""
     d = x.shape[-1]
     hd = d // self.num_heads
     split = lambda y: y.reshape(y.shape[:2] + (self.num_heads, hd))
     q, k, v = (split(nn.Dense(d, use_bias=self.key_bias or n != "key", name=n)(x))
                for n in ("query", "key", "value"))
     out = dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None, None, :],
+                                bias=None if logit_bias is None else logit_bias[:, None, None],
                                 is_causal=self.causal, implementation=self.implementation)
     return nn.Dense(d, name="out")(out.reshape(x.shape[:2] + (d,)))
 
@@ -70,10 +74,11 @@ class Block(nn.Module):
     mlp = Mlp(self.mlp_dim, self.activation, name="mlp")
     ln_attn = nn.LayerNorm(self.eps, name="ln_attn")
     ln_mlp = nn.LayerNorm(self.eps, name="ln_mlp")
+    post_attn = PostAttention(name="post_attn")  # a place for hooks (token merging)
     if self.post_ln:
-      x = ln_attn(x + attn(x, mask))
+      x = post_attn(ln_attn(x + attn(x, mask)))
       return ln_mlp(x + mlp(x))
-    x = x + attn(ln_attn(x), mask)
+    x = post_attn(x + attn(ln_attn(x), mask))
     return x + mlp(ln_mlp(x))
 
 
