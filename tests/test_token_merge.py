@@ -104,10 +104,14 @@ def test_identical_pairs_merge_losslessly_in_mmjax_model_and_bad_r():
   assert float(jnp.abs(moved - dense).max()) > 1e-3
 
   # r beyond what a block can merge: one line before anything runs
-  plan = Plan(merge_tokens(r=6, blocks=r"image/block_\d+", tower="image"))
-  with pytest.raises(HookError, match=rf"'tome': r=6 is more than block image/block_01 "
-                     rf"can merge: it has {n - 6} tokens and merges at most {(n - 6) // 2}"):
+  plan = Plan(merge_tokens(r=(4, 13), blocks=r"image/block_\d+", tower="image"))
+  with pytest.raises(HookError, match=r"'tome': r=13 is more than the 12 tokens block "
+                     r"image/block_01 has; set r <= 6"):
     plan.check_hooks(fam.apply, params, {}, batch)
+  # within the tokens a block has, r is capped at half of them, as in ToMe: 16 -> 9 -> 4
+  capped = Plan(merge_tokens(r=7, blocks=r"image/block_\d+", tower="image"))
+  shapes = jax.eval_shape(capped.wrap(fam.apply, {}, list(params)), params, batch)[1]
+  assert shapes["image"]["final"].shape[1] == 4
   short = Plan(merge_tokens(r=(4,), blocks=r"image/block_\d+", tower="image"))
   with pytest.raises(HookError, match="give one r per block"):
     short.check_hooks(fam.apply, params, {}, batch)
@@ -143,3 +147,27 @@ def test_pretrained_vit_keeps_its_class_token_and_costs_less():
                              rtol=1e-5, atol=1e-5)
   # attention on 65, 53, 41 tokens and MLPs on 53, 41, 29 (merged between them)
   assert merged < 0.8 * dense, merged / dense
+
+
+def test_tome_by_config_and_a_tower_the_model_lacks(procedural_dir, tiny_dense_dir, tmp_path):
+  import json
+  import os
+
+  from experiments.configs import tome
+  from mmjax.harness import train
+
+  def config(arg):
+    c = tome.get_config(arg)
+    c.data.data_dir, c.mesh.data, c.init = procedural_dir, 1, tiny_dense_dir
+    return c
+
+  workdir = str(tmp_path / "tome")
+  out = train.train_and_evaluate(config("tiny,r=2,steps=0"), workdir, log=lambda *_: None)
+  with open(os.path.join(workdir, "compression_report.json")) as f:
+    rep = json.load(f)
+  assert rep["accuracy"] == out["eval_accuracy"]
+  bad = str(tmp_path / "bad")
+  with pytest.raises(ValueError, match=r"config.compress.tokens.modalities=\['video'\]: the "
+                     r"model has no tower 'video'"):
+    train.train_and_evaluate(config("tiny,towers=video"), bad, log=lambda *_: None)
+  assert not os.path.exists(bad)

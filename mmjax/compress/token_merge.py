@@ -79,7 +79,8 @@ def merge_tokens(r, blocks: str, *, tower: str | None = None, attention: str = "
                  keys: str | None = "attn/key", at: str | None = "post_attn",
                  keep_first: int = 0, name: str = "tome") -> Method:
   """A hooks-only method merging `r` tokens in every block whose module path `blocks`
-  matches (`r` a sequence: r[i] in a tower's i-th block, ToMe's schedules). `attention`: the attention module under a block (None: no proportional
+  matches (`r` a sequence: r[i] in a tower's i-th block, ToMe's schedules; as in ToMe, a
+  block merges at most half its tokens, and r above the tokens it has is an error). `attention`: the attention module under a block (None: no proportional
   attention; it must take `logit_bias`), `keys`: the key projection under a block (None:
   the tokens themselves are the metric), `at`: the module under a block whose output is
   merged (None: the block's output), `tower`: modules returning (tokens, intermediates
@@ -131,11 +132,12 @@ def merge_tokens(r, blocks: str, *, tower: str | None = None, attention: str = "
                       "per block.")
     k = per_block[index] if per_block is not None else r
     n = x.shape[1]
-    most = mergeable(n, keep_first)
-    if k > most:
-      raise HookError(f"token merging {name!r}: r={k} is more than block {block} can merge:"
-                      f" it has {n} tokens and merges at most {most} (half, less "
-                      f"keep_first={keep_first}); set r <= {most}, or merge in fewer blocks.")
+    if k > n:
+      raise HookError(f"token merging {name!r}: r={k} is more than the {n} tokens block "
+                      f"{block} has; set r <= {mergeable(n, keep_first)} (a block merges at "
+                      f"most half its tokens, less keep_first={keep_first}), or merge in "
+                      "fewer blocks.")
+    k = min(k, mergeable(n, keep_first))  # as ToMe: a block merges at most half
     size = carry.get(key)
     if size is None:
       size = jnp.ones(x.shape[:2], jnp.float32)
@@ -161,8 +163,10 @@ def merge_tokens(r, blocks: str, *, tower: str | None = None, attention: str = "
   def on_tower(call, state):
     out = call()
     t = call.path
-    if not call.carry.get(("merged", t)):
-      return out
+    if not call.carry.get(("merged", t)) or not (
+        isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)
+        and "mask" in out[1]):
+      return out  # only a (tokens, intermediates with "mask") output has a mask to fix
     x, inter = out
     size = call.carry["size", t]
     return x, {**inter, "mask": size > 0, "size": size}

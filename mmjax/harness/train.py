@@ -190,9 +190,9 @@ def check_hooks(plan, fam: Family, abstract) -> None:
   if plan is None or not plan.hooks({}):
     return
   apply = lambda p, b: fam.apply(p, b, jax.random.PRNGKey(0))
-  jax.eval_shape(lambda params, cstate: plan.check_hooks(apply, params, cstate,
-                                                         fam.example_batch(1, seed=0)),
-                 abstract.params, plan.merge(abstract.cstate, abstract.aux))
+  def check(params, cstate):
+    plan.check_hooks(apply, params, cstate, fam.example_batch(1, seed=0))
+  jax.eval_shape(check, abstract.params, plan.merge(abstract.cstate, abstract.aux))
 
 
 def train_and_evaluate(config, workdir: str, log=print, plan=None) -> dict:

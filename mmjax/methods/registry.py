@@ -12,7 +12,8 @@ method edits no central file).
 A config names methods by section: `config.compress.<section> = dict(method=<name>,
 **settings)`; any number of sections, any names (`prune_text`, `nm_image`), so that
 different methods take different paths. Parts compose in stage order (pruning, factorization,
-weight quantization, post-training, adapters, activations, losses), then by section name. The sections
+weight quantization, post-training, adapters, activations, losses, token reduction), then
+by section name. The sections
 named `prune`, `quant`, `post_training`, `activations` and `distill` may omit `method`
 (magnitude, fake_quant, gptq, activations, distill: the configs written before the
 registry). A method in a module of your own is named `method='my_lab.methods:fisher'`:
@@ -30,12 +31,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from mmjax.compress import Plan
 
-PRUNE, FACTORIZE, QUANTIZE, POST_TRAINING, ADAPTERS, ACTIVATIONS, LOSS = range(7)
+PRUNE, FACTORIZE, QUANTIZE, POST_TRAINING, ADAPTERS, ACTIVATIONS, LOSS, TOKENS = range(8)
 STAGE_NAMES = {PRUNE: "pruning", FACTORIZE: "factorization (trained factors)",
                QUANTIZE: "weight quantization",
                POST_TRAINING: "post-training (calibrated, one shot)",
                ADAPTERS: "adapters (trained, added to the compressed weights)",
-               ACTIVATIONS: "activation quantization", LOSS: "loss terms"}
+               ACTIVATIONS: "activation quantization", LOSS: "loss terms",
+               TOKENS: "token reduction (module hooks between blocks)"}
 LEGACY_SECTIONS = {"prune": "magnitude", "quant": "fake_quant", "post_training": "gptq",
                    "activations": "activations", "distill": "distill"}
 NOT_METHODS = ("export",)  # config.compress fields that are no method section
