@@ -148,26 +148,3 @@ def test_pretrained_vit_keeps_its_class_token_and_costs_less():
   # attention on 65, 53, 41 tokens and MLPs on 53, 41, 29 (merged between them)
   assert merged < 0.8 * dense, merged / dense
 
-
-def test_tome_by_config_and_a_tower_the_model_lacks(procedural_dir, tiny_dense_dir, tmp_path):
-  import json
-  import os
-
-  from experiments.configs import tome
-  from mmjax.harness import train
-
-  def config(arg):
-    c = tome.get_config(arg)
-    c.data.data_dir, c.mesh.data, c.init = procedural_dir, 1, tiny_dense_dir
-    return c
-
-  workdir = str(tmp_path / "tome")
-  out = train.train_and_evaluate(config("tiny,r=2,steps=0"), workdir, log=lambda *_: None)
-  with open(os.path.join(workdir, "compression_report.json")) as f:
-    rep = json.load(f)
-  assert rep["accuracy"] == out["eval_accuracy"]
-  bad = str(tmp_path / "bad")
-  with pytest.raises(ValueError, match=r"config.compress.tokens.modalities=\['video'\]: the "
-                     r"model has no tower 'video'"):
-    train.train_and_evaluate(config("tiny,towers=video"), bad, log=lambda *_: None)
-  assert not os.path.exists(bad)

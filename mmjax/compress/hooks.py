@@ -9,7 +9,7 @@ lengths included (the base of token merging and token pruning).
 A hook is `(module path regex, fn(output, state) -> output)`, matched in full against a
 module's path joined by "/". `Around(fn)` instead runs the module itself:
 `fn(call, state) -> output`, where `call` (a `ModuleCall`) has the module's `path`,
-`args` and `kwargs`, and `call(*args, **kwargs)` runs it (`call()`: with its own inputs;
+`args`, `kwargs` and the `module` itself, and `call(*args, **kwargs)` runs it (`call()`: with its own inputs;
 so a hook may change the inputs first: a mask, an attention bias), and `call.carry` is a
 dict the method's hooks share within one forward, fresh at every call (what token
 merging passes from block to block: the tokens' sizes, the keys it matches on). Paths:
@@ -68,12 +68,14 @@ class HookError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ModuleCall:
   """One module call seen by an `Around` hook: `call()` runs it as it was called,
-  `call(*args, **kwargs)` with other inputs."""
+  `call(*args, **kwargs)` with other inputs; `module` is the module itself (its
+  attributes: an attention's `num_heads`)."""
   path: str
   args: tuple
   kwargs: dict
   carry: dict
   run: Callable
+  module: object = None
 
   def __call__(self, *args, **kwargs):
     return self.run(*args, **kwargs) if (args or kwargs) else self.run(*self.args,
@@ -87,11 +89,11 @@ def module_path(context) -> str:
 @contextlib.contextmanager
 def _active(on_call: Callable, matches: Callable):
   """Within: every linen `__call__`, and every module of `call` whose path `matches`, runs
-  as on_call(path, run, args, kwargs) (run(*args, **kwargs) calls the module)."""
+  as on_call(path, run, args, kwargs, module) (run(*args, **kwargs) calls the module)."""
   def interceptor(next_fun, a, k, context):
     if context.method_name != "__call__":
       return next_fun(*a, **k)
-    return on_call(module_path(context), next_fun, a, k)
+    return on_call(module_path(context), next_fun, a, k, context.module)
 
   token = _ACTIVE.set((on_call, matches))
   try:
@@ -131,7 +133,7 @@ def call(model, *args, **kwargs):
           return inner(self, *a, **k)
         finally:
           running.discard(id(self))
-      return on_call(path_of[id(self)], run, a, k)
+      return on_call(path_of[id(self)], run, a, k, self)
     return hooked
 
   token = _IN_NNX_CALL.set(True)
@@ -159,14 +161,14 @@ def apply(apply_fn: Callable, hooks: Sequence[tuple]) -> Callable:
   def wrapped(*args, **kwargs):
     carries = {}
 
-    def on_call(path, run, a, k):
+    def on_call(path, run, a, k, module):
       chain = run
       for rx, fn, group in compiled:
         if rx.fullmatch(path):
           if isinstance(fn, Around):
             carry = carries.setdefault(group, {})
             chain = (lambda *a, fn=fn, inner=chain, carry=carry, **k:
-                     fn.fn(ModuleCall(path, a, k, carry, inner)))
+                     fn.fn(ModuleCall(path, a, k, carry, inner, module)))
           else:
             chain = lambda *a, fn=fn, inner=chain, **k: fn(inner(*a, **k))
       return chain(*a, **k)
@@ -180,7 +182,7 @@ def module_paths(apply_fn: Callable, *args, **kwargs) -> list:
   """Every module path `apply_fn(*args)` calls, linen or NNX (traced for shapes only)."""
   seen = []
 
-  def record(path, run, a, k):
+  def record(path, run, a, k, module):
     seen.append(path)
     return run(*a, **k)
 

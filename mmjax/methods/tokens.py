@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from mmjax.compress import token_merge
+from mmjax.compress import token_merge, token_prune
 from mmjax.methods.registry import TOKENS, Settings, register, setting
 
 
@@ -44,3 +44,36 @@ class TokenMerging(Settings):
         self.r, self.blocks or rf"(?:{towers})/block_\d+", tower=None if self.blocks else
         f"(?:{towers})", attention="attn" if self.proportional else None,
         keep_first=self.keep_first, name=where.rsplit(".", 1)[-1])
+
+
+@register("xprune", stage=TOKENS, doc="Cross-modal token pruning: after fusion layer k, "
+          "each pruned modality keeps the fraction of its tokens that the query modality's "
+          "cross-attention rates highest.")
+@dataclasses.dataclass(frozen=True)
+class CrossModalPruning(Settings):
+  keep: float = setting(0.3, "fraction of each pruned modality's tokens kept, in (0, 1]")
+  queries: str = setting("text", "the modality whose attention rates the others' tokens")
+  modalities: tuple = setting(("image", "audio"), "the modalities whose tokens are pruned")
+  layer: int = setting(0, "the fusion layer after which tokens are pruned")
+
+  def check(self, where):
+    if not 0 < self.keep <= 1:
+      raise ValueError(f"{where}.keep={self.keep} must be in (0, 1] (the fraction of tokens "
+                       "kept).")
+    if self.layer < 0:
+      raise ValueError(f"{where}.layer={self.layer} must be >= 0.")
+
+  def build(self, ctx, where):
+    names = {p.split("/", 1)[0] for p in ctx.paths}
+    missing = [m for m in (self.queries,) + tuple(self.modalities) if m not in names]
+    if missing:
+      raise ValueError(f"{where}: the model has no modality {missing[0]!r} (its top-level "
+                       f"parameters: {sorted(names)}); prune modalities it has.")
+    layers = sorted({p.split("/")[1] for p in ctx.paths if p.startswith("fusion/layer_")})
+    if f"layer_{self.layer:02d}" not in layers:
+      raise ValueError(f"{where}.layer={self.layer}: the fusion has no cross-attention layer "
+                       f"{self.layer} (its layers: {layers or 'none: fusion.kind is not cross'}"
+                       ").")
+    return token_prune.prune_tokens(self.keep, queries=self.queries,
+                                    prune=tuple(self.modalities), layer=self.layer,
+                                    name=where.rsplit(".", 1)[-1])

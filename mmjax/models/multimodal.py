@@ -50,6 +50,10 @@ class MultimodalModel(nn.Module):
     sizes = ({m: inter[m].get("size", masks[m].astype(jnp.float32)) for m in masks}
              if any("size" in inter[m] for m in masks) else None)
     fused, inter["fusion"] = Fusion(cfg, name="fusion")(tokens, masks, sizes)
+    # a fusion whose tokens were pruned (cross-modal pruning's hooks) reports what it kept
+    masks = {**masks, **inter["fusion"].get("masks", {})}
+    if sizes is not None:
+      sizes = {**sizes, **inter["fusion"].get("sizes", {})}
     head = cfg.head
     if head.kind == "classify":
       weights = masks if sizes is None else sizes

@@ -1,0 +1,150 @@
+"""Cross-modal token pruning: the tokens of one modality's attention queries (the text)
+say which tokens of the others (image, audio) the answer needs; after fusion layer k,
+only the top fraction of those stay for the layers after it and the pooling (FastV,
+SparseVLM and VisionZip do this with a language model's attention over visual tokens).
+
+    plan = Plan(prune_tokens(keep=0.3, queries="text", prune=("image", "audio")))
+
+Importance of a context token j: the attention probability the query modality's tokens
+give it in layer k's cross-attention (softmax(q kᵀ/√d_h), over every context token,
+padding masked), averaged over heads and over the real query tokens. Each pruned
+modality keeps ceil(keep · n) tokens, a count fixed at trace time (jit sees static
+shapes), in their input order. Padding has importance 0, so it goes first.
+
+Module hooks on mmjax's cross fusion (`fusion.kind = "cross"`: in each layer every
+modality attends to the others' tokens, concatenated in sorted order), with the tokens'
+masks (and sizes, after token merging) carried to the later layers and to the pooling:
+  <layers>[k]/<queries>/<attention>          the context mask, the module's head count
+  <layers>[k]/<queries>/<attention>/query|key the projections, recorded
+  <layers>[k]                                after the layer: keep the top tokens
+  <layers>[>k]                               the kept tokens' masks and attention biases
+  fusion                                     the fused tokens' masks (and sizes) for pooling
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+
+from mmjax.compress.hooks import Around, HookError
+from mmjax.compress.protocol import Method
+
+
+def importance(q, k, heads: int, query_mask=None, context_mask=None, logit_bias=None):
+  """q [b, nq, heads·d_h], k [b, nk, heads·d_h] -> [b, nk]: the attention probability
+  each key gets, averaged over heads and the real queries."""
+  b, nq, inner = q.shape
+  hd = inner // heads
+  qh = q.reshape(b, nq, heads, hd)
+  kh = k.reshape(b, k.shape[1], heads, hd)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", qh, kh).astype(jnp.float32) / math.sqrt(hd)
+  if logit_bias is not None:
+    logits = logits + logit_bias[:, None, None, :]
+  if context_mask is not None:
+    logits = jnp.where(context_mask[:, None, None, :], logits, -jnp.inf)
+  probs = jax.nn.softmax(logits, axis=-1)
+  probs = jnp.where(jnp.isnan(probs), 0.0, probs).mean(axis=1)  # [b, nq, nk]
+  w = (jnp.ones((b, nq)) if query_mask is None else query_mask.astype(jnp.float32))
+  return (probs * w[..., None]).sum(1) / jnp.maximum(w.sum(1), 1.0)[:, None]
+
+
+def top_tokens(scores, count: int):
+  """[b, n] -> [b, count] int: the indices of the `count` highest scores, ascending (the
+  kept tokens in their input order)."""
+  return jnp.sort(jax.lax.top_k(scores, count)[1], axis=-1)
+
+
+def kept_count(n: int, keep: float) -> int:
+  return max(1, math.ceil(keep * n - 1e-9))
+
+
+def _gather(x, idx):
+  return jnp.take_along_axis(x, idx[..., None] if x.ndim == 3 else idx, axis=1)
+
+
+def prune_tokens(keep: float, *, queries: str = "text", prune=("image", "audio"),
+                 layer: int = 0, layers: str = r"fusion/layer_(\d+)",
+                 attention: str = "cross_attn", fusion: str = "fusion",
+                 name: str = "xprune") -> Method:
+  """A hooks-only method: after fusion layer `layer`, each modality of `prune` keeps the
+  fraction `keep` of its tokens that the `queries` modality's attention rates highest."""
+  if not (isinstance(keep, (int, float)) and 0 < keep <= 1):
+    raise ValueError(f"cross-modal pruning {name!r}: keep={keep!r} must be in (0, 1] (the "
+                     "fraction of each pruned modality's tokens kept).")
+  prune = tuple(prune)
+  if not prune or queries in prune:
+    raise ValueError(f"cross-modal pruning {name!r}: prune={list(prune)} must name "
+                     f"modalities other than the queries' {queries!r}.")
+  layer_rx = re.compile(layers)
+  at = layers.replace(r"(\d+)", f"{layer:02d}")
+
+  def index_of(path):
+    m = layer_rx.fullmatch(path)
+    return int(m.group(1)) if m else None
+
+  def on_attention(call, state):
+    call.carry["context_mask"] = call.kwargs.get("context_mask")
+    call.carry["logit_bias"] = call.kwargs.get("logit_bias")
+    call.carry["heads"] = call.module.num_heads
+    return call()
+
+  def record(what):
+    def on(call, state):
+      out = call()
+      call.carry[what] = out
+      return out
+    return on
+
+  def on_layer(call, state):
+    i = index_of(call.path)
+    carry = call.carry
+    if i is None or i < layer:
+      return call()
+    if i > layer:  # the kept tokens' masks and biases
+      tokens, masks, *rest = call.args
+      masks = {m: (_gather(v, carry["kept"][m]) if m in carry["kept"] else v)
+               for m, v in masks.items()}
+      rest = [None if r is None else {m: (_gather(v, carry["kept"][m]) if m in carry["kept"]
+                                          else v) for m, v in r.items()} for r in rest]
+      return call(tokens, masks, *rest, **call.kwargs)
+    tokens, masks = call.args[0], call.args[1]
+    missing = [m for m in (queries,) + prune if m not in tokens]
+    if missing:
+      raise HookError(f"cross-modal pruning {name!r}: the model has no modality "
+                      f"{missing[0]!r} (its modalities: {sorted(tokens)}); prune "
+                      "modalities it has, with queries from another.")
+    out = call()
+    others = [m for m in sorted(tokens) if m != queries]  # the queries' context, in order
+    score = importance(carry.pop("query"), carry.pop("key"), carry["heads"],
+                       masks[queries], carry["context_mask"], carry["logit_bias"])
+    kept, start = {}, 0
+    for m in others:
+      n = tokens[m].shape[1]
+      if m in prune:
+        kept[m] = top_tokens(score[:, start:start + n], kept_count(n, keep))
+      start += n
+    carry["kept"] = kept
+    return {m: (_gather(v, kept[m]) if m in kept else v) for m, v in out.items()}
+
+  def on_fusion(call, state):
+    out = call()
+    kept = call.carry.get("kept")
+    if kept is None:
+      return out
+    tokens, inter = out
+    masks, sizes = call.args[1], (call.args[2] if len(call.args) > 2 else None)
+    pruned = {"masks": {m: _gather(masks[m], kept[m]) for m in kept}}
+    if sizes is not None:
+      pruned["sizes"] = {m: _gather(sizes[m], kept[m]) for m in kept}
+    return tokens, {**inter, **pruned}
+
+  base = f"{at}/{queries}/{attention}"
+  return Method(name, hooks=(
+      (base, Around(on_attention)),
+      (f"{base}/query", Around(record("query"))),
+      (f"{base}/key", Around(record("key"))),
+      (layers, Around(on_layer)),
+      (fusion, Around(on_fusion)),
+  ))

@@ -1,0 +1,133 @@
+"""Cross-modal token pruning through module hooks, on mmjax's model (two cross-fusion
+layers): the tokens kept after layer 0 are the top ones by the text's attention,
+recomputed here in float64 NumPy from the model's own intermediates and parameters; the
+later layer and the pooling see only those; keep = 1 is the dense model; bad settings
+are one-line errors before anything runs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.compress import Plan
+from mmjax.compress.hooks import HookError
+from mmjax.compress.token_prune import kept_count, prune_tokens
+
+KEEP = 0.3
+
+
+def _model():
+  from experiments.configs.common import base_config
+  from mmjax.harness import family
+  cfg = base_config(tiny=True)
+  cfg.model.fusion["num_layers"] = 2
+  fam = family.from_config(cfg)
+  batch = fam.example_batch(2, with_labels=False)
+  batch["audio_mask"] = np.arange(batch["audio"].shape[1])[None] < np.array([[6000], [8000]])
+  params = fam.init(jax.random.PRNGKey(0), batch)
+  return fam, batch, params
+
+
+def _ln(x, p, eps=1e-6):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _reference_kept(params, inter, heads, keep):
+  """Top tokens of audio and image by the text's layer-0 cross-attention, float64."""
+  f64 = lambda t: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), t)
+  p, inter = f64(params["fusion"]["layer_00"]["text"]), f64(inter)
+  dense = lambda x, d: x @ d["kernel"] + d["bias"]
+  text = inter["text"]["final"]
+  ctx = np.concatenate([inter["audio"]["final"], inter["image"]["final"]], 1)
+  cmask = np.concatenate([inter["audio"]["mask"], inter["image"]["mask"]], 1) > 0
+  q = dense(_ln(text, p["ln_query"]), p["cross_attn"]["query"])
+  k = dense(_ln(ctx, p["ln_context"]), p["cross_attn"]["key"])
+  b, nq, inner = q.shape
+  hd = inner // heads
+  logits = np.einsum("bqhd,bkhd->bhqk", q.reshape(b, nq, heads, hd),
+                     k.reshape(b, -1, heads, hd)) / np.sqrt(hd)
+  logits = np.where(cmask[:, None, None], logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs = (probs / probs.sum(-1, keepdims=True)).mean(1)  # [b, nq, nk]
+  w = inter["text"]["mask"]
+  score = (probs * w[..., None]).sum(1) / w.sum(1)[:, None]
+  n_audio = inter["audio"]["final"].shape[1]
+  out = {}
+  for m, seg in (("audio", score[:, :n_audio]), ("image", score[:, n_audio:])):
+    count = kept_count(seg.shape[1], keep)
+    out[m] = np.sort(np.argsort(-seg, axis=1, kind="stable")[:, :count], axis=1)
+  return out
+
+
+def test_kept_tokens_are_the_texts_top_attended_and_keep_1_is_dense():
+  fam, batch, params = _model()
+  dense_logits, dense_inter = jax.jit(fam.apply)(params, batch)
+  plan = Plan(prune_tokens(KEEP))
+  plan.check_hooks(fam.apply, params, {}, batch)
+  logits, inter = jax.jit(plan.wrap(fam.apply, {}, list(params)))(params, batch)
+  want = _reference_kept(params, dense_inter, fam.args["num_heads"], KEEP)
+  for m in ("audio", "image"):
+    n = dense_inter[m]["final"].shape[1]
+    got = inter["fusion"]["layer_00"][m]
+    assert got.shape[1] == kept_count(n, KEEP) <= 0.3 * n + 1
+    np.testing.assert_allclose(got, np.take_along_axis(
+        np.asarray(dense_inter["fusion"]["layer_00"][m]), want[m][..., None], 1),
+        rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(inter["fusion"]["masks"][m], np.take_along_axis(
+        np.asarray(dense_inter[m]["mask"]), want[m], 1))
+    assert inter["fusion"]["layer_01"][m].shape[1] == got.shape[1]  # the later layer too
+  # the padded audio of example 0 goes first: every token it kept is real
+  assert bool(np.all(inter["fusion"]["masks"]["audio"][0]))
+  assert float(jnp.abs(logits - dense_logits).max()) > 1e-4
+
+  everything = Plan(prune_tokens(1.0))
+  np.testing.assert_allclose(jax.jit(everything.wrap(fam.apply, {}, list(params)))(
+      params, batch)[0], dense_logits, rtol=1e-5, atol=1e-5)
+
+  with pytest.raises(HookError, match=r"'xprune': the model has no modality 'video' \(its "
+                     r"modalities: \['audio', 'image', 'text'\]\)"):
+    Plan(prune_tokens(KEEP, prune=("video",))).check_hooks(fam.apply, params, {}, batch)
+  for keep in (0, 1.5, -0.2):
+    with pytest.raises(ValueError, match=rf"keep={keep} must be in \(0, 1\]"):
+      prune_tokens(keep)
+  with pytest.raises(ValueError, match="must name modalities other than the queries'"):
+    prune_tokens(KEEP, prune=("text",))
+
+
+
+def test_token_methods_by_config_composed_and_bad_settings(procedural_dir, tiny_dense_dir,
+                                                           tmp_path):
+  """ToMe in the towers and cross-modal pruning in the fusion, one plan, trained a few
+  steps from a dense run; each bad setting is one line and writes nothing."""
+  import json
+  import os
+
+  from experiments.configs import tome, xprune
+  from experiments.configs.common import section
+  from mmjax.harness import train
+
+  def config(arg, merge=None):
+    c = xprune.get_config(arg)
+    c.data.data_dir, c.mesh.data, c.init = procedural_dir, 1, tiny_dense_dir
+    c.train.steps = 4
+    if merge:
+      c.compress.merge = section("tome", **merge)
+    return c
+
+  workdir = str(tmp_path / "ok")
+  out = train.train_and_evaluate(config("tiny,keep=0.5", dict(r=1)), workdir,
+                                 log=lambda *_: None)
+  with open(os.path.join(workdir, "compression_report.json")) as f:
+    assert json.load(f)["accuracy"] == out["eval_accuracy"]
+  assert tome.get_config("tiny,r=2,steps=0").train.steps == 0
+  for arg, merge, message in (
+      ("tiny,keep=1.5", None, r"config.compress.tokens.keep=1.5 must be in \(0, 1\]"),
+      ("tiny,layer=3", None, r"config.compress.tokens.layer=3: the fusion has no "
+                             r"cross-attention layer 3 \(its layers: \['layer_00'\]"),
+      ("tiny", dict(modalities=("video",)), r"config.compress.merge.modalities=\['video'\]: "
+                                            r"the model has no tower 'video'")):
+    bad = str(tmp_path / arg.replace(",", "_"))
+    with pytest.raises(ValueError, match=message):
+      train.train_and_evaluate(config(arg, merge), bad, log=lambda *_: None)
+    assert not os.path.exists(bad)
