@@ -182,8 +182,9 @@ def test_export_refuses_a_directory_that_is_not_an_export(tmp_path):
 
 def test_distillation_student(procedural_dir, dense_dir, tmp_path):
   from experiments.configs import distill
-  # a smaller student (d_model 16 vs the teacher's 32): the feature projection is learned
-  c = distill.get_config("tiny")
+  # a smaller student (d_model 16 vs the teacher's 32): the feature projection is learned;
+  # with the fusion attention-map term (the student's one fusion layer, the teacher's one)
+  c = distill.get_config("tiny,attention=1.0")
   c.data.data_dir, c.mesh.data = procedural_dir, 1
   c.compress.distill.teacher = dense_dir
   logs = []
@@ -194,6 +195,8 @@ def test_distillation_student(procedural_dir, dense_dir, tmp_path):
   kl = [r["train/distill_kl"] for r in records if "train/distill_kl" in r]
   assert len(kl) >= 2 and all(np.isfinite(kl))
   assert all("train/distill_feature_mse" in r for r in records if "train/loss" in r)
+  att = [r["train/distill_attention_kl"] for r in records if "train/loss" in r]
+  assert len(att) >= 2 and all(np.isfinite(att)) and att[0] > 0
   state = _final_params(workdir)
   # the projection (student 16 -> teacher 32 wide) is a trainable parameter, and nothing
   # of the teacher is saved: the state holds the student's parameters and that alone
@@ -241,6 +244,7 @@ def test_distillation_loss_is_zero_when_student_equals_teacher():
     ("teacher", "/nonexistent/run", "no config.json"),
     ("alpha", 1.5, r"alpha=1.5 must be in \[0, 1\]"),
     ("temperature", 0.0, "temperature=0.0 must be > 0"),
+    ("attention_weight", -1.0, r"attention_weight=-1.0 must be >= 0"),
 ])
 def test_bad_distillation_configs(procedural_dir, dense_dir, tmp_path, field, value, needle):
   from experiments.configs import distill
@@ -347,3 +351,16 @@ def test_readme_user_transform_runs_through_the_harness(procedural_dir, tmp_path
   from mmjax.compress import export
   w = flatten(export.load(os.path.join(workdir, "export")))["image/block_00/mlp/fc1/kernel"]
   np.testing.assert_allclose(w, np.round(w / 0.01) * 0.01, atol=1e-6)
+
+
+def test_attention_distillation_between_layers_that_cannot_pair(procedural_dir, dense_dir,
+                                                                 tmp_path):
+  from experiments.configs import distill
+  c = distill.get_config("tiny,attention=1.0")
+  c.data.data_dir, c.mesh.data = procedural_dir, 1
+  c.compress.distill.teacher = dense_dir
+  c.model.fusion.num_layers = 2  # the teacher has 1
+  with pytest.raises(ValueError, match=r"the student's fusion layers \['layer_00', "
+                     r"'layer_01'\] cannot be paired with the teacher's \['layer_00'\]"):
+    train.train_and_evaluate(c, str(tmp_path / "w"), log=_quiet)
+  assert not (tmp_path / "w").exists()

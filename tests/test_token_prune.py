@@ -15,11 +15,12 @@ from mmjax.compress.token_prune import kept_count, prune_tokens
 KEEP = 0.3
 
 
-def _model():
+def tiny_model(fusion_layers=2):
+  """The tiny preset with `fusion_layers` cross-fusion layers; audio padded in example 0."""
   from experiments.configs.common import base_config
   from mmjax.harness import family
   cfg = base_config(tiny=True)
-  cfg.model.fusion["num_layers"] = 2
+  cfg.model.fusion["num_layers"] = fusion_layers
   fam = family.from_config(cfg)
   batch = fam.example_batch(2, with_labels=False)
   batch["audio_mask"] = np.arange(batch["audio"].shape[1])[None] < np.array([[6000], [8000]])
@@ -33,10 +34,11 @@ def _ln(x, p, eps=1e-6):
   return (x - mu) / np.sqrt(var + eps) * p["scale"] + p["bias"]
 
 
-def _reference_kept(params, inter, heads, keep):
-  """Top tokens of audio and image by the text's layer-0 cross-attention, float64."""
+def reference_text_maps(params, inter, heads, layer="layer_00"):
+  """The text's cross-attention over [audio; image] in fusion `layer`, averaged over heads,
+  in float64 from the model's parameters and the tokens that layer received."""
   f64 = lambda t: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), t)
-  p, inter = f64(params["fusion"]["layer_00"]["text"]), f64(inter)
+  p, inter = f64(params["fusion"][layer]["text"]), f64(inter)
   dense = lambda x, d: x @ d["kernel"] + d["bias"]
   text = inter["text"]["final"]
   ctx = np.concatenate([inter["audio"]["final"], inter["image"]["final"]], 1)
@@ -49,8 +51,13 @@ def _reference_kept(params, inter, heads, keep):
                      k.reshape(b, -1, heads, hd)) / np.sqrt(hd)
   logits = np.where(cmask[:, None, None], logits, -np.inf)
   probs = np.exp(logits - logits.max(-1, keepdims=True))
-  probs = (probs / probs.sum(-1, keepdims=True)).mean(1)  # [b, nq, nk]
-  w = inter["text"]["mask"]
+  return (probs / probs.sum(-1, keepdims=True)).mean(1)  # [b, nq, nk]
+
+
+def _reference_kept(params, inter, heads, keep):
+  """Top tokens of audio and image by the text's layer-0 cross-attention, float64."""
+  probs = reference_text_maps(params, inter, heads)
+  w = np.asarray(inter["text"]["mask"], np.float64)
   score = (probs * w[..., None]).sum(1) / w.sum(1)[:, None]
   n_audio = inter["audio"]["final"].shape[1]
   out = {}
@@ -61,7 +68,7 @@ def _reference_kept(params, inter, heads, keep):
 
 
 def test_kept_tokens_are_the_texts_top_attended_and_keep_1_is_dense():
-  fam, batch, params = _model()
+  fam, batch, params = tiny_model()
   dense_logits, dense_inter = jax.jit(fam.apply)(params, batch)
   plan = Plan(prune_tokens(KEEP))
   plan.check_hooks(fam.apply, params, {}, batch)

@@ -4,10 +4,14 @@ the same student on hard labels alone, the comparison that says what distillatio
 
 The student is `small` with one block per tower and one fusion layer (1.28M vs 2.50M
 parameters). The teacher's model config is read from its run's config.json.
+`attention=<weight>` adds the fusion attention-map term (the student's one fusion layer
+learns the teacher's last: mmjax/compress/attention_maps.py); `alpha=<weight>` sets the
+logit term's (alpha=0: attention maps without logit distillation).
 
 Reproduce (after the dense run):
   ./launch.sh train --config=experiments/configs/distill.py --workdir=workdirs/distill
   ./launch.sh train --config=experiments/configs/distill.py:scratch --workdir=workdirs/student
+  ./launch.sh train --config=experiments/configs/distill.py:attention=1 --workdir=workdirs/distill_att
 """
 from experiments.configs.common import DENSE_WORKDIR, base_config, distill, parse_arg
 
@@ -21,12 +25,13 @@ def student_model(c, tiny: bool):
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, valid=("tiny", "scratch"))
+  args = parse_arg(arg, valid=("tiny", "scratch"), values={"attention": float, "alpha": float})
   tiny = bool(args.get("tiny"))
   c = base_config(tiny=tiny)
   student_model(c, tiny)
   if not args.get("scratch"):
-    c.compress.distill = distill(teacher=DENSE_WORKDIR, temperature=2.0, alpha=0.5,
-                                 features=("pooled",), feature_weight=1.0)
+    c.compress.distill = distill(teacher=DENSE_WORKDIR, temperature=2.0,
+                                 alpha=args.get("alpha", 0.5), features=("pooled",),
+                                 feature_weight=1.0, attention_weight=args.get("attention", 0.0))
     c.compress.export = True
   return c

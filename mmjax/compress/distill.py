@@ -8,6 +8,11 @@ optimizer state, never saved with the student). Its forward runs inside the same
     loss = (1 - alpha) * task loss                                (the method's task_weight)
          + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
          + feature_weight * mean over `features` of MSE(proj(student_f), teacher_f)
+         + attention_weight * mean over paired fusion layers of KL(teacher map || student map)
+
+The attention maps (`attention_maps.py`) are the fusion's cross-attention probabilities,
+recorded by module hooks on both forwards; a student with fewer fusion layers takes every
+(L_t / L_s)-th of the teacher's.
 
 Features are named entries of the models' intermediates ("pooled", or a path such as
 "image/final"); token features [b, n, d] are mean-pooled over real tokens first (a `mask`
@@ -22,6 +27,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mmjax.compress import attention_maps
+from mmjax.compress import hooks as hooks_lib
 from mmjax.compress.core import Forward, Method
 
 
@@ -57,31 +64,42 @@ def kl_soft(student_logits, teacher_logits, temperature, weights):
   return t * t * jnp.sum(kl * weights) / jnp.maximum(weights.sum(), 1.0)
 
 
-def check(temperature, alpha, feature_weight, where="distillation"):
+def check(temperature, alpha, feature_weight, where="distillation", attention_weight=0.0):
   if not temperature > 0:
     raise ValueError(f"{where}.temperature={temperature} must be > 0.")
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(f"{where}.alpha={alpha} must be in [0, 1].")
   if feature_weight < 0:
     raise ValueError(f"{where}.feature_weight={feature_weight} must be >= 0.")
+  if attention_weight < 0:
+    raise ValueError(f"{where}.attention_weight={attention_weight} must be >= 0.")
 
 
 def method(teacher_apply, *, temperature: float = 2.0, alpha: float = 0.5,
            features: tuple = (), feature_weight: float = 0.0, name: str = "distill",
-           where: str = "distillation") -> Method:
+           where: str = "distillation", attention_weight: float = 0.0) -> Method:
   """`teacher_apply(teacher_params, batch) -> (logits, intermediates)`; the teacher's
   params arrive as this method's frozen input."""
   temperature, alpha, feature_weight = float(temperature), float(alpha), float(feature_weight)
-  check(temperature, alpha, feature_weight, where)
+  attention_weight = float(attention_weight)
+  check(temperature, alpha, feature_weight, where, attention_weight)
   features = tuple(features)
   use_features = bool(features) and feature_weight > 0
+  map_hooks = attention_maps.record_hooks() if attention_weight > 0 else ()
+  if map_hooks:  # the teacher's forward records its maps too
+    teacher_apply = hooks_lib.apply(teacher_apply, [
+        (p, hooks_lib.Around(lambda call, fn=h.fn: fn(call, {})), name) for p, h in map_hooks])
 
   def teacher(fwd: Forward):
     if fwd.frozen is None:
       raise ValueError(f"distillation method {name!r} has no teacher: pass its params as "
                        f"frozen={{{name!r}: teacher_params}} to the step.")
     logits, inter = teacher_apply(fwd.frozen, fwd.batch)
-    return jax.lax.stop_gradient((logits, {f: feature(inter, f) for f in features}))
+    feats = {f: feature(inter, f) for f in features}
+    if map_hooks:
+      feats["attention_maps"] = {"fusion": {
+          "attention_maps": attention_maps.maps_of(inter, "teacher")}}
+    return jax.lax.stop_gradient((logits, feats))
 
   def init_params(fwd: Forward, rng):
     """Projections (only where widths differ), lecun-normal, zero bias."""
@@ -113,7 +131,11 @@ def method(teacher_apply, *, temperature: float = 2.0, alpha: float = 0.5,
       feat = sum(errs) / len(errs)
       total = total + feature_weight * feat
       metrics["distill_feature_mse"] = feat
+    if map_hooks:
+      att = attention_maps.loss(fwd.intermediates, t_feats["attention_maps"], w)
+      total = total + attention_weight * att
+      metrics["distill_attention_kl"] = att
     return total, metrics
 
   return Method(name, loss=loss, init_params=init_params if features else None,
-                task_weight=1.0 - alpha)
+                task_weight=1.0 - alpha, hooks=map_hooks or None)

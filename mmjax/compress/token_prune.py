@@ -32,9 +32,9 @@ from mmjax.compress.hooks import Around, HookError
 from mmjax.compress.protocol import Method
 
 
-def importance(q, k, heads: int, query_mask=None, context_mask=None, logit_bias=None):
-  """q [b, nq, heads·d_h], k [b, nk, heads·d_h] -> [b, nk]: the attention probability
-  each key gets, averaged over heads and the real queries."""
+def attention_probs(q, k, heads: int, context_mask=None, logit_bias=None):
+  """q [b, nq, heads·d_h], k [b, nk, heads·d_h] -> [b, nq, nk]: softmax(q kᵀ/√d_h) with
+  the attention's mask and bias, averaged over heads (masked keys get 0)."""
   b, nq, inner = q.shape
   hd = inner // heads
   qh = q.reshape(b, nq, heads, hd)
@@ -45,7 +45,14 @@ def importance(q, k, heads: int, query_mask=None, context_mask=None, logit_bias=
   if context_mask is not None:
     logits = jnp.where(context_mask[:, None, None, :], logits, -jnp.inf)
   probs = jax.nn.softmax(logits, axis=-1)
-  probs = jnp.where(jnp.isnan(probs), 0.0, probs).mean(axis=1)  # [b, nq, nk]
+  return jnp.where(jnp.isnan(probs), 0.0, probs).mean(axis=1)
+
+
+def importance(q, k, heads: int, query_mask=None, context_mask=None, logit_bias=None):
+  """-> [b, nk]: the attention probability each key gets (`attention_probs`), averaged
+  over the real queries."""
+  probs = attention_probs(q, k, heads, context_mask, logit_bias)
+  b, nq = q.shape[:2]
   w = (jnp.ones((b, nq)) if query_mask is None else query_mask.astype(jnp.float32))
   return (probs * w[..., None]).sum(1) / jnp.maximum(w.sum(1), 1.0)[:, None]
 

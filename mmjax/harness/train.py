@@ -211,6 +211,11 @@ def train_and_evaluate(config, workdir: str, log=print, plan=None) -> dict:
   abstract, state_shd = sharding.sharded_abstract(jax.eval_shape(
       init_fn, jax.eval_shape(fresh), {k: a for k, (a, _) in frozen_abs.items()}), mesh, fsdp)
   check_hooks(comp.plan, fam, abstract)
+  if comp.plan is not None and comp.plan.has_loss:  # a loss term's shape errors (layers
+    # a distillation cannot pair), traced now, before anything is written
+    sample = {**fam.example_batch(1, seed=0), "example_mask": np.ones((1,), bool)}
+    jax.eval_shape(steps.train_step, abstract, sample,
+                   {k: a for k, (a, _) in frozen_abs.items()})
   ckpt_path, init_dir = os.path.join(workdir, "checkpoints"), config.get("init")
   # every process takes the branch process 0's view of the workdir decides
   resuming = (sharding.process0_decides(os.path.isdir(ckpt_path))

@@ -22,13 +22,16 @@ class Distill(Settings):
   features: tuple = setting((), "[(student intermediate, teacher intermediate), ...] "
                             "matched through learned projections")
   feature_weight: float = setting(0.0, "weight of the feature term")
+  attention_weight: float = setting(0.0, "weight of the fusion attention-map term (KL of "
+                                    "the student's cross-attention maps to the teacher's)")
 
   def check(self, where):
-    distill.check(self.temperature, self.alpha, self.feature_weight, where)
+    distill.check(self.temperature, self.alpha, self.feature_weight, where,
+                  self.attention_weight)
 
   def build(self, ctx, where):
     teacher_apply, frozen = ctx.teacher(self.teacher, self.teacher_model, where)
     method = distill.method(teacher_apply, temperature=self.temperature, alpha=self.alpha,
                             features=self.features, feature_weight=self.feature_weight,
-                            where=where)
+                            where=where, attention_weight=self.attention_weight)
     return Built(method, frozen=(dataclasses.replace(frozen, name=method.name),))
