@@ -87,6 +87,7 @@ METHODS = {
         "alpha": ("0.25", 0.25),
         "features": ("('pooled',)", ("pooled",)),
         "feature_weight": ("0.5", 0.5),
+        "attention_weight": ("2", 2.0),
     },
 }
 EXPORT = {"": ("false", False)}
