@@ -89,6 +89,11 @@ METHODS = {
         "feature_weight": ("0.5", 0.5),
         "attention_weight": ("2", 2.0),
     },
+    "tome": {"r": ("3", 3), "modalities": ("('image',)", ("image",)),
+             "blocks": (r"image/block_\d+", r"image/block_\d+"), "keep_first": ("1", 1),
+             "proportional": ("false", False)},
+    "xprune": {"keep": ("0.5", 0.5), "queries": ("audio", "audio"),
+               "modalities": ("('image',)", ("image",)), "layer": ("1", 1)},
 }
 EXPORT = {"": ("false", False)}
 # not compression, but the same mechanism (typed placeholders for data_dir and init)
@@ -141,6 +146,8 @@ CASES = {
     "post_training.py:tiny,method=gptq,bits=2,group=32,lora=4": {
         **_section("post_training", "gptq"), **_section("adapters", "lora"),
         **_section("distill", "distill")},
+    "tome.py:tiny": {**_section("tokens", "tome"), **_fields("compress.export", EXPORT)},
+    "xprune.py:tiny": {**_section("tokens", "xprune"), **_fields("compress.export", EXPORT)},
     "combined.py:tiny": {**_section("prune", "magnitude"), **_section("quant", "fake_quant"),
                          **_section("distill", "distill"), **_fields("compress.export", EXPORT)},
 }
