@@ -72,7 +72,12 @@ def run_record(name, seed, workdir, config="") -> dict:
              accuracy=summary.get("eval_accuracy"), loss=summary.get("eval_loss"),
              parameters=summary.get("parameters"),
              wall_s=summary.get("wall_s"), steps=summary.get("step"),
-             steps_per_s=_median_steps_per_s(workdir))
+             steps_per_s=_median_steps_per_s(workdir),
+             # one forward of a batch of 64, compressed and dense (config.train.measure_forward)
+             flops=summary.get("cost_forward_flops"),
+             dense_flops=summary.get("cost_dense_forward_flops"),
+             forward_ms=summary.get("cost_forward_ms"),
+             dense_forward_ms=summary.get("cost_dense_forward_ms"))
   if report:
     bits = sorted({leaf["bits"] for leaf in report["leaves"]})
     rec.update(disk_bytes=report.get("disk_bytes"), sparsity=report["total"]["sparsity"],
@@ -108,6 +113,8 @@ def aggregate(records: list, baselines=(), dense_times: dict | None = None) -> l
     by.setdefault(r["name"], []).append(r)
   dense = by.get("dense", [])
   dense_bytes = _mean_std([r["disk_bytes"] for r in dense])[0]
+  dense_flops = _mean_std([r.get("flops") for r in dense])[0]
+  dense_ms = _mean_std([r.get("forward_ms") for r in dense])[0]
   if dense_times is None:
     dense_times = dense_step_times(dense)
   rows = []
@@ -116,8 +123,15 @@ def aggregate(records: list, baselines=(), dense_times: dict | None = None) -> l
     disk = _mean_std([r["disk_bytes"] for r in rs])[0]
     ratios = [1.0 / r["steps_per_s"] / dense_times[r.get("origin", "")] for r in rs
               if r["steps_per_s"] and dense_times.get(r.get("origin", ""))]
+    # against the dense runs' own forward (a student or a modality subset is another model;
+    # FLOPs are exact across processes, wall times indicative, as step times)
+    flops = [r["flops"] / dense_flops for r in rs if r.get("flops") and dense_flops]
+    speed = [dense_ms / r["forward_ms"] for r in rs if r.get("forward_ms") and dense_ms]
     rows.append(dict(
         name=name, config=rs[0]["config"], seeds=len(rs), accuracy=acc, accuracy_std=acc_std,
+        flops=_mean_std([r.get("flops") for r in rs])[0],
+        flops_ratio=_mean_std(flops)[0] if flops else None,
+        throughput_ratio=_mean_std(speed)[0] if speed else None,
         sparsity=_mean_std([r["sparsity"] for r in rs])[0], bits=rs[0]["bits"],
         disk_bytes=disk, ratio=(dense_bytes / disk) if dense_bytes and disk else None,
         step_time_ratio=_mean_std(ratios)[0] if ratios else None,
@@ -137,13 +151,15 @@ def _acc(r):
 def table_md(rows, meta: str) -> str:
   lines = [meta, "",
            "| method | config | test accuracy (mean ± std) | sparsity | bits | bytes on disk "
-           "| vs dense fp32 | step time vs dense |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| vs dense fp32 | step time vs dense | forward FLOPs vs dense | forward "
+           "throughput vs dense |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(
         f"| {r['name']} | `{r['config']}` | {_acc(r)} | {_fmt(r['sparsity'], '.3f')} | "
         f"{r['bits']} | {_fmt(r['disk_bytes'], ',.0f')} | {_fmt(r['ratio'], '.2f', '×')} | "
-        f"{_fmt(r['step_time_ratio'], '.2f', '×')} |")
+        f"{_fmt(r['step_time_ratio'], '.2f', '×')} | {_fmt(r.get('flops_ratio'), '.3f', '×')}"
+        f" | {_fmt(r.get('throughput_ratio'), '.2f', '×')} |")
   return "\n".join(lines) + "\n"
 
 
@@ -222,17 +238,50 @@ def plot(rows, path):
   plt.close(fig)
 
 
+def plot_flops(rows, path, title="mm_arith/procedural, small model"):
+  """Accuracy against one forward's FLOPs (XLA's count, per example), for the methods
+  whose runs measured it, with the Pareto front (fewest FLOPs for the accuracy)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = [r for r in rows if r.get("flops") and r["accuracy"] is not None
+          and not r["baseline"]]
+  if not rows:
+    return False
+  pts = [(r["flops"] / 1e6, 100 * r["accuracy"]) for r in rows]
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for i, r in enumerate(rows):
+    ax.errorbar(*pts[i], yerr=100 * r["accuracy_std"], capsize=3, linestyle="none",
+                marker="osD^vP*Xph<>"[i % 12], color=plt.get_cmap("tab20")(i % 20),
+                label=r["name"])
+  front = pareto_front(pts)
+  ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", color="C3",
+          alpha=0.5, label="Pareto front")
+  ax.set_xlabel("forward MFLOPs per example (XLA cost analysis)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.grid(True, alpha=0.3)
+  ax.set_title(f"{title}: accuracy against compute")
+  fig.tight_layout(rect=(0, 0, 0.78, 1))
+  fig.legend(loc="center right", fontsize=8)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
 def publish(sweep_dir, readme=RESULTS_DOC, results_dir=RESULTS_DIR, log=print):
   """Copy the results into the repository and rewrite docs/results/suite.md's section between
   markers."""
   os.makedirs(results_dir, exist_ok=True)
-  for f in ("results.md", "results.json", "pareto.png"):
-    shutil.copy(os.path.join(sweep_dir, f), os.path.join(results_dir, f))
+  for f in ("results.md", "results.json", "pareto.png", "pareto_flops.png"):
+    if os.path.exists(os.path.join(sweep_dir, f)):
+      shutil.copy(os.path.join(sweep_dir, f), os.path.join(results_dir, f))
   with open(os.path.join(results_dir, "results.md")) as f:
     table = f.read()
   rel = os.path.relpath(os.path.join(results_dir, "pareto.png"), os.path.dirname(readme))
-  rewrite_section(readme, MARK_BEGIN, MARK_END,
-                  f"{table}\n![accuracy against bytes on disk]({rel})")
+  body = f"{table}\n![accuracy against bytes on disk]({rel})"
+  if os.path.exists(os.path.join(sweep_dir, "pareto_flops.png")):
+    body += f"\n\n![accuracy against forward FLOPs]({rel[:-len('pareto.png')]}pareto_flops.png)"
+  rewrite_section(readme, MARK_BEGIN, MARK_END, body)
   log(f"[sweep] {os.path.relpath(readme, REPO)} results section rewritten from {results_dir}")
 
 

@@ -18,6 +18,8 @@ Then, from the workdirs alone (`--report_only` skips training):
                 the suite's targets with their measured values (experiments/targets.py)
   pareto.png    accuracy against bytes on disk (log scale), one point per method with
                 error bars; the Pareto front over methods that see all three modalities
+  pareto_flops.png  accuracy against one forward's FLOPs (runs measure it: each run's
+                config.train.measure_forward = 64, compressed and dense side by side)
 `--publish` copies the three files to experiments/results/ and rewrites docs/results/suite.md's
 section between its markers: the table there is this command's output.
 
@@ -73,6 +75,16 @@ SUITE = {
     "qat_w2": "qat.py:bits=2",
     "qat_w2_lsq": "qat.py:bits=2,lsq",
     "lowrank16": "lowrank.py:rank=16",
+    # multimodal-only compression (issue 31): token merging in the image and audio towers
+    # (off the shelf, and fine-tuned), cross-modal token pruning after fusion layer 0
+    # (without and with a fine-tune), and the student distilled with fusion attention maps
+    "tome_r4": "tome.py:r=4,steps=0",
+    "tome_r4_ft": "tome.py:r=4",
+    "tome_r6_ft": "tome.py:r=6",
+    "xprune30": "xprune.py:keep=0.3,steps=0",
+    "xprune30_ft": "xprune.py:keep=0.3",
+    "distill_att": "distill.py:attention=1",
+    "distill_att_only": "distill.py:attention=1,alpha=0",
 }
 BASELINES = {"only_text", "only_image", "only_audio", "text+image", "text+audio",
              "image+audio"}
@@ -148,6 +160,7 @@ def build_config(name: str, seed: int, sweep_dir: str, tiny: bool, data_dir: str
   distill = config.compress.get("distill")
   if distill and distill.get("teacher") == DENSE_WORKDIR:
     config.compress.distill.teacher = dense_dir
+  config.train.measure_forward = 64  # FLOPs and throughput of one forward, vs dense
   return config
 
 
@@ -255,8 +268,10 @@ def report(names, seeds, sweep_dir, log=print, carried=()) -> dict:
   with open(os.path.join(sweep_dir, "results.md"), "w") as f:
     f.write(md)
   results.plot(rows, os.path.join(sweep_dir, "pareto.png"))
+  results.plot_flops(rows, os.path.join(sweep_dir, "pareto_flops.png"))
   log(md)
-  log(f"[sweep] wrote results.md, results.json, pareto.png in {sweep_dir}")
+  log(f"[sweep] wrote results.md, results.json, pareto.png (and pareto_flops.png) in "
+      f"{sweep_dir}")
   return out
 
 

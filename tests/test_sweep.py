@@ -31,6 +31,7 @@ def test_sweep_runs_resumes_and_reports(procedural_dir, tiny_dense_dir, tmp_path
 
   def one_device(config):
     config.mesh.data = 1
+    config.train.measure_forward = 4  # the sweep's 64, made cheap
 
   # dense seed 0 is the shared tiny dense run (the same config and seed): complete, skipped
   shutil.copytree(tiny_dense_dir, sweep.run_dir(sweep_dir, "dense", 0))
@@ -59,10 +60,14 @@ def test_sweep_runs_resumes_and_reports(procedural_dir, tiny_dense_dir, tmp_path
   assert dense["accuracy_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
   assert ptq["ratio"] > 3.5 and ptq["bits"] == "8" and dense["ratio"] == pytest.approx(1.0)
   assert rows["only_image"]["baseline"] and rows["only_image"]["disk_bytes"] < dense["disk_bytes"]
+  # one forward's FLOPs: a model without two of its towers costs less than dense
+  assert dense["flops_ratio"] == pytest.approx(1.0) and rows["only_image"]["flops_ratio"] < 0.7
+  assert all(r["throughput_ratio"] > 0 for r in rows.values())
   md = open(os.path.join(sweep_dir, "results.md")).read()
   assert "| ptq_int8 | `ptq.py` |" in md and "(n=2)" in md
-  with open(os.path.join(sweep_dir, "pareto.png"), "rb") as f:
-    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  for png in ("pareto.png", "pareto_flops.png"):
+    with open(os.path.join(sweep_dir, png), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
   # runs carried from an earlier publish join the report; runs trained here take precedence
   carried = [dict(r, name="prune90") for r in out["runs"] if r["name"] == "ptq_int8"] + [

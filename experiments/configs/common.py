@@ -64,7 +64,10 @@ def base_config(*, tiny: bool, modalities=None) -> ml_collections.ConfigDict:
                      trainable=config_dict.placeholder(str))
   c.train = dict(steps=30 if tiny else 3000, log_every=5 if tiny else 50,
                  eval_every=30 if tiny else 500, checkpoint_every=10 if tiny else 500,
-                 keep_checkpoints=2, async_checkpoints=True)
+                 keep_checkpoints=2, async_checkpoints=True,
+                 # >0: at the end, one forward of this batch, compressed and dense: FLOPs
+                 # and wall time in summary.json (mmjax/harness/forward_cost.py)
+                 measure_forward=0)
   c.mesh = dict(data=-1, fsdp=False)
   c.init = config_dict.placeholder(str)
   c.compress = ml_collections.ConfigDict()

@@ -21,7 +21,8 @@ import numpy as np
 
 from mmjax.compress import step as step_lib
 from mmjax.data import pipeline, sources
-from mmjax.harness import checkpointing, compress_finish, optim, sharding, task as task_lib
+from mmjax.harness import checkpointing, compress_finish, forward_cost, optim, sharding
+from mmjax.harness import task as task_lib
 from mmjax.harness.family import Family
 from mmjax.harness.metrics_writer import MetricsWriter, Progress
 from mmjax.harness.run_setup import (  # noqa: F401 (the trainer's API re-exported)
@@ -283,9 +284,18 @@ def train_and_evaluate(config, workdir: str, log=print, plan=None) -> dict:
     compress_finish.write(config, workdir, comp, state, eval_metrics, dense, fam, log,
                           setup.task.metric)
   step = int(jax.device_get(state.step))
+  cost = {}
+  if int(config.train.get("measure_forward") or 0) > 0:
+    cost = forward_cost.measure(fam, comp.plan, state.params, comp.plan.merge(
+        state.cstate, state.aux), int(config.train.measure_forward))
+    log(f"[cost] forward of {cost['batch']}: {cost['forward_flops'] / 1e6:.2f} MFLOPs an "
+        f"example ({cost['forward_flops'] / max(cost['dense_forward_flops'], 1):.3f}x "
+        f"dense), {cost['forward_ms']:.1f} ms ({cost['dense_forward_ms'] / cost['forward_ms']:.2f}x"
+        " dense throughput)")
   summary = dict(step=step, parameters=n_params, wall_s=time.perf_counter() - t_start,
                  compile_s=compile_s, loop_s=loop_s, eval_s=eval_s,
                  steps_run=step - resume_step, checkpoint_dir=ckpt_path,
-                 **{f"eval_{k}": v for k, v in eval_metrics.items()})
+                 **{f"eval_{k}": v for k, v in eval_metrics.items()},
+                 **{f"cost_{k}": v for k, v in cost.items()})
   _write_summary(workdir, summary, log)
   return summary

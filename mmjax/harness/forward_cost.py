@@ -1,0 +1,45 @@
+"""What one forward costs, compressed and dense, side by side in one process: XLA's FLOP
+count (the compiled program's cost analysis) and the median wall time over a batch of
+the family's example inputs. Token methods change the FLOPs (fewer tokens); weight
+methods, in mmjax's research forward, do not (fake-quant and masks compute in fp32).
+
+Opt-in (`config.train.measure_forward=<batch>`; the sweep sets 64), as it compiles two
+more programs at the end of a run."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+
+from mmjax.compress import flatten
+
+
+def _compiled(fn, *args):
+  compiled = jax.jit(fn).lower(*args).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return compiled, float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def measure(fam, plan, params, cstate, batch_size: int, reps: int = 5) -> dict:
+  """{forward_flops, dense_forward_flops, forward_ms, dense_forward_ms, batch} for one
+  forward of `batch_size` examples (FLOPs per example; ms for the batch, median)."""
+  batch = fam.example_batch(batch_size, seed=0, with_labels=False)
+  dense_fn = lambda p, b: fam.apply(p, b)[0]
+  compressed_fn = lambda p, c, b: plan.wrap(fam.apply, c, flatten(p))(plan.view(p, c), b)[0]
+  dense, dense_flops = _compiled(dense_fn, params, batch)
+  comp, flops = _compiled(compressed_fn, params, cstate, batch)
+  runs = {"dense": (dense, (params, batch)), "compressed": (comp, (params, cstate, batch))}
+  times = {k: [] for k in runs}
+  for k, (fn, args) in runs.items():  # warm
+    jax.block_until_ready(fn(*args))
+  for _ in range(reps):  # interleaved, so drift hits both alike
+    for k, (fn, args) in runs.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[k].append(time.perf_counter() - t)
+  return dict(batch=batch_size, forward_flops=flops / batch_size,
+              dense_forward_flops=dense_flops / batch_size,
+              forward_ms=1e3 * statistics.median(times["compressed"]),
+              dense_forward_ms=1e3 * statistics.median(times["dense"]))
