@@ -164,6 +164,27 @@ def build_config(name: str, seed: int, sweep_dir: str, tiny: bool, data_dir: str
   return config
 
 
+def add_cost(name, seed, workdir, sweep_dir, tiny, data_dir, dataset, adjust, log):
+  """A complete run that finished before runs measured their forward's cost gets it now,
+  from its config on fresh weights (`forward_cost.measure_config`), in its summary.json."""
+  from mmjax.harness import forward_cost
+  path = os.path.join(workdir, "summary.json")
+  with open(path) as f:
+    summary = json.load(f)
+  config = build_config(name, seed, sweep_dir, tiny, data_dir, dataset)
+  if adjust is not None:
+    adjust(config)
+  batch = int(config.train.get("measure_forward") or 0)
+  if "cost_forward_flops" in summary or batch <= 0:
+    return
+  cost = forward_cost.measure_config(config, batch)
+  summary.update({f"cost_{k}": v for k, v in cost.items()}, cost_measured_after=True)
+  with open(path, "w") as f:
+    json.dump(summary, f, indent=1)
+  log(f"  [{name}/{seed}] forward cost measured now: {cost['forward_flops'] / 1e6:.2f} MFLOPs "
+      "an example")
+
+
 def enable_compile_cache(path: str):
   """Reuse compiled executables across runs and sweeps. Cached executables are the ones
   a fresh compile would produce, so numbers do not change; only compile time does."""
@@ -187,6 +208,7 @@ def run_all(names, seeds, sweep_dir, tiny, data_dir, log=print, adjust=None, dat
     workdir = run_dir(sweep_dir, name, seed)
     if is_complete(workdir):
       log(f"[sweep {i}/{len(todo)}] {name} seed {seed}: complete, skipped")
+      add_cost(name, seed, workdir, sweep_dir, tiny, data_dir, dataset, adjust, log)
       continue
     log(f"[sweep {i}/{len(todo)}] {name} seed {seed} ({SUITE[name]}) -> {workdir} "
         f"[{time.perf_counter() - t0:.0f} s into this sweep]")

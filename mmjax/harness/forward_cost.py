@@ -43,3 +43,16 @@ def measure(fam, plan, params, cstate, batch_size: int, reps: int = 5) -> dict:
               dense_forward_flops=dense_flops / batch_size,
               forward_ms=1e3 * statistics.median(times["compressed"]),
               dense_forward_ms=1e3 * statistics.median(times["dense"]))
+
+
+def measure_config(config, batch_size: int) -> dict:
+  """`measure` for a run's config alone, on freshly initialized weights: FLOPs and wall
+  time do not depend on the weights' values (token methods keep fixed counts), so a run
+  finished before it measured its cost gets the same figures."""
+  from mmjax.harness.run_setup import validate
+  setup = validate(config)
+  fam, plan = setup.family, setup.compression.plan
+  sample = fam.example_batch(1, seed=0)
+  params = jax.jit(fam.init)(jax.random.PRNGKey(0), sample)
+  params, cstate = plan.start(params, jax.random.PRNGKey(1))
+  return measure(fam, plan, params, cstate, batch_size)
