@@ -1,5 +1,6 @@
-"""`python -m mmjax.cli.deploy` on mmjax runs: a W4 GPTQ run's artifact returns the compressed
-model's logits for batch sizes 1, 3 and 16 from one program, its sizes land in the run's
+"""`python -m mmjax.cli.deploy` on mmjax runs: the artifact of a run with token merging,
+2:4 sparsity and 4-bit weights returns the compressed model's logits (ToMe's merges
+included) for batch sizes 1, 3 and 16 from one program, its sizes land in the run's
 report; a dense run deploys from its checkpoint; bad flags fail with one line. (The
 combined run's artifact, lowered for cpu, cuda and tpu, is checked on the quickstart's
 output in test_quickstart.py.)"""
@@ -31,11 +32,16 @@ def _serve(directory):
   return mod.load(directory)
 
 
-def test_gptq_w4_run_deploys_and_serves_its_logits(procedural_dir, tiny_dense_dir, tmp_path):
+def test_token_merging_2_4_and_w4_deploy_and_serve_their_logits(procedural_dir, tiny_dense_dir,
+                                                                tmp_path):
+  """One plan: ToMe in the image and audio towers, and SparseGPT's joint pass (2:4 pruning
+  with the kept weights rounded to a 4-bit grid, GPTQ's update)."""
   from experiments.configs import post_training
-  c = post_training.get_config("tiny,method=gptq,bits=4,group=32,parallel")
+  from experiments.configs.common import section
+  c = post_training.get_config("tiny,method=sparsegpt,nm=2:4,joint,bits=4,group=32,parallel")
+  c.compress.tokens = section("tome", r=3)
   c.data.data_dir, c.mesh.data, c.init = procedural_dir, 1, tiny_dense_dir
-  workdir = str(tmp_path / "gptq4")
+  workdir = str(tmp_path / "tome_24_w4")
   train.train_and_evaluate(c, workdir, log=lambda *_: None)
   out = str(tmp_path / "artifact")
   res = deploy.build(workdir, out, platforms=("cpu",), log=lambda *_: None)
@@ -49,13 +55,21 @@ def test_gptq_w4_run_deploys_and_serves_its_logits(procedural_dir, tiny_dense_di
   model = _serve(out)
   assert set(model.inputs) == {"text", "text_mask", "image", "audio", "audio_mask"}
   assert model.inputs["image"]["shape"][0] == "batch"
-  # the compressed model in process: the export's weights in mmjax's model
+  # the compressed model in process: the export's weights in mmjax's model, with ToMe's
+  # hooks (the image tower's 16 tokens leave as 13)
+  from mmjax.compress import Plan
+  from mmjax.compress.token_merge import merge_tokens
   net = MultimodalModel(model_config(family.from_config(c)))
   view = export.load(os.path.join(workdir, "export"))
   batch = {k: np.asarray(v[:16]) for k, v in
            next(iter(pipeline.eval_batches(train.input_config(c, family.from_config(c))))).items()}
+  tome = Plan(merge_tokens(3, r"(?:image|audio)/block_\d+", tower="(?:image|audio)"))
+  apply = tome.wrap(lambda p, b: net.apply({"params": p}, b), {}, list(view))
   # one compiled forward of 16 examples; each example's logits depend on it alone
-  want = np.asarray(jax.jit(net.apply)({"params": view}, batch)[0])
+  want, inter = jax.jit(apply)(view, batch)
+  assert inter["image"]["final"].shape[1] == 13
+  want = np.asarray(want)
+  assert np.abs(want - np.asarray(jax.jit(net.apply)({"params": view}, batch)[0])).max() > 1e-4
   for n in (1, 3, 16):
     got = model({k: v[:n] for k, v in batch.items()})
     np.testing.assert_allclose(np.asarray(got), want[:n], rtol=1e-5, atol=1e-5)

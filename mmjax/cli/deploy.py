@@ -50,6 +50,22 @@ def _weights(workdir):
   return bufs, meta, f"{workdir} (checkpoint step {step})"
 
 
+def forward(config, fam):
+  """The family's forward as the run computed it: with the run's module hooks (token
+  merging, token pruning), which change what the model computes, not its weights."""
+  from mmjax.compress import hooks as hooks_lib
+  from mmjax.harness.run_setup import validate
+  plan = validate(config, read_checkpoints=False).compression.plan
+  stateful = [m.name for m in plan.methods() if m.hooks and m.init is not None]
+  if stateful:
+    raise ValueError(f"deploy: method {stateful[0]!r} has module hooks that read its state; "
+                     "the artifact cannot carry that state yet (hooks-only methods such as "
+                     "tome and xprune deploy).")
+  hooks = plan.hooks({})
+  apply = hooks_lib.apply(fam.apply, [(p, f, n) for n, p, f in hooks]) if hooks else fam.apply
+  return lambda p, b: apply(p, b)[0]
+
+
 def build(workdir: str, out: str, platforms=("cpu", "cuda", "tpu"), log=print) -> dict:
   """Write the artifact of run `workdir` into `out`; -> its manifest."""
   import numpy as np
@@ -62,7 +78,7 @@ def build(workdir: str, out: str, platforms=("cpu", "cuda", "tpu"), log=print) -
   input_cfg = train.input_config(config, fam)
   bufs, meta, source = _weights(workdir)
   example = fam.example_batch(1, input_cfg, with_labels=False)
-  apply = lambda p, b: fam.apply(p, b)[0]
+  apply = forward(config, fam)
   labels = list(fam.labels) if fam.labels is not None else None
   dense_bytes = 4 * sum(int(np.prod(m["shape"])) for m in meta.values())
   manifest = artifact.write(out, apply, bufs, meta, example, platforms,
