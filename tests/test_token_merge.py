@@ -127,7 +127,7 @@ def _compiled(fn, *args):
   return compiled, float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 
-def test_pretrained_vit_keeps_its_class_token_and_costs_less():
+def test_pretrained_vit_keeps_its_class_token_and_costs_less_and_whisper_merges():
   from mmjax.pretrained import vit
   model = vit.ViT(width=32, depth=3, heads=2, mlp_dim=64, patch=4, image_size=32, channels=3,
                   num_classes=5, eps=1e-6)
@@ -148,3 +148,14 @@ def test_pretrained_vit_keeps_its_class_token_and_costs_less():
   # attention on 65, 53, 41 tokens and MLPs on 53, 41, 29 (merged between them)
   assert merged < 0.8 * dense, merged / dense
 
+  # the same hooks on the pretrained Whisper encoder (the same blocks, no class token)
+  from mmjax.pretrained import whisper
+  enc = whisper.WhisperEncoder(whisper.resolve(dict(variant=None, width=32, depth=2, heads=2,
+                                                    mlp_dim=64, n_mels=8, max_positions=32)))
+  mel = jax.random.normal(jax.random.PRNGKey(2), (2, 40, 8))
+  wparams = jax.jit(enc.init)(jax.random.PRNGKey(0), {"mel": mel})["params"]
+  wapply = lambda p, b: enc.apply({"params": p}, b)
+  wplan = Plan(merge_tokens(r=4, blocks=r"block_\d+"))
+  wplan.check_hooks(wapply, wparams, {}, {"mel": mel})
+  _, winter = jax.eval_shape(wplan.wrap(wapply, {}, list(wparams)), wparams, {"mel": mel})
+  assert [winter[f"block_{i:02d}"].shape[1] for i in range(2)] == [16, 12]  # of 20
