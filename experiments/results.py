@@ -103,6 +103,12 @@ def dense_step_times(dense: list) -> dict:
   return {o: sum(t) / len(t) for o, t in times.items()}
 
 
+def _same_model(r, dense_flops) -> bool:
+  """Whether a run's own dense forward is the dense model's (its FLOPs equal)."""
+  return bool(r.get("dense_flops") and dense_flops
+              and abs(r["dense_flops"] - dense_flops) <= 1e-6 * dense_flops)
+
+
 def aggregate(records: list, baselines=(), dense_times: dict | None = None) -> list:
   """One row per method (in the records' order), mean and std over its seeds; ratios
   against the `dense` method's mean. A run's step time is compared with the dense runs of
@@ -123,10 +129,13 @@ def aggregate(records: list, baselines=(), dense_times: dict | None = None) -> l
     disk = _mean_std([r["disk_bytes"] for r in rs])[0]
     ratios = [1.0 / r["steps_per_s"] / dense_times[r.get("origin", "")] for r in rs
               if r["steps_per_s"] and dense_times.get(r.get("origin", ""))]
-    # against the dense runs' own forward (a student or a modality subset is another model;
-    # FLOPs are exact across processes, wall times indicative, as step times)
+    # FLOPs against the dense runs' (exact across processes). Throughput against the dense
+    # forward timed beside the run's own (same process) when that is the dense model; for
+    # another model (a student, a modality subset) against the dense runs' (indicative, as
+    # step times)
     flops = [r["flops"] / dense_flops for r in rs if r.get("flops") and dense_flops]
-    speed = [dense_ms / r["forward_ms"] for r in rs if r.get("forward_ms") and dense_ms]
+    speed = [(r["dense_forward_ms"] if _same_model(r, dense_flops) else dense_ms)
+             / r["forward_ms"] for r in rs if r.get("forward_ms") and dense_ms]
     rows.append(dict(
         name=name, config=rs[0]["config"], seeds=len(rs), accuracy=acc, accuracy_std=acc_std,
         flops=_mean_std([r.get("flops") for r in rs])[0],

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.compress import Plan
+from mmjax.compress import Method, Plan
 from mmjax.compress.hooks import HookError
 from mmjax.compress.token_merge import bipartite_merge, merge_tokens, mergeable
 
@@ -36,9 +36,11 @@ def reference_merge(x, metric, size, r, keep_first):
     for i in src:
       xb_w[best_j[i]] += xe[a[i]] * se[a[i]]
       sb[best_j[i]] += se[a[i]]
-    xb = np.where(sb[:, None] > 0, xb_w / np.maximum(sb, 1e-30)[:, None], xe[b])
-    xs.append(np.concatenate([xe[a][unm], xb]))
-    ss.append(np.concatenate([se[a][unm], sb]))
+    got = np.isin(np.arange(len(b)), best_j[src])
+    xb = np.where((got & (sb > 0))[:, None], xb_w / np.maximum(sb, 1e-30)[:, None], xe[b])
+    order = np.argsort(np.concatenate([a[unm], b]))  # the tokens left, in input order
+    xs.append(np.concatenate([xe[a][unm], xb])[order])
+    ss.append(np.concatenate([se[a][unm], sb])[order])
   return np.stack(xs), np.stack(ss)
 
 
@@ -57,8 +59,11 @@ def test_bipartite_merge_matches_numpy(n, r, keep_first):
   np.testing.assert_allclose(np.asarray(got_s), want_s, rtol=0, atol=0)
   np.testing.assert_allclose(np.asarray(got_x), want_x, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got_s.sum(1), size.sum(1))  # nothing lost, nothing invented
-  if keep_first:
-    np.testing.assert_array_equal(np.asarray(got_x[:, :1]), x[:, :1].astype(np.float32))
+  if keep_first:  # protected tokens stay first and unmerged, merge after merge
+    again_x, again_s = merge(got_x, got_x, got_s, mergeable(n - r, keep_first), keep_first)
+    np.testing.assert_array_equal(np.asarray(again_x[:, :keep_first]),
+                                  x[:, :keep_first].astype(np.float32))
+    np.testing.assert_array_equal(again_s[:, :keep_first], size[:, :keep_first])
   same = bipartite_merge(jnp.asarray(x, jnp.float32), jnp.asarray(metric), jnp.asarray(size), 0)
   np.testing.assert_array_equal(same[0], x.astype(np.float32))  # r = 0: as they are
 
@@ -97,6 +102,14 @@ def test_identical_pairs_merge_losslessly_in_mmjax_model_and_bad_r():
                                 [[1.0] * 8 + [2.0] * 4] * 2)
   np.testing.assert_allclose(merged_logits, dense, rtol=2e-5, atol=2e-5)
 
+  # calibration (GPTQ's statistics, say) sees the merged tokens the model will run on
+  seen = []
+  spy = Method("spy", calibrate=lambda leaves, st, cal: (
+      seen.append(cal.apply_fn(cal.params, batch)[1]["image"]["final"].shape), ({}, st))[1])
+  both = Plan(plan.parts + [spy])
+  both.calibrate(fam.apply, params, both.init(params, jax.random.PRNGKey(0)), [batch])
+  assert seen == [(2, n - 4, inter["image"]["final"].shape[2])]
+
   # without proportional attention in the tower, the same merge moves the logits
   plain = Plan(merge_tokens(r=(4, 0), blocks=r"image/block_\d+", tower="image",
                             attention=None))
@@ -117,7 +130,7 @@ def test_identical_pairs_merge_losslessly_in_mmjax_model_and_bad_r():
     short.check_hooks(fam.apply, params, {}, batch)
   with pytest.raises(ValueError, match="must be an int >= 0"):
     merge_tokens(r=-1, blocks="x")
-  assert mergeable(197, keep_first=1) == 98
+  assert mergeable(197, keep_first=1) == 98 and mergeable(3, keep_first=2) == 0
 
 
 def _compiled(fn, *args):
@@ -159,3 +172,17 @@ def test_pretrained_vit_keeps_its_class_token_and_costs_less_and_whisper_merges(
   wplan.check_hooks(wapply, wparams, {}, {"mel": mel})
   _, winter = jax.eval_shape(wplan.wrap(wapply, {}, list(wparams)), wparams, {"mel": mel})
   assert [winter[f"block_{i:02d}"].shape[1] for i in range(2)] == [16, 12]  # of 20
+
+
+def test_a_family_that_pools_its_class_token_needs_keep_first():
+  from mmjax.compress import flatten
+  from mmjax.methods import registry
+  from mmjax.pretrained import vit
+  fam = vit.family(dict(variant=None, width=32, depth=2, heads=2, mlp_dim=64, patch=16))
+  ctx = registry.Context({p: s.shape for p, s in flatten(fam.abstract_params()).items()}, fam)
+  _, bad = registry.parse("tokens", {"method": "tome", "blocks": r"block_\d+"})
+  with pytest.raises(ValueError, match=r"config.compress.tokens.keep_first=0 would merge the "
+                     r"class token that mmjax.pretrained.vit pools; set keep_first=1"):
+    bad.build(ctx, "config.compress.tokens")
+  _, good = registry.parse("tokens", {"method": "tome", "blocks": r"block_\d+", "keep_first": 1})
+  assert good.build(ctx, "config.compress.tokens").hooks

@@ -131,7 +131,8 @@ def test_token_methods_by_config_composed_and_bad_settings(procedural_dir, tiny_
   for arg, merge, message in (
       ("tiny,keep=1.5", None, r"config.compress.tokens.keep=1.5 must be in \(0, 1\]"),
       ("tiny,layer=3", None, r"config.compress.tokens.layer=3: the fusion has no "
-                             r"cross-attention layer 3 \(its layers: \['layer_00'\]"),
+                             r"cross-attention layer 3 whose 'text' tokens query the others "
+                             r"\(its layers: \['layer_00'\]"),
       ("tiny", dict(modalities=("video",)), r"config.compress.merge.modalities=\['video'\]: "
                                             r"the model has no tower 'video'")):
     bad = str(tmp_path / arg.replace(",", "_"))

@@ -6,7 +6,8 @@ The student is `small` with one block per tower and one fusion layer (1.28M vs 2
 parameters). The teacher's model config is read from its run's config.json.
 `attention=<weight>` adds the fusion attention-map term (the student's one fusion layer
 learns the teacher's last: mmjax/compress/attention_maps.py); `alpha=<weight>` sets the
-logit term's (alpha=0: attention maps without logit distillation).
+logit term's. With `attention` and alpha=0 the attention maps are the only distillation
+term (no logits, no pooled features): the task loss plus the maps' KL.
 
 Reproduce (after the dense run):
   ./launch.sh train --config=experiments/configs/distill.py --workdir=workdirs/distill
@@ -30,8 +31,11 @@ def get_config(arg=None):
   c = base_config(tiny=tiny)
   student_model(c, tiny)
   if not args.get("scratch"):
+    alone = "attention" in args and args.get("alpha", 0.5) == 0
     c.compress.distill = distill(teacher=DENSE_WORKDIR, temperature=2.0,
-                                 alpha=args.get("alpha", 0.5), features=("pooled",),
-                                 feature_weight=1.0, attention_weight=args.get("attention", 0.0))
+                                 alpha=args.get("alpha", 0.5),
+                                 features=() if alone else ("pooled",),
+                                 feature_weight=0.0 if alone else 1.0,
+                                 attention_weight=args.get("attention", 0.0))
     c.compress.export = True
   return c

@@ -292,10 +292,13 @@ class Plan:
   def calibrate(self, apply_fn, params, state, batches):
     """-> (params, state): each calibrating method in order, seeing the weights' view and
     the activation stages of the methods before it, and the weights the methods before it
-    produced (a post-training method after pruning calibrates on the pruned model)."""
+    produced (a post-training method after pruning calibrates on the pruned model). Every
+    method's module hooks apply from the start: statistics come from the tokens the model
+    will run on (merged, pruned)."""
     flat = flatten(params)
     state = dict(state)
-    fn = apply_fn
+    hooks = self.hooks(state)
+    fn = hooks_lib.apply(apply_fn, [(p, f, n) for n, p, f in hooks]) if hooks else apply_fn
     for e in self.entries(flat):
       if e.method.calibrate is not None:
         view = jax.jit(self.view)(unflatten(flat, params), state)

@@ -21,8 +21,9 @@ It is four module hooks (`hooks.py`), with the sizes and keys in the forward's c
   <tower>              (mmjax's towers) the (tokens, intermediates) output gets the
                        merged mask and the sizes, which the fusion and pooling read
 Departures from ToMe: the metric is the key projection's output with its heads
-concatenated (the hook sees no head count; ToMe averages keys over heads), and the
-unmerged A tokens keep their input order (ToMe keeps the class token first the same way).
+concatenated (the hook sees no head count; ToMe averages keys over heads), and the tokens
+left keep their input order (ToMe puts the unmerged A tokens before the B tokens), so
+protected leading tokens stay first in every block.
 """
 from __future__ import annotations
 
@@ -37,15 +38,18 @@ from mmjax.kernels.attention import size_bias
 
 
 def mergeable(n: int, keep_first: int = 0) -> int:
-  """How many tokens one merge step can remove from n: the A set, less the protected."""
-  return (n + 1) // 2 - (keep_first + 1) // 2
+  """How many tokens one merge step can remove from n: the A set less its protected tokens,
+  if at least one B token is free to receive them (else none)."""
+  free_a = (n + 1) // 2 - (min(keep_first, n) + 1) // 2
+  free_b = n // 2 - min(keep_first, n) // 2
+  return max(free_a, 0) if free_b > 0 else 0
 
 
 def bipartite_merge(x, metric, size, r: int, keep_first: int = 0):
   """x [b, n, d], metric [b, n, c], size [b, n] float -> (x [b, n - r, d], size [b, n - r]).
 
-  Output order: the unmerged A tokens (ascending position), then every B token. The first
-  `keep_first` tokens are never merged (a class token)."""
+  The tokens left keep their input order (a B token where it was), so the first
+  `keep_first` tokens are never merged and stay first, block after block (a class token)."""
   b, n, _ = x.shape
   if r == 0:
     return x, size
@@ -68,11 +72,14 @@ def bipartite_merge(x, metric, size, r: int, keep_first: int = 0):
   add = jax.vmap(lambda t, i, u: t.at[i].add(u))
   weighted_b = add(xb * sb[..., None], dst, take(xa * sa[..., None], src))
   new_sb = add(sb, dst, take(sa, src))
-  new_xb = jnp.where(new_sb[..., None] > 0,
+  received = add(jnp.zeros_like(sb), dst, jnp.ones(dst.shape, sb.dtype)) > 0
+  new_xb = jnp.where((received & (new_sb > 0))[..., None],  # an untouched token, exactly
                      weighted_b / jnp.maximum(new_sb, 1e-30)[..., None], xb)
   out_x = jnp.concatenate([take(xa, unm), new_xb.astype(x.dtype)], axis=1)
   out_size = jnp.concatenate([take(sa, unm), new_sb], axis=1)
-  return out_x, out_size
+  where = jnp.concatenate([2 * unm, jnp.broadcast_to(2 * jnp.arange(nb) + 1, (b, nb))], 1)
+  back = jnp.argsort(where, axis=-1)  # to input order
+  return take(out_x, back), take(out_size, back)
 
 
 def merge_tokens(r, blocks: str, *, tower: str | None = None, attention: str = "attn",
@@ -169,6 +176,8 @@ def merge_tokens(r, blocks: str, *, tower: str | None = None, attention: str = "
       return out  # only a (tokens, intermediates with "mask") output has a mask to fix
     x, inter = out
     size = call.carry["size", t]
+    if not attention:  # no proportional attention: a merged token counts once downstream too
+      return x, {**inter, "mask": size > 0}
     return x, {**inter, "mask": size > 0, "size": size}
 
   hooks = [(blocks, Around(on_block))]

@@ -19,6 +19,7 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 
+from mmjax.compress import Forward, flatten
 from mmjax.compress import step as step_lib
 from mmjax.data import pipeline, sources
 from mmjax.harness import checkpointing, compress_finish, forward_cost, optim, sharding
@@ -196,6 +197,24 @@ def check_hooks(plan, fam: Family, abstract) -> None:
   jax.eval_shape(check, abstract.params, plan.merge(abstract.cstate, abstract.aux))
 
 
+def check_losses(plan, fam: Family, abstract, frozen) -> None:
+  """The methods' loss terms on the compressed forward, traced for shapes only: a term that
+  cannot be computed (a distillation whose layers cannot pair) is an error before anything
+  is compiled or written. The task's loss is not traced here (its labels may need more than
+  the family's example batch)."""
+  if plan is None or not plan.has_loss:
+    return
+  apply = lambda p, b: fam.apply(p, b, jax.random.PRNGKey(0))
+  sample = {**fam.example_batch(1, seed=0, with_labels=False),
+            "example_mask": np.ones((1,), bool)}
+
+  def run(params, cstate, aux, frozen):
+    merged = plan.merge(cstate, aux)
+    out, inter = plan.wrap(apply, merged, flatten(params))(plan.view(params, merged), sample)
+    return plan.loss(Forward(out, inter, sample), cstate, aux, frozen)[0]
+  jax.eval_shape(run, abstract.params, abstract.cstate, abstract.aux, frozen)
+
+
 def train_and_evaluate(config, workdir: str, log=print, plan=None) -> dict:
   """Train, evaluate and checkpoint one experiment; returns the final summary. `plan`
   replaces the compression plan config.compress builds (a method written in a notebook)."""
@@ -212,11 +231,7 @@ def train_and_evaluate(config, workdir: str, log=print, plan=None) -> dict:
   abstract, state_shd = sharding.sharded_abstract(jax.eval_shape(
       init_fn, jax.eval_shape(fresh), {k: a for k, (a, _) in frozen_abs.items()}), mesh, fsdp)
   check_hooks(comp.plan, fam, abstract)
-  if comp.plan is not None and comp.plan.has_loss:  # a loss term's shape errors (layers
-    # a distillation cannot pair), traced now, before anything is written
-    sample = {**fam.example_batch(1, seed=0), "example_mask": np.ones((1,), bool)}
-    jax.eval_shape(steps.train_step, abstract, sample,
-                   {k: a for k, (a, _) in frozen_abs.items()})
+  check_losses(comp.plan, fam, abstract, {k: a for k, (a, _) in frozen_abs.items()})
   ckpt_path, init_dir = os.path.join(workdir, "checkpoints"), config.get("init")
   # every process takes the branch process 0's view of the workdir decides
   resuming = (sharding.process0_decides(os.path.isdir(ckpt_path))

@@ -3,6 +3,7 @@ between blocks, through module hooks (no parameter changes)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Optional
 
 from mmjax.compress import token_merge, token_prune
@@ -33,6 +34,13 @@ class TokenMerging(Settings):
 
   def build(self, ctx, where):
     towers = "|".join(self.modalities)
+    name, args = ctx.family.name, dict(ctx.family.args or {})
+    pools_cls = ((name == "mmjax.pretrained.vit" and args.get("pool", "cls") == "cls")
+                 or (name == "mmjax.pretrained.clip" and "image" in self.modalities
+                     and not self.blocks))
+    if pools_cls and self.keep_first < 1:
+      raise ValueError(f"{where}.keep_first=0 would merge the class token that {name} "
+                       "pools; set keep_first=1.")
     if not self.blocks:
       names = {p.split("/", 1)[0] for p in ctx.paths}
       missing = [m for m in self.modalities if m not in names]
@@ -69,11 +77,13 @@ class CrossModalPruning(Settings):
     if missing:
       raise ValueError(f"{where}: the model has no modality {missing[0]!r} (its top-level "
                        f"parameters: {sorted(names)}); prune modalities it has.")
-    layers = sorted({p.split("/")[1] for p in ctx.paths if p.startswith("fusion/layer_")})
+    layers = sorted({p.split("/")[1] for p in ctx.paths
+                     if re.fullmatch(rf"fusion/layer_\d+/{self.queries}/cross_attn/query/kernel",
+                                     p)})
     if f"layer_{self.layer:02d}" not in layers:
       raise ValueError(f"{where}.layer={self.layer}: the fusion has no cross-attention layer "
-                       f"{self.layer} (its layers: {layers or 'none: fusion.kind is not cross'}"
-                       ").")
+                       f"{self.layer} whose {self.queries!r} tokens query the others (its "
+                       f"layers: {layers or 'none: fusion.kind is not cross'}).")
     return token_prune.prune_tokens(self.keep, queries=self.queries,
                                     prune=tuple(self.modalities), layer=self.layer,
                                     name=where.rsplit(".", 1)[-1])
