@@ -13,7 +13,7 @@ stands for) is the sum; attention then weighs a token of size s as s copies of i
 (proportional attention: a log s logit bias). Padding is a token of size 0: it never
 weighs in a mean, and merging it first costs nothing.
 
-It is four module hooks (`hooks.py`), with the sizes and keys in the forward's carry:
+It is five module hooks (`hooks.py`), with the sizes and keys in the forward's carry:
   <blocks>             the block's key-padding mask becomes size > 0 after merges
   <blocks>/<attention> proportional attention: logit_bias = log(size)
   <blocks>/<keys>      the keys, recorded (the similarity metric)
@@ -87,8 +87,9 @@ def merge_tokens(r, blocks: str, *, tower: str | None = None, attention: str = "
                  keep_first: int = 0, name: str = "tome") -> Method:
   """A hooks-only method merging `r` tokens in every block whose module path `blocks`
   matches (`r` a sequence: r[i] in a tower's i-th block, ToMe's schedules; as in ToMe, a
-  block merges at most half its tokens, and r above the tokens it has is an error). `attention`: the attention module under a block (None: no proportional
-  attention; it must take `logit_bias`), `keys`: the key projection under a block (None:
+  block merges at most half its tokens, and r above the tokens it has is an error).
+  `attention`: the attention module under a block (None: no proportional attention; it
+  must take `logit_bias`), `keys`: the key projection under a block (None:
   the tokens themselves are the metric), `at`: the module under a block whose output is
   merged (None: the block's output), `tower`: modules returning (tokens, intermediates
   with "mask") to update (mmjax's towers), `keep_first`: tokens never merged."""
