@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 
 from mmjax.compress import Plan, flatten  # noqa: E402
 from mmjax.compress.token_merge import merge_tokens  # noqa: E402
+from mmjax.harness.forward_cost import compiled_flops  # noqa: E402
 
 
 def _vit():
@@ -46,12 +47,6 @@ def _siglip():
 MODELS = {"vit_b16": _vit, "siglip_b16": _siglip}
 
 
-def _compile(fn, *args):
-  compiled = jax.jit(fn).lower(*args).compile()
-  cost = compiled.cost_analysis()
-  return compiled, float((cost[0] if isinstance(cost, list) else cost)["flops"])
-
-
 def bench(name, rs, batch_size, reps, log):
   fam, where, output = MODELS[name]()
   images = np.random.default_rng(0).normal(size=(batch_size, 224, 224, 3)).astype(np.float32)
@@ -64,7 +59,8 @@ def bench(name, rs, batch_size, reps, log):
     variants[f"r={r}"] = plan.wrap(fam.apply, {}, list(flatten(params)))
   compiled, flops, tokens = {}, {}, {}
   for v, fn in variants.items():
-    compiled[v], flops[v] = _compile(lambda p, b, fn=fn: output(fn(p, b)), params, batch)
+    compiled[v], flops[v] = compiled_flops(lambda p, b, fn=fn: output(fn(p, b)), params,
+                                           batch)
     inter = jax.eval_shape(fn, params, batch)[1]
     last = max(k for k in inter if k.rsplit("/", 1)[-1].startswith("block_"))
     tokens[v] = inter[last].shape[1]

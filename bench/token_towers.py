@@ -27,6 +27,7 @@ import jax  # noqa: E402
 from mmjax.compress import Plan, flatten  # noqa: E402
 from mmjax.compress.hooks import Around, apply as hooked  # noqa: E402
 from mmjax.compress.token_merge import merge_tokens  # noqa: E402
+from mmjax.harness.forward_cost import compiled_flops  # noqa: E402
 
 TOWERS = "(?:image|audio)"
 
@@ -64,9 +65,7 @@ def main(argv=None):
   compiled, flops, tokens = {}, {}, {}
   for v, fn in variants.items():
     f = towers_only(fn)
-    compiled[v] = jax.jit(lambda p, b, f=f: f(p, b)[0]).lower(params, batch).compile()
-    cost = compiled[v].cost_analysis()
-    flops[v] = float((cost[0] if isinstance(cost, list) else cost)["flops"])
+    compiled[v], flops[v] = compiled_flops(lambda p, b, f=f: f(p, b)[0], params, batch)
     inter = jax.eval_shape(fn, params, batch)[1]
     tokens[v] = (inter["image"]["final"].shape[1], inter["audio"]["final"].shape[1])
     jax.block_until_ready(compiled[v](params, batch))

@@ -171,11 +171,13 @@ def add_cost(name, seed, workdir, sweep_dir, tiny, data_dir, dataset, adjust, lo
   path = os.path.join(workdir, "summary.json")
   with open(path) as f:
     summary = json.load(f)
+  if "cost_forward_flops" in summary:
+    return
   config = build_config(name, seed, sweep_dir, tiny, data_dir, dataset)
   if adjust is not None:
     adjust(config)
   batch = int(config.train.get("measure_forward") or 0)
-  if "cost_forward_flops" in summary or batch <= 0:
+  if batch <= 0:
     return
   try:
     cost = forward_cost.measure_config(config, batch)

@@ -17,7 +17,8 @@ import jax
 from mmjax.compress import flatten
 
 
-def _compiled(fn, *args):
+def compiled_flops(fn, *args):
+  """-> (fn compiled for args, the FLOPs XLA's cost analysis counts in it)."""
   compiled = jax.jit(fn).lower(*args).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
@@ -33,8 +34,8 @@ def measure(fam, plan, params, cstate, batch_size: int, reps: int = 5) -> dict:
   # computes with stored weights, not with the view's arithmetic at every forward
   view = jax.jit(plan.view)(params, cstate)
   compressed_fn = lambda v, c, b: plan.wrap(fam.apply, c, flatten(params))(v, b)[0]
-  dense, dense_flops = _compiled(dense_fn, params, batch)
-  comp, flops = _compiled(compressed_fn, view, cstate, batch)
+  dense, dense_flops = compiled_flops(dense_fn, params, batch)
+  comp, flops = compiled_flops(compressed_fn, view, cstate, batch)
   runs = {"dense": (dense, (params, batch)), "compressed": (comp, (view, cstate, batch))}
   times = {k: [] for k in runs}
   for k, (fn, args) in runs.items():  # warm

@@ -10,6 +10,15 @@ from mmjax.compress import token_merge, token_prune
 from mmjax.methods.registry import TOKENS, Settings, register, setting
 
 
+def require_modalities(ctx, modalities, where):
+  """Each of `modalities` is a top-level part of the model (a tower); else one line."""
+  names = {p.split("/", 1)[0] for p in ctx.paths}
+  missing = [m for m in modalities if m not in names]
+  if missing:
+    raise ValueError(f"{where}={list(modalities)}: the model has no tower {missing[0]!r} (its "
+                     f"top-level parameters: {sorted(names)}); name towers it has.")
+
+
 @register("tome", stage=TOKENS, doc="Token merging (ToMe): in every block of the chosen "
           "towers, the r most similar token pairs merge (size-weighted), with proportional "
           "attention.")
@@ -42,12 +51,7 @@ class TokenMerging(Settings):
       raise ValueError(f"{where}.keep_first=0 would merge the class token that {name} "
                        "pools; set keep_first=1.")
     if not self.blocks:
-      names = {p.split("/", 1)[0] for p in ctx.paths}
-      missing = [m for m in self.modalities if m not in names]
-      if missing:
-        raise ValueError(f"{where}.modalities={list(self.modalities)}: the model has no "
-                         f"tower {missing[0]!r} (its top-level parameters: "
-                         f"{sorted(names)}); name towers it has, or set {where}.blocks.")
+      require_modalities(ctx, self.modalities, f"{where}.modalities")
     return token_merge.merge_tokens(
         self.r, self.blocks or rf"(?:{towers})/block_\d+", tower=None if self.blocks else
         f"(?:{towers})", attention="attn" if self.proportional else None,
@@ -72,11 +76,8 @@ class CrossModalPruning(Settings):
       raise ValueError(f"{where}.layer={self.layer} must be >= 0.")
 
   def build(self, ctx, where):
-    names = {p.split("/", 1)[0] for p in ctx.paths}
-    missing = [m for m in (self.queries,) + tuple(self.modalities) if m not in names]
-    if missing:
-      raise ValueError(f"{where}: the model has no modality {missing[0]!r} (its top-level "
-                       f"parameters: {sorted(names)}); prune modalities it has.")
+    require_modalities(ctx, (self.queries,), f"{where}.queries")
+    require_modalities(ctx, self.modalities, f"{where}.modalities")
     layers = sorted({p.split("/")[1] for p in ctx.paths
                      if re.fullmatch(rf"fusion/layer_\d+/{self.queries}/cross_attn/query/kernel",
                                      p)})
