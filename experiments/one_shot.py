@@ -76,7 +76,9 @@ class Session:
   def compress(self, plan: Plan):
     """-> (params, cstate): `plan` started and calibrated on the calibration batches."""
     params, cstate = jax.jit(plan.start)(self.params, jax.random.PRNGKey(0))
-    return plan.calibrate(self.apply, params, cstate, self.calibration)
+    return plan.calibrate(self.apply, params, cstate, self.calibration,
+                          *train.calibration_context(self.family, self.task, self.params,
+                                                     self.calibration))
 
   def evaluate_plan(self, plan: Plan, params, cstate) -> dict:
     """With activation stages (a program of its own); weight-only plans use `view`."""

@@ -60,6 +60,17 @@ ROWS = {
     # 300 steps by distillation from the dense run, the codes frozen
     "gptq_w3c+lora8": ("method=gptq,bits=3,group=0,lora=8", True),
     "gptq_w2g32+lora8": ("method=gptq,bits=2,group=32,lora=8", True),
+    # modality-balanced calibration (MBQ): tokens weighted by the loss's sensitivity to
+    # them, each modality's mean (_mbq) or each token's own (_tok)
+    "gptq_w3c_mbq": ("method=gptq,bits=3,group=0,balance=modality", True),
+    "gptq_w3c_tok": ("method=gptq,bits=3,group=0,balance=token", True),
+    "gptq_w2g32_mbq": ("method=gptq,bits=2,group=32,balance=modality", True),
+    "gptq_w2g32_tok": ("method=gptq,bits=2,group=32,balance=token", True),
+    "awq_w3c_mbq": ("method=awq,bits=3,group=0,balance=modality", True),
+    "awq_w3c_tok": ("method=awq,bits=3,group=0,balance=token", True),
+    "awq_w2g32": ("method=awq,bits=2,group=32", True),
+    "awq_w2g32_mbq": ("method=awq,bits=2,group=32,balance=modality", True),
+    "awq_w2g32_tok": ("method=awq,bits=2,group=32,balance=token", True),
 }
 FAMILIES = {
     "4-bit, group 128": ["rtn_w4g128", "gptq_w4g128", "awq_w4g128"],
@@ -78,6 +89,10 @@ FAMILIES = {
     "mixed widths at 3-bit g128's size": ["gptq_w3g128", "alloc_at_w3g128"],
     "mixed widths at 4-bit g128's size": ["gptq_w4g128", "alloc_at_w4g128"],
     "LoRA recovery after GPTQ": ["gptq_w3c", "gptq_w3c+lora8", "gptq_w2g32", "gptq_w2g32+lora8"],
+    "GPTQ 3-bit, modality-balanced": ["gptq_w3c", "gptq_w3c_mbq", "gptq_w3c_tok"],
+    "GPTQ 2-bit g32, modality-balanced": ["gptq_w2g32", "gptq_w2g32_mbq", "gptq_w2g32_tok"],
+    "AWQ 3-bit, modality-balanced": ["awq_w3c", "awq_w3c_mbq", "awq_w3c_tok"],
+    "AWQ 2-bit g32, modality-balanced": ["awq_w2g32", "awq_w2g32_mbq", "awq_w2g32_tok"],
 }
 # the papers' orderings (OPT-125M WikiText2 perplexity) this suite checks: (better, worse)
 PAPERS = [

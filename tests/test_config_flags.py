@@ -69,6 +69,7 @@ METHODS = {
         "damp": ("0.1", 0.1),
         "block": ("64", 64),
         "act_order": ("true", True),
+        "balance": ("modality", "modality"),
         "mode": ("parallel", "parallel"),
         "pattern": (r"image/.*/kernel", r"image/.*/kernel"),
         "rules": ("(('image/.*', {'bits': 3}),)", (("image/.*", {"bits": 3}),)),

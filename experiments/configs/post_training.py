@@ -16,6 +16,9 @@ unless `lora=`.
             layers' products run as real int8 x int8 -> int32
   parallel  every statistic from the dense model (default: sequential, block by block)
   act_order GPTQ in order of decreasing Hessian diagonal
+  balance=  none | modality | token: GPTQ's and AWQ's calibration tokens weighted by the
+            task loss's sensitivity to them (modality: MBQ, each modality's mean; token:
+            each its own)
   alloc=    a per-kernel allocation (experiments/sensitivity.py writes allocation_*.json):
             GPTQ with each kernel at the width it was given
   alpha=    SmoothQuant's migration strength (default 0.5); int8 runs its products as
@@ -58,6 +61,7 @@ def _allocation(path: str) -> list:
 
 WORDS = ("tiny", "joint", "w8a8", "parallel", "act_order", "int8", "asym")
 VALUES = {"method": str, "bits": int, "group": int, "format": str, "sparsity": float,
+          "balance": str,
           "nm": _nm, "alpha": float, "alloc": str, "lora": int, "steps": int}
 
 
@@ -99,6 +103,11 @@ def set_method(c, args: dict, pattern, group: int = 128):
               ragged_groups=True)
   if method == "gptq":
     kw["act_order"] = bool(args.get("act_order"))
+  if "balance" in args:
+    if method not in ("gptq", "awq"):
+      raise ValueError(f"config argument balance= weighs GPTQ's and AWQ's calibration tokens; "
+                       f"method={method} has no such setting (use method=gptq or awq).")
+    kw["balance"] = args["balance"]
   if method in ("sparsegpt", "wanda"):
     kw.update(sparsity=args.get("sparsity", 0.5), n=n, m=m)
   if method == "sparsegpt":

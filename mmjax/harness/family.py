@@ -54,6 +54,10 @@ class Family:
                                                   structured pruning; None: not offered
   unit_types                                      {name: regex}: groups of kernels that
                                                   sensitivity measures together
+  row_groups(params, batch) -> fn(path, row shape) -> modality id per row | None
+                                                  which modality each token of a layer's
+                                                  input is (modality-balanced calibration,
+                                                  `balance="modality"`); None: not known
   preprocess(data) -> {modality: fn(raw) -> {key: array}}
                                                   the family's own input preprocessing
                                                   (a pretrained model's resize and
@@ -74,6 +78,7 @@ class Family:
   shrink: Optional[Callable] = None
   unit_types: Mapping[str, str] = dataclasses.field(default_factory=dict)
   preprocess: Optional[Callable] = None
+  row_groups: Optional[Callable] = None
   args: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # as the config gave
 
   def abstract_params(self):

@@ -13,12 +13,16 @@ import dataclasses
 from typing import Optional
 
 from mmjax.compress import formats, match_paths, rules
-from mmjax.compress.post_training import awq, gptq, rtn, smoothquant, sparsegpt, wanda
+from mmjax.compress.post_training import (awq, gptq, row_weights, rtn, smoothquant,
+                                          sparsegpt, wanda)
 from mmjax.methods import registry
 from mmjax.methods.registry import POST_TRAINING, Built, Settings, register, setting
 
 GRID_FIELDS = ("format", "bits", "symmetric", "granularity", "group_size", "ragged_groups")
 MODES = ("sequential", "parallel")
+BALANCE_DOC = ("calibration tokens weighted by the task loss's sensitivity to them: none; "
+               "modality (MBQ: each modality's mean, where a kernel sees several); token "
+               "(each its own)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,11 +131,13 @@ class RTN(_Grid):
 @dataclasses.dataclass(frozen=True)
 class GPTQ(_Solver):
   act_order: bool = setting(False, "columns in order of decreasing Hessian diagonal")
+  balance: str = setting("none", BALANCE_DOC, choices=row_weights.BALANCES)
   name = "gptq"
 
   def method(self, grids=None):
     return gptq.method(grids if grids is not None else self.grid(), damp=self.damp,
-                       block=self.block, act_order=self.act_order, mode=self.mode)
+                       block=self.block, act_order=self.act_order, mode=self.mode,
+                       balance=self.balance)
 
 
 @register("awq", stage=POST_TRAINING, doc="AWQ (Lin et al. 2023): per-input-channel scales "
@@ -141,11 +147,12 @@ class AWQ(_Grid):
   mode: str = setting("sequential", "statistics block by block through the compressed "
                       "model, or all from the dense model", choices=MODES)
   n_grid: int = setting(20, "exponents searched in [0, 1]")
+  balance: str = setting("none", BALANCE_DOC, choices=row_weights.BALANCES)
   name = "awq"
 
   def method(self, grids=None):
     return awq.method(grids if grids is not None else self.grid(), n_grid=self.n_grid,
-                      mode=self.mode)
+                      mode=self.mode, balance=self.balance)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import os
 
+import jax
+import numpy as np
+
 from mmjax.harness.family import Family
 from mmjax.models import structure
 from mmjax.models.config import ModelConfig
@@ -55,13 +58,51 @@ def family(args: dict) -> Family:
                 shrunk_model=dict(num_heads=small_cfg.num_heads, head_dim=small_cfg.head_dim,
                                   mlp_dim=small_cfg.mlp_dim))
 
+  def row_groups(params, batch):
+    counts = {m: t["mask"].shape[1] for m, t in jax.eval_shape(apply, params, batch)[1].items()
+              if m in cfg.modalities}
+    return token_modalities(cfg, counts)
+
   classify = cfg.head.kind == "classify"
   return Family(
       "mmjax.multimodal", init, apply, example_batch, cfg.modalities, PATTERNS,
       labels=tuple(str(i) for i in range(cfg.head.num_classes)) if classify else None,
       output_mask=None if classify else f"{cfg.head.token_modality}_mask",
       structured_units=structured_units, shrink=shrink, unit_types=UNIT_TYPES,
-      args=cfg.to_dict())
+      row_groups=row_groups, args=cfg.to_dict())
+
+
+def token_modalities(cfg: ModelConfig, counts: dict):
+  """-> groups(path, row shape): the modality (its index in sorted order) of each token a
+  fusion kernel sees, for modality-balanced calibration; None for a kernel one modality
+  feeds (a tower's, a cross layer's queries and MLP). `counts`: tokens per modality at the
+  towers' outputs. The layouts are the fusion's (`models/fusion.py`): a cross layer's keys
+  and values see the other modalities concatenated in sorted order, a joint block all of
+  them, a bottleneck layer its modality's tokens then the shared ones (one more id)."""
+  names = sorted(counts)
+  index = {m: i for i, m in enumerate(names)}
+  ids = lambda ms: np.concatenate([np.full(counts[m], index[m]) for m in ms])
+  kind = cfg.fusion.kind
+
+  def groups(path, shape):
+    parts = path.split("/")
+    if parts[0] != "fusion" or len(parts) < 3:
+      return None
+    if kind == "joint":
+      found = ids(names)
+    elif kind == "bottleneck":
+      found = np.concatenate([ids([parts[2]]),
+                              np.full(cfg.fusion.num_bottleneck, len(names))])
+    elif parts[3:4] == ["cross_attn"] and parts[4:5] in (["key"], ["value"]):
+      found = ids([o for o in names if o != parts[2]] or [parts[2]])
+    else:
+      return None
+    if shape[-1] != found.size:
+      raise ValueError(f"balance='modality': {path}'s input has {shape[-1]} tokens but the "
+                       f"fusion's layout gives {found.size} (token merging or pruning changed "
+                       "the counts); use balance='token'.")
+    return found
+  return groups
 
 
 def of(cfg: ModelConfig) -> Family:

@@ -60,7 +60,9 @@ def search(w, h, absmean, grid: Grid, n_grid: int = 20) -> Result:
 
 
 def method(grid, *, n_grid: int = 20, mode: str = "sequential", contract=None,
-           name: str | None = None):
+           name: str | None = None, balance: str = "none"):
+  """`balance`: the search's error and the activation magnitudes weigh tokens by
+  sensitivity (`row_weights`: MBQ's modality weights, or per token)."""
   from mmjax.compress.post_training import method as pt
   if not (isinstance(n_grid, int) and n_grid >= 1):
     raise ValueError(f"AWQ n_grid={n_grid!r} must be a positive integer.")
@@ -72,4 +74,4 @@ def method(grid, *, n_grid: int = 20, mode: str = "sequential", contract=None,
     return pt.Solved(r.w, scale=r.scale, zero=r.zero, in_scale=r.in_scale)
 
   return pt.build(name or f"awq_{pt.grid_name(grid)}", solve, ("gram", "absmean"), grid=grid,
-                  mode=mode, contract=contract, in_scales=True)
+                  mode=mode, contract=contract, in_scales=True, balance=balance)

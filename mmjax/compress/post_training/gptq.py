@@ -15,8 +15,10 @@ def check_damp(damp):
 
 def method(grid, *, damp: float = 0.01, block: int = 128, act_order: bool = False,
            mode: str = "sequential", contract=None, group_by: str = pt.GROUP_BY,
-           name: str | None = None):
-  """`grid`: a `formats.Grid`, or {regex: Grid} per kernel (an allocator's mixed widths)."""
+           name: str | None = None, balance: str = "none"):
+  """`grid`: a `formats.Grid`, or {regex: Grid} per kernel (an allocator's mixed widths);
+  `balance`: the Hessian's tokens weighted by sensitivity (`row_weights`: MBQ's modality
+  weights, or per token)."""
   damp = check_damp(damp)
   of = pt.grid_map(grid)
 
@@ -25,4 +27,4 @@ def method(grid, *, damp: float = 0.01, block: int = 128, act_order: bool = Fals
     return pt.Solved(r.w, scale=r.scale, zero=r.zero, ok=r.ok)
 
   return pt.build(name or f"gptq_{pt.grid_name(grid)}", solve, ("gram",), grid=grid, mode=mode,
-                  contract=contract, group_by=group_by, damp=damp)
+                  contract=contract, group_by=group_by, damp=damp, balance=balance)

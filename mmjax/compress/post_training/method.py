@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from mmjax.compress import intercept, layout, storage, unroll
 from mmjax.compress.core import Method, flatten, unflatten
 from mmjax.compress.formats import Grid
-from mmjax.compress.post_training import passes, staged, stats as statistics
+from mmjax.compress.post_training import passes, row_weights, staged, stats as statistics
 from mmjax.compress.post_training.passes import GROUP_BY, blocks  # noqa: F401 (API)
 from mmjax.compress.pruning import apply_masks
 
@@ -63,12 +63,13 @@ class Solved(NamedTuple):
 
 
 def calibrate_kernels(calib, flat, solve: Callable, wanted, mode: str, contract=None,
-                      group_by: str = GROUP_BY, log=None):
+                      group_by: str = GROUP_BY, log=None, balance: str = "none"):
   """-> {path: (w [K, N] solved, Solved)} for `calib.paths`, in sequential or parallel
   mode. `flat` holds the method's master weights (solved from), `calib.params` the view
   the forward computes with. Stacked layers (`layout.stacked`, a scan in the forward) are
   solved layer by layer from each layer's own statistics (`unroll`); their `Solved` is the
-  layers' side by side along the columns of the stacked kernel's matrix view."""
+  layers' side by side along the columns of the stacked kernel's matrix view. `balance`:
+  each token's rows weighted by its sensitivity (`row_weights`), or "none"."""
   contract_of = lambda path, ndim: layout.contract_axes(contract, path, ndim)
   paths = list(calib.paths)
   if not calib.batches:
@@ -79,13 +80,17 @@ def calibrate_kernels(calib, flat, solve: Callable, wanted, mode: str, contract=
   closed = jax.make_jaxpr(calib.apply_fn)(calib.params, calib.batches[0])
   u = unroll.unroll(calib.apply_fn, calib.params, calib.batches[0], paths, closed=closed)
   if u is None:
-    return _calibrate(calib, flat, solve, wanted, mode, contract_of, group_by, closed=closed)
+    return _calibrate(calib, flat, solve, wanted, mode, contract_of, group_by, closed=closed,
+                      balance=balance)
   of = {v: (p, i) for p, vs in u.layers.items() for i, v in enumerate(vs)}
   check_stacked(u.layers, {p: flat[p].shape for p in paths}, contract)
   vcontract = layer_contract(contract, u)
   vflat = {v: (flat[of[v][0]][of[v][1]] if v in of else flat[v]) for v in u.paths}
-  done = _calibrate(calib._replace(apply_fn=u.apply_fn, params=u.params, paths=tuple(u.paths)),
-                    vflat, solve, wanted, mode, vcontract, group_by, u.block_of)
+  groups = calib.groups and (lambda v, shape: calib.groups(of.get(v, (v,))[0], shape))
+  done = _calibrate(calib._replace(apply_fn=u.apply_fn, params=u.params, paths=tuple(u.paths),
+                                   groups=groups),
+                    vflat, solve, wanted, mode, vcontract, group_by, u.block_of,
+                    balance=balance)
   out = {p: done[p] for p in paths if p not in u.layers}
   out.update({p: side_by_side([done[v] for v in vs]) for p, vs in u.layers.items()})
   return out
@@ -155,10 +160,14 @@ def _per_layer(path, w, depth: int, contract_of, solve, st=None):
 
 
 def _calibrate(calib, flat, solve, wanted, mode, contract_of, group_by, block_of=None,
-               closed=None):
+               closed=None, balance="none"):
   paths = list(calib.paths)
   params = flatten(calib.params)
   done = {}
+  rw = None
+  if balance != "none":  # from the forward the method starts from, as MBQ
+    rw = row_weights.weights(calib.apply_fn, calib.params, calib.batches, paths, balance,
+                             calib.loss, calib.groups)
 
   def solve_block(block_paths, st):
     for p in block_paths:
@@ -171,7 +180,7 @@ def _calibrate(calib, flat, solve, wanted, mode, contract_of, group_by, block_of
   if mode == "parallel":
     f, _ = statistics.program(calib.apply_fn, paths, wanted, contract_of)
     solve_block(paths, statistics.finish(statistics.accumulate(f, calib.params,
-                                                               calib.batches)))
+                                                               calib.batches, rw)))
   else:
     # independent blocks (the towers) share a pass; each pass runs only the part of the
     # forward its statistics need that earlier passes have not computed for good (`staged`)
@@ -180,7 +189,7 @@ def _calibrate(calib, flat, solve, wanted, mode, contract_of, group_by, block_of
     _, levels = passes.solve_order(calib.apply_fn, tree, calib.batches[0], paths,
                                      group_by, closed, block_of)
     cut = staged.build(calib.apply_fn, tree, list(params), calib.batches, paths, levels,
-                       wanted, contract_of, closed)
+                       wanted, contract_of, closed, rw)
     leaves_of = lambda batch: jax.tree.leaves((unflatten(params, calib.params), batch))
     for lv, level in enumerate(levels):
       solve_block(level, statistics.finish(cut.stats(lv, leaves_of)))
@@ -219,8 +228,13 @@ def grid_name(grid) -> str:
 def build(name: str, solve: Callable, wanted: tuple, *, grid=None,
           masks: bool = False, n_m: Optional[tuple] = None, mode: str = "sequential",
           contract=None, group_by: str = GROUP_BY, damp: float | None = None,
-          in_scales: bool = False) -> Method:
-  """A post-training `Method` from a per-kernel solver (see the module docstring)."""
+          in_scales: bool = False, balance: str = "none") -> Method:
+  """A post-training `Method` from a per-kernel solver (see the module docstring);
+  `balance`: its statistics' rows weighted by sensitivity (`row_weights`)."""
+  row_weights.check_balance(balance, f"{name}: balance")
+  if balance != "none" and not wanted:
+    raise ValueError(f"{name}: balance={balance!r} weighs calibration tokens, and this "
+                     "method reads no calibration statistics; drop balance.")
   if mode not in MODES:
     raise ValueError(f"post-training mode={mode!r} is unknown; valid: {', '.join(MODES)}.")
   try:
@@ -297,7 +311,8 @@ def build(name: str, solve: Callable, wanted: tuple, *, grid=None,
     return apply_masks(flat, {p: s["mask"] for p, s in state.items()}), state
 
   def calibrate(flat, state, calib):
-    solved = calibrate_kernels(calib, flat, solve, wanted, mode, contract, group_by)
+    solved = calibrate_kernels(calib, flat, solve, wanted, mode, contract, group_by,
+                               balance=balance)
     new_flat, new_state = {}, {}
     for p, w in flat.items():
       res, ax = solved[p], axes(p, w)

@@ -144,7 +144,7 @@ def programs(pl: Cut, levels: Sequence[Sequence[str]], wanted, contract_of: Call
   """One jitted f_L(values {id: array}) -> (kept {id: array}, {path: stats}) per level."""
   out = []
   for lv, paths in enumerate(levels):
-    def run(vals, lv=lv, paths=tuple(paths)):
+    def run(vals, row_weights, lv=lv, paths=tuple(paths)):
       env = dict(vals)
       read = lambda x: x.val if isinstance(x, _Fixed) else env[x]
       for k in pl.runs[lv]:
@@ -153,10 +153,10 @@ def programs(pl: Cut, levels: Sequence[Sequence[str]], wanted, contract_of: Call
       st = {}
       for p in paths:
         per_use = []
-        for x, d in pl.uses[p]:
+        for k, (x, d) in enumerate(pl.uses[p]):
           d = d._replace(x=read(x))
           per_use.append(statistics.of(statistics.rows(d, contract_of(p, d.w.ndim)),
-                                       wanted))
+                                       wanted, statistics.use_weights(row_weights, p, k)))
         st[p] = statistics.merge_uses(per_use)
       return {i: env[i] for i in pl.keeps[lv]}, st
     out.append(jax.jit(run))
@@ -168,8 +168,9 @@ class Staged:
   that cross levels cached per batch. `stats(lv, leaves_of)`: leaves_of(batch) -> the
   current input leaves (the parameters with every solved kernel written in)."""
 
-  def __init__(self, pl: Cut, levels, wanted, contract_of, batches):
+  def __init__(self, pl: Cut, levels, wanted, contract_of, batches, row_weights=None):
     self.pl, self.batches = pl, batches
+    self.row_weights = row_weights or [None] * len(batches)  # per batch, or None
     self.fs = programs(pl, levels, wanted, contract_of)
     self.cache = [{} for _ in batches]
 
@@ -179,7 +180,7 @@ class Staged:
       leaves = dict(zip(pl.leaf_ids, leaves_of(batch)))
       cache = self.cache[b]
       kept, st = self.fs[lv]({i: leaves[i] if i in leaves else cache[i]
-                              for i in pl.needs[lv]})
+                              for i in pl.needs[lv]}, self.row_weights[b])
       for i in [i for i in cache if pl.last.get(i, -1) <= lv]:
         del cache[i]
       cache.update(kept)
@@ -202,9 +203,10 @@ class _Groups:
 
 
 def build(apply_fn: Callable, params, flat_paths: Sequence[str], batches, paths, levels,
-          wanted, contract_of: Callable, closed=None):
+          wanted, contract_of: Callable, closed=None, row_weights=None):
   """`Staged` statistics for sequential calibration of `paths` in `levels`. `closed`: the
-  jaxpr of apply_fn(params, batches[0]) if already traced."""
+  jaxpr of apply_fn(params, batches[0]) if already traced; `row_weights`: per batch,
+  {path: [row weights per use]} (`row_weights.weights`), or None: every row once."""
   statistics.check(wanted)
   level_of = {p: lv for lv, level in enumerate(levels) for p in level}
   unseen = sorted(set(paths) - set(level_of))
@@ -216,10 +218,11 @@ def build(apply_fn: Callable, params, flat_paths: Sequence[str], batches, paths,
   sig = lambda b: (jax.tree.structure(b),
                    tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(b)))
   groups = {}
-  for b in batches:
-    groups.setdefault(sig(b), []).append(b)
+  for b, batch in enumerate(batches):
+    groups.setdefault(sig(batch), []).append(b)
   parts = []
-  for i, group in enumerate(groups.values()):
+  for i, index in enumerate(groups.values()):
+    group = [batches[b] for b in index]
     c = closed if i == 0 and closed is not None else jax.make_jaxpr(apply_fn)(params,
                                                                               group[0])
     n = len(jax.tree.leaves((params, group[0])))
@@ -227,5 +230,6 @@ def build(apply_fn: Callable, params, flat_paths: Sequence[str], batches, paths,
     pl = cut(c, leaf_paths, level_of, len(levels))
     statistics.check_uses({p: [d for _, d in us] for p, us in pl.uses.items()}, contract_of,
                           list(flat_paths))
-    parts.append(Staged(pl, levels, wanted, contract_of, group))
+    parts.append(Staged(pl, levels, wanted, contract_of, group,
+                        None if row_weights is None else [row_weights[b] for b in index]))
   return parts[0] if len(parts) == 1 else _Groups(parts)

@@ -162,17 +162,33 @@ def check_uses(uses: dict, contract_of, universe, what: str = "post-training"):
     raise ValueError(f"{what}: " + "; also ".join(problems) + ".")
 
 
-def of(x, wanted):
-  out = {"count": jnp.float32(x.shape[0])}
+def of(x, wanted, r=None):
+  """The statistics of rows X [T, K]; `r` [T]: each row's weight (`row_weights`: sums
+  become Σ r_t ·, count Σ r_t, amax over the rows of weight > 0)."""
+  if r is None:
+    out = {"count": jnp.float32(x.shape[0])}
+    xr = x
+  else:
+    r = r.astype(jnp.float32)
+    out = {"count": jnp.sum(r)}
+    xr = x * r[:, None]
   if "gram" in wanted:
-    out["gram"] = jnp.einsum("tk,tl->kl", x, x, precision=jax.lax.Precision.HIGHEST)
+    out["gram"] = jnp.einsum("tk,tl->kl", xr, x, precision=jax.lax.Precision.HIGHEST)
   if "sq" in wanted:
-    out["sq"] = jnp.sum(x * x, axis=0)
+    out["sq"] = jnp.sum(xr * x, axis=0)
   if "absmean" in wanted:
-    out["absmean"] = jnp.sum(jnp.abs(x), axis=0)
+    out["absmean"] = jnp.sum(jnp.abs(xr), axis=0)
   if "amax" in wanted:
-    out["amax"] = jnp.max(jnp.abs(x), axis=0)
+    ax = jnp.abs(x) if r is None else jnp.where(r[:, None] > 0, jnp.abs(x), 0.0)
+    out["amax"] = jnp.max(ax, axis=0)
   return out
+
+
+def use_weights(row_weights, path: str, k: int):
+  """Use k of `path`'s row weights, or None (`row_weights`: {path: [per use]} or None)."""
+  if row_weights is None or path not in row_weights:
+    return None
+  return row_weights[path][k]
 
 
 def merge(a, b):
@@ -182,20 +198,24 @@ def merge(a, b):
 def program(apply_fn: Callable, paths: Sequence[str], wanted: Sequence[str],
             contract_of: Callable[[str, int], tuple], convs: bool = True,
             what: str = "calibration"):
-  """-> (jitted f(params, batch) -> {path: stats}, order): every path's statistics from
-  one forward; `order` lists the paths in the order the forward consumes them (filled when
+  """-> (jitted f(params, batch, row_weights=None) -> {path: stats}, order): every path's
+  statistics from one forward (each row weighted, given `row_weights` {path: [per use]}); `order` lists the paths in the order the forward consumes them (filled when
   f is first traced). Sequential calibration cuts the forward instead (`staged`).
   `convs=False`: a conv kernel among `paths` is an error (a method that rewrites the
   products, as SmoothQuant does, cannot use a conv's statistics)."""
   check(wanted)
   order = []
 
-  def stat(d):  # a use that cannot be measured is named below, with every other one
-    axes = contract_of(d.path, d.w.ndim)
-    ok = not _unsupported(d) and model_contract(d) == tuple(axes)
-    return d, (of(rows(d, axes), wanted) if ok else None)
+  def f(params, batch, row_weights=None):
+    counts = {}
 
-  def f(params, batch):
+    def stat(d):  # a use that cannot be measured is named below, with every other one
+      axes = contract_of(d.path, d.w.ndim)
+      k = counts[d.path] = counts.get(d.path, -1) + 1
+      ok = not _unsupported(d) and model_contract(d) == tuple(axes)
+      return d, (of(rows(d, axes), wanted, use_weights(row_weights, d.path, k))
+                 if ok else None)
+
     seen = intercept.observe(apply_fn, list(paths), stat, convs, what)(params, batch)
     check_uses({p: [d for d, _ in uses] for p, uses in seen.items()}, contract_of,
                list(flatten(params)))
@@ -218,11 +238,12 @@ def merge_uses(uses):
   return acc
 
 
-def accumulate(f, params, batches):
-  """f's statistics summed over `batches`."""
+def accumulate(f, params, batches, row_weights=None):
+  """f's statistics summed over `batches` (`row_weights`: per batch, as `row_weights`
+  gives them)."""
   total = None
-  for batch in batches:
-    s = f(params, batch)
+  for b, batch in enumerate(batches):
+    s = f(params, batch, None if row_weights is None else row_weights[b])
     total = s if total is None else {p: merge(total[p], s[p]) for p in s}
   return total
 

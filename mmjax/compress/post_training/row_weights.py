@@ -1,0 +1,166 @@
+"""How much each row of a layer's input matters to the task: the weights of modality-
+balanced calibration (MBQ, Li et al. 2025) and of its per-token refinement.
+
+GPTQ and AWQ minimise a layer's output error ‖X W − X Ŵ‖² with every row of X (every
+token) counted once. MBQ observed that the task loss is far more sensitive to one
+modality's tokens than another's (language over vision, in vision-language models) and
+weighs each modality's reconstruction error by its sensitivity: the squared gradient of
+the loss with respect to the layer's output at that modality's tokens. Here, for every
+product that consumes a selected kernel, g = ∂L/∂y is found by adding a zero to the
+product's output and differentiating with respect to it (`intercept.dots`: any JAX model),
+each row's sensitivity is s_t = mean_n g_tn², and the rows' weights are
+
+  token     r_t = s_t / mean(s)                       each token its own (a Fisher-weighted
+                                                      Hessian, Σ r_t x_t x_tᵀ)
+  modality  r_t = mean of s over t's modality / mean(s)   MBQ
+
+the means taken over every calibration row of that use of the kernel. The statistics
+(`stats.of`) become weighted sums. Weights come from the model the method starts from
+(its weights' view: the dense model, or what earlier methods made of it), as in MBQ.
+
+Which modality a row belongs to is the model's layout, not something the program shows:
+`groups(path, free_shape)` (a family's `row_groups`) gives an integer id per row, or None
+for a kernel that one modality feeds. Such a kernel's modality weight is one constant,
+and neither GPTQ's nor AWQ's solution changes when the objective is scaled: MBQ changes
+only the kernels that see several modalities (a fusion's keys and values, a joint
+encoder). `token` changes every kernel.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.compress import intercept
+
+BALANCES = ("none", "modality", "token")
+
+
+def check_balance(balance: str, where: str = "balance"):
+  if balance not in BALANCES:
+    raise ValueError(f"{where}={balance!r} is unknown; valid: {', '.join(BALANCES)}.")
+  return balance
+
+
+def row_sensitivity(d, g):
+  """Mean squared output gradient per row of the product `d` (a `Dot` or `Conv`), flat in
+  the order of `stats.rows` (the activation's free axes; a conv's output positions)."""
+  g2 = jnp.square(g.astype(jnp.float32))
+  if isinstance(d, intercept.Conv):
+    out = d.dims.out_spec  # (batch axis, feature axis, spatial axes...)
+    return jnp.transpose(g2, (out[0], *out[2:], out[1])).mean(-1).reshape(-1)
+  (lc, rc), _ = d.dims
+  n_w_free = d.w.ndim - len(rc if d.w_is_rhs else lc)
+  axes = (tuple(range(g2.ndim - n_w_free, g2.ndim)) if d.w_is_rhs
+          else tuple(range(n_w_free)))
+  return g2.mean(axis=axes).reshape(-1)
+
+
+def free_shape(d):
+  """The shape of the rows of `d`'s activation (its free axes; a conv's output positions)."""
+  if isinstance(d, intercept.Conv):
+    out = d.dims.out_spec
+    return tuple(d.out_aval.shape[a] for a in (out[0], *out[2:]))
+  x_contract = set(d.x_contract())
+  return tuple(n for a, n in enumerate(d.x.shape) if a not in x_contract)
+
+
+def sensitivities(apply_fn: Callable, loss: Callable, paths: Sequence[str],
+                  convs: bool = True, what: str = "calibration"):
+  """-> (jitted f(params, batch) -> {path: [s per use]}: each use's row sensitivity, and
+  `uses` {batch shapes: {path: [Dot or Conv per use]}}, filled as f is traced)."""
+  uses = {}
+
+  def f(params, batch):
+    found = []
+
+    def record(d):
+      found.append(d)
+      return d.bind(d.x, d.w)
+    jax.eval_shape(intercept.dots(apply_fn, list(paths), record, what, convs, scans=False),
+                   params, batch)
+    zeros = [jnp.zeros(d.out_aval.shape, d.out_aval.dtype) for d in found]
+
+    def task_loss(eps):
+      it = iter(eps)
+      out = intercept.dots(apply_fn, list(paths), lambda d: d.bind(d.x, d.w) + next(it),
+                           what, convs, scans=False)(params, batch)
+      return loss(out, batch)
+
+    grads = jax.grad(task_loss)(zeros)
+    out, mine = {}, uses.setdefault(signature(batch), {})
+    mine.clear()
+    for d, g in zip(found, grads):
+      mine.setdefault(d.path, []).append(d)
+      out.setdefault(d.path, []).append(row_sensitivity(d, g))
+    return out
+
+  return jax.jit(f), uses
+
+
+def signature(batch):
+  return tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(batch))
+
+
+def weights(apply_fn: Callable, params, batches: Sequence, paths: Sequence[str],
+            balance: str, loss: Optional[Callable], groups: Optional[Callable] = None,
+            convs: bool = True, what: str = "calibration") -> list:
+  """-> per batch, {path: [row weights per use]} (float32, flat like `stats.rows`), for
+  `balance` in {"modality", "token"}; the means are over every batch. A use whose rows
+  all have zero sensitivity (nothing the loss sees depends on it), or (modality) that one
+  modality feeds, weighs its rows equally."""
+  check_balance(balance, f"{what}: balance")
+  if loss is None:
+    raise ValueError(f"{what}: balance={balance!r} weighs tokens by the gradient of the task "
+                     "loss, and the calibration was given none; pass loss=fn(outputs, batch) "
+                     "-> scalar to plan.calibrate (the harness passes the task's).")
+  f, uses = sensitivities(apply_fn, loss, paths, convs, what)
+  per_batch = [jax.device_get(f(params, b)) for b in batches]
+  ids = [{p: [_row_ids(groups, p, d, what) if balance == "modality" else None for d in ds]
+          for p, ds in uses[signature(b)].items()} for b in batches]
+  out = [dict() for _ in batches]
+  for p, ds in per_batch[0].items():
+    for k in range(len(ds)):
+      s = [np.asarray(pb[p][k], np.float64) for pb in per_batch]
+      mean = np.mean(np.concatenate(s))
+      if not mean > 0 or (balance == "modality" and ids[0][p][k] is None):
+        r = [np.ones_like(sb) for sb in s]  # one modality: one constant weight
+      elif balance == "token":
+        r = [sb / mean for sb in s]
+      else:
+        r = [m / mean for m in _group_means(s, [i[p][k] for i in ids])]
+      for b, rb in enumerate(r):
+        out[b].setdefault(p, []).append(rb.astype(np.float32))
+  return out
+
+
+def _row_ids(groups, path, d, what):
+  """Integer modality ids of a use's rows (flat), or None: one modality."""
+  if groups is None:
+    raise ValueError(f"{what}: balance='modality' needs to know which modality each token "
+                     "of a layer belongs to, and the model gave no row_groups; use "
+                     "balance='token' (per token, no layout needed), or give the family a "
+                     "row_groups.")
+  shape = free_shape(d)
+  got = groups(path, shape)
+  if got is None:
+    return None
+  got = np.asarray(got)
+  try:
+    return np.broadcast_to(got, shape).reshape(-1)
+  except ValueError:
+    raise ValueError(f"{what}: the model's row_groups gives {path} modality ids of shape "
+                     f"{got.shape}, but its input has rows {shape} (token merging or pruning "
+                     "changed the token counts?); use balance='token'.") from None
+
+
+def _group_means(s: list, ids: list) -> list:
+  """Each row's sensitivity replaced by the mean over its group's rows in every batch
+  (`s`, `ids`: per batch, flat)."""
+  n = max(int(i.max()) for i in ids) + 1
+  total = sum(np.bincount(i, sb, n) for i, sb in zip(ids, s))
+  count = sum(np.bincount(i, None, n) for i in ids)
+  mean = total / np.maximum(count, 1)
+  return [mean[i] for i in ids]
