@@ -134,6 +134,37 @@ def test_modality_weights_are_each_modalitys_mean_sensitivity():
       np.testing.assert_array_equal(rw[b][one][0], 1.0)
 
 
+def test_a_kernel_each_modality_uses_once_gets_each_modalitys_weight():
+  """Shared weights (one use per modality): the weights are over every use of the kernel,
+  so MBQ's modality weights survive where no use mixes modalities."""
+  r = np.random.default_rng(2)
+  params = {"shared": {"kernel": jnp.asarray(r.normal(size=(K, H)) / 3, jnp.float32)}}
+
+  def apply(p, batch):
+    return [jnp.tanh(batch[m] @ p["shared"]["kernel"]) for m in ("a", "b")], {}
+
+  def loss(out, batch):
+    return 9 * jnp.mean((out[0][0] - 1) ** 2) + jnp.mean((out[0][1] - 1) ** 2)
+  batches = [{m: jnp.asarray(r.normal(size=(4, n, K)), jnp.float32) for m, n in
+              (("a", TA), ("b", TB))} for _ in range(2)]
+  rw = row_weights.weights(apply, params, batches, ["shared/kernel"], "modality", loss,
+                           lambda path, shape: None)
+  w = np.asarray(params["shared"]["kernel"], np.float64)
+  s = {}
+  for m, c in (("a", 9.0), ("b", 1.0)):
+    per = []
+    for b in batches:
+      out = np.tanh(np.asarray(b[m], np.float64) @ w)
+      g = c * 2 * (out - 1) / out.size * (1 - out ** 2)
+      per.append((g ** 2).mean(-1).reshape(-1))
+    s[m] = np.concatenate(per)
+  mean = np.concatenate([s["a"], s["b"]]).mean()
+  for b in range(len(batches)):
+    np.testing.assert_allclose(rw[b]["shared/kernel"][0], s["a"].mean() / mean, rtol=2e-4)
+    np.testing.assert_allclose(rw[b]["shared/kernel"][1], s["b"].mean() / mean, rtol=2e-4)
+  assert s["a"].mean() > 10 * s["b"].mean()
+
+
 @pytest.mark.parametrize("make", [
     lambda balance: gptq.method(formats.grid("int", 2, granularity="channel"), balance=balance),
     lambda balance: awq.method(formats.grid("int", 2, granularity="channel"), n_grid=10,
@@ -168,9 +199,14 @@ def test_bad_inputs_name_the_setting_and_the_fix():
     plan.calibrate(apply, p0, cs, batches)
   with pytest.raises(ValueError, match=r"no row_groups; use balance='token'"):
     plan.calibrate(apply, p0, cs, batches, loss=loss)
-  wrong = lambda path, shape: np.zeros(TA) if path == "fuse/kernel" else None
+  wrong = lambda path, shape: np.zeros(TA, int) if path == "fuse/kernel" else None
   with pytest.raises(ValueError, match=r"ids of shape \(3,\).*rows \(4, 8\)"):
     plan.calibrate(apply, p0, cs, batches, loss=loss, groups=wrong)
+  floats = lambda path, shape: np.full(TA + TB, 0.5) if path == "fuse/kernel" else None
+  with pytest.raises(ValueError, match=r"must be integers >= 0"):
+    plan.calibrate(apply, p0, cs, batches, loss=loss, groups=floats)
+  with pytest.raises(ValueError, match=r"must return one scalar.*task.loss\(outputs\[0\]"):
+    plan.calibrate(apply, p0, cs, batches, loss=lambda o, b: (loss(o, b), {}), groups=groups)
 
 
 @pytest.mark.parametrize("kind", ["cross", "joint"])

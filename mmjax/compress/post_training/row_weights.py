@@ -4,8 +4,8 @@ balanced calibration (MBQ, Li et al. 2025) and of its per-token refinement.
 GPTQ and AWQ minimise a layer's output error ‖X W − X Ŵ‖² with every row of X (every
 token) counted once. MBQ observed that the task loss is far more sensitive to one
 modality's tokens than another's (language over vision, in vision-language models) and
-weighs each modality's reconstruction error by its sensitivity: the squared gradient of
-the loss with respect to the layer's output at that modality's tokens. Here, for every
+weighs each modality's reconstruction error by its sensitivity to the layer's output at
+that modality's tokens, measured by the loss's gradient there. Here, for every
 product that consumes a selected kernel, g = ∂L/∂y is found by adding a zero to the
 product's output and differentiating with respect to it (`intercept.dots`: any JAX model),
 each row's sensitivity is s_t = mean_n g_tn², and the rows' weights are
@@ -14,7 +14,9 @@ each row's sensitivity is s_t = mean_n g_tn², and the rows' weights are
                                                       Hessian, Σ r_t x_t x_tᵀ)
   modality  r_t = mean of s over t's modality / mean(s)   MBQ
 
-the means taken over every calibration row of that use of the kernel. The statistics
+the means taken over every calibration row of every use of the kernel. (The square makes
+the weighted objective the Fisher's, E[(gᵀ Δy)²] with the gradients' cross terms
+dropped; it is this module's choice of magnitude.) The statistics
 (`stats.of`) become weighted sums. Weights come from the model the method starts from
 (its weights' view: the dense model, or what earlier methods made of it), as in MBQ.
 
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.compress import intercept
+from mmjax.compress.post_training import stats as statistics
 
 BALANCES = ("none", "modality", "token")
 
@@ -83,6 +86,13 @@ def sensitivities(apply_fn: Callable, loss: Callable, paths: Sequence[str],
                    params, batch)
     zeros = [jnp.zeros(d.out_aval.shape, d.out_aval.dtype) for d in found]
 
+    out_shape = jax.eval_shape(lambda: loss(apply_fn(params, batch), batch))
+    if not (hasattr(out_shape, "shape") and out_shape.shape == ()):
+      raise ValueError(f"{what}: loss(outputs, batch) must return one scalar, and it returned "
+                       f"{jax.tree.map(lambda a: a.shape, out_shape)}; a task's loss returns "
+                       "(value, metrics): pass loss=lambda outputs, batch: "
+                       "task.loss(outputs[0], batch)[0].")
+
     def task_loss(eps):
       it = iter(eps)
       out = intercept.dots(apply_fn, list(paths), lambda d: d.bind(d.x, d.w) + next(it),
@@ -108,9 +118,13 @@ def weights(apply_fn: Callable, params, batches: Sequence, paths: Sequence[str],
             balance: str, loss: Optional[Callable], groups: Optional[Callable] = None,
             convs: bool = True, what: str = "calibration") -> list:
   """-> per batch, {path: [row weights per use]} (float32, flat like `stats.rows`), for
-  `balance` in {"modality", "token"}; the means are over every batch. A use whose rows
-  all have zero sensitivity (nothing the loss sees depends on it), or (modality) that one
-  modality feeds, weighs its rows equally."""
+  `balance` in {"modality", "token"}, divided by the mean sensitivity over every row of
+  every use of the path in every batch (so a kernel used twice keeps the difference
+  between its uses). With `modality`, a use that one modality feeds (`groups` gives None)
+  weighs its rows by their mean: a kernel each modality uses once (shared weights) gets
+  MBQ's per-modality weights too. A path whose rows all have zero sensitivity (nothing the
+  loss sees depends on it) weighs them equally; so does a use the statistics cannot read
+  (a batched product: `stats.check_uses` names it)."""
   check_balance(balance, f"{what}: balance")
   if loss is None:
     raise ValueError(f"{what}: balance={balance!r} weighs tokens by the gradient of the task "
@@ -118,19 +132,26 @@ def weights(apply_fn: Callable, params, batches: Sequence, paths: Sequence[str],
                      "-> scalar to plan.calibrate (the harness passes the task's).")
   f, uses = sensitivities(apply_fn, loss, paths, convs, what)
   per_batch = [jax.device_get(f(params, b)) for b in batches]
-  ids = [{p: [_row_ids(groups, p, d, what) if balance == "modality" else None for d in ds]
+  readable = lambda d: statistics._unsupported(d) is None
+  ids = [{p: [_row_ids(groups, p, d, what) if balance == "modality" and readable(d) else None
+              for d in ds]
           for p, ds in uses[signature(b)].items()} for b in batches]
   out = [dict() for _ in batches]
   for p, ds in per_batch[0].items():
-    for k in range(len(ds)):
-      s = [np.asarray(pb[p][k], np.float64) for pb in per_batch]
-      mean = np.mean(np.concatenate(s))
-      if not mean > 0 or (balance == "modality" and ids[0][p][k] is None):
-        r = [np.ones_like(sb) for sb in s]  # one modality: one constant weight
+    n_uses = len(ds)
+    s = [[np.asarray(pb[p][k], np.float64) for pb in per_batch] for k in range(n_uses)]
+    mean = np.mean(np.concatenate([x for per_use in s for x in per_use]))
+    for k in range(n_uses):
+      d0 = uses[signature(batches[0])][p][k]
+      if not mean > 0 or not readable(d0):
+        r = [np.ones_like(sb) for sb in s[k]]
       elif balance == "token":
-        r = [sb / mean for sb in s]
+        r = [sb / mean for sb in s[k]]
+      elif ids[0][p][k] is None:  # one modality: its mean, one constant
+        use_mean = np.mean(np.concatenate(s[k]))
+        r = [np.full_like(sb, use_mean / mean) for sb in s[k]]
       else:
-        r = [m / mean for m in _group_means(s, [i[p][k] for i in ids])]
+        r = [m / mean for m in _group_means(s[k], [i[p][k] for i in ids])]
       for b, rb in enumerate(r):
         out[b].setdefault(p, []).append(rb.astype(np.float32))
   return out
@@ -148,6 +169,10 @@ def _row_ids(groups, path, d, what):
   if got is None:
     return None
   got = np.asarray(got)
+  if not (np.issubdtype(got.dtype, np.integer) and (got.size == 0 or got.min() >= 0)):
+    raise ValueError(f"{what}: the model's row_groups gives {path} modality ids {got.dtype} "
+                     f"from {got.min() if got.size else '-'}; they must be integers >= 0 (one "
+                     "per modality).")
   try:
     return np.broadcast_to(got, shape).reshape(-1)
   except ValueError:

@@ -171,7 +171,7 @@ class Staged:
   def __init__(self, pl: Cut, levels, wanted, contract_of, batches, row_weights=None):
     self.pl, self.batches = pl, batches
     self.row_weights = row_weights or [None] * len(batches)  # per batch, or None
-    self.fs = programs(pl, levels, wanted, contract_of)
+    self.fs, self.levels = programs(pl, levels, wanted, contract_of), levels
     self.cache = [{} for _ in batches]
 
   def stats(self, lv: int, leaves_of: Callable):
@@ -179,8 +179,10 @@ class Staged:
     for b, batch in enumerate(self.batches):
       leaves = dict(zip(pl.leaf_ids, leaves_of(batch)))
       cache = self.cache[b]
+      rw = self.row_weights[b]  # this level's paths' only: no transfers of the others'
+      rw = None if rw is None else {p: rw[p] for p in self.levels[lv] if p in rw}
       kept, st = self.fs[lv]({i: leaves[i] if i in leaves else cache[i]
-                              for i in pl.needs[lv]}, self.row_weights[b])
+                              for i in pl.needs[lv]}, rw)
       for i in [i for i in cache if pl.last.get(i, -1) <= lv]:
         del cache[i]
       cache.update(kept)
