@@ -77,8 +77,7 @@ class Session:
     """-> (params, cstate): `plan` started and calibrated on the calibration batches."""
     params, cstate = jax.jit(plan.start)(self.params, jax.random.PRNGKey(0))
     return plan.calibrate(self.apply, params, cstate, self.calibration,
-                          *train.calibration_context(self.family, self.task, self.params,
-                                                     self.calibration))
+                          *train.calibration_context(self.family, self.task))
 
   def evaluate_plan(self, plan: Plan, params, cstate) -> dict:
     """With activation stages (a program of its own); weight-only plans use `view`."""

@@ -114,7 +114,7 @@ def _fusion(scale_b: float = 1.0):
 def test_modality_weights_are_each_modalitys_mean_sensitivity():
   params, apply, loss, groups, batches, coef = _fusion()
   rw = row_weights.weights(apply, params, batches, ["a/kernel", "b/kernel", "fuse/kernel"],
-                           "modality", loss, groups)
+                           "modality", loss, lambda *_: groups)
   wa, wb, wf = (np.asarray(params[k]["kernel"], np.float64) for k in ("a", "b", "fuse"))
   s = []
   for b in batches:
@@ -148,7 +148,7 @@ def test_a_kernel_each_modality_uses_once_gets_each_modalitys_weight():
   batches = [{m: jnp.asarray(r.normal(size=(4, n, K)), jnp.float32) for m, n in
               (("a", TA), ("b", TB))} for _ in range(2)]
   rw = row_weights.weights(apply, params, batches, ["shared/kernel"], "modality", loss,
-                           lambda path, shape: None)
+                           lambda *_: (lambda path, shape: None))
   w = np.asarray(params["shared"]["kernel"], np.float64)
   s = {}
   for m, c in (("a", 9.0), ("b", 1.0)):
@@ -181,7 +181,7 @@ def test_balanced_calibration_reconstructs_the_tokens_the_loss_sees_better(make)
   for balance in ("none", "modality", "token"):
     plan = Plan(rules([(r"fuse/kernel", make(balance))]))
     p0, cs = plan.start(params, jax.random.PRNGKey(0))
-    out, _ = plan.calibrate(apply, p0, cs, batches, loss=loss, groups=groups)
+    out, _ = plan.calibrate(apply, p0, cs, batches, loss=loss, row_groups=lambda *_: groups)
     d = w - np.asarray(out["fuse"]["kernel"], np.float64)
     err[balance] = float(np.sum((ctx @ d) ** 2))
   assert err["modality"] < 0.8 * err["none"], err
@@ -201,12 +201,13 @@ def test_bad_inputs_name_the_setting_and_the_fix():
     plan.calibrate(apply, p0, cs, batches, loss=loss)
   wrong = lambda path, shape: np.zeros(TA, int) if path == "fuse/kernel" else None
   with pytest.raises(ValueError, match=r"ids of shape \(3,\).*rows \(4, 8\)"):
-    plan.calibrate(apply, p0, cs, batches, loss=loss, groups=wrong)
+    plan.calibrate(apply, p0, cs, batches, loss=loss, row_groups=lambda *_: wrong)
   floats = lambda path, shape: np.full(TA + TB, 0.5) if path == "fuse/kernel" else None
   with pytest.raises(ValueError, match=r"must be integers >= 0"):
-    plan.calibrate(apply, p0, cs, batches, loss=loss, groups=floats)
+    plan.calibrate(apply, p0, cs, batches, loss=loss, row_groups=lambda *_: floats)
   with pytest.raises(ValueError, match=r"must return one scalar.*task.loss\(outputs\[0\]"):
-    plan.calibrate(apply, p0, cs, batches, loss=lambda o, b: (loss(o, b), {}), groups=groups)
+    plan.calibrate(apply, p0, cs, batches, loss=lambda o, b: (loss(o, b), {}),
+                   row_groups=lambda *_: groups)
 
 
 @pytest.mark.parametrize("kind", ["cross", "joint"])
@@ -223,7 +224,7 @@ def test_mmjax_token_modalities_are_where_each_modalitys_tokens_are(kind):
   params = jax.jit(fam.init)(jax.random.PRNGKey(0), batch)
   path = ("fusion/layer_00/text/cross_attn/key/kernel" if kind == "cross"
           else "fusion/block_00/attn/key/kernel")
-  groups = fam.row_groups(params, batch)
+  groups = fam.row_groups(fam.apply, params, batch)
   grab = jax.jit(lambda b: intercept.observe(fam.apply, [path], lambda d: d.x)(params, b)[path][0])
   base = np.asarray(grab(batch))
   names = sorted(fam.modalities)
@@ -237,3 +238,38 @@ def test_mmjax_token_modalities_are_where_each_modalitys_tokens_are(kind):
   assert groups("image/block_00/attn/key/kernel", (2, 16)) is None
   if kind == "cross":
     assert groups("fusion/layer_00/text/cross_attn/query/kernel", (2, 48)) is None
+
+
+def test_mmjax_token_modalities_follow_the_tokens_a_plan_prunes():
+  """With cross-modal pruning in the plan, the layout is read off the hooked forward: the
+  layer after the pruning sees the kept counts, and GPTQ with MBQ calibrates through it."""
+  from mmjax.compress import hooks as hooks_lib
+  from mmjax.compress.token_prune import kept_count, prune_tokens
+  from test_token_prune import tiny_model
+  fam, batch, params = tiny_model(fusion_layers=2)
+  batch = {**batch, "label": np.zeros(2, np.int32), "example_mask": np.ones(2, bool)}
+  prune = prune_tokens(keep=0.5, layer=0)
+  plan = Plan(prune)
+  _, state = plan.start(params, jax.random.PRNGKey(0))
+  hooked = hooks_lib.apply(fam.apply, [(p, f, n) for n, p, f in plan.hooks(state)])
+  layout = fam.row_groups(hooked, params, batch)
+  inter = jax.eval_shape(fam.apply, params, batch)[1]
+  n = {m: inter[m]["mask"].shape[1] for m in ("audio", "image")}
+  key = "fusion/layer_{:02d}/text/cross_attn/key/kernel"
+  np.testing.assert_array_equal(layout(key.format(0), (2, n["audio"] + n["image"])),
+                                [0] * n["audio"] + [1] * n["image"])
+  kept = {m: kept_count(n[m], 0.5) for m in n}
+  np.testing.assert_array_equal(layout(key.format(1), (2, kept["audio"] + kept["image"])),
+                                [0] * kept["audio"] + [1] * kept["image"])
+  from mmjax.harness import task as task_lib, train
+  import ml_collections
+  task = task_lib.from_config(ml_collections.ConfigDict({}), fam)
+  both = Plan(prune, rules([(r"fusion/.*/cross_attn/(key|value)/kernel",
+                            gptq.method(formats.grid("int", 3, granularity="channel"),
+                                        balance="modality"))]))
+  p0, cs = both.start(params, jax.random.PRNGKey(0))
+  out, _ = both.calibrate(fam.apply, p0, cs, [batch], *train.calibration_context(fam, task))
+  assert not np.array_equal(np.asarray(out["fusion"]["layer_01"]["text"]["cross_attn"]["key"]
+                                       ["kernel"]),
+                            np.asarray(params["fusion"]["layer_01"]["text"]["cross_attn"]["key"]
+                                       ["kernel"]))

@@ -24,7 +24,7 @@ def tiny_model(fusion_layers=2):
   fam = family.from_config(cfg)
   batch = fam.example_batch(2, with_labels=False)
   batch["audio_mask"] = np.arange(batch["audio"].shape[1])[None] < np.array([[6000], [8000]])
-  params = fam.init(jax.random.PRNGKey(0), batch)
+  params = jax.jit(fam.init)(jax.random.PRNGKey(0), batch)
   return fam, batch, params
 
 

@@ -289,14 +289,15 @@ class Plan:
     """Whether a method of the plan has a calibrate stage (`paths`: as `entries` takes)."""
     return any(e.method.calibrate is not None for e in self.entries(paths))
 
-  def calibrate(self, apply_fn, params, state, batches, loss=None, groups=None):
+  def calibrate(self, apply_fn, params, state, batches, loss=None, row_groups=None):
     """-> (params, state): each calibrating method in order, seeing the weights' view and
     the activation stages of the methods before it, and the weights the methods before it
     produced (a post-training method after pruning calibrates on the pruned model). Every
     method's module hooks apply from the start: statistics come from the tokens the model
     will run on (merged, pruned). `loss(outputs, batch) -> scalar` (the task's) and
-    `groups(path, row shape)` (the model's modality of each token) are for the methods
-    that weigh tokens by sensitivity (`balance=`)."""
+    `row_groups(apply_fn, params, batch) -> fn(path, row shape)` (the model's modality of
+    each token, read off the calibration forward: hooks included) are for the methods that
+    weigh tokens by sensitivity (`balance=`)."""
     flat = flatten(params)
     state = dict(state)
     hooks = self.hooks(state)
@@ -306,7 +307,7 @@ class Plan:
         view = jax.jit(self.view)(unflatten(flat, params), state)
         new, state[e.method.name] = e.method.calibrate(
             _sub(flat, e.paths), state[e.method.name],
-            Calibration(fn, view, tuple(batches), e.paths, loss, groups))
+            Calibration(fn, view, tuple(batches), e.paths, loss, row_groups))
         flat = {**flat, **new}
       if e.method.wrap is not None:
         fn = e.method.wrap(fn, state[e.method.name], e.paths)

@@ -79,14 +79,15 @@ class Forward(NamedTuple):
 class Calibration(NamedTuple):
   """What a `calibrate` stage sees: the forward (`apply_fn(params, batch)`, wrapped by the
   methods before this one), the weights it computes with, the batches, this method's paths;
-  the task's `loss(outputs, batch) -> scalar` and the model's `groups(path, row shape) ->
-  modality id per row | None` where given (modality-balanced calibration reads them)."""
+  the task's `loss(outputs, batch) -> scalar` and the model's `row_groups(apply_fn, params,
+  batch) -> fn(path, row shape) -> modality id per row | None` where given
+  (modality-balanced calibration reads them)."""
   apply_fn: Callable
   params: Any
   batches: Sequence
   paths: tuple
   loss: Optional[Callable] = None
-  groups: Optional[Callable] = None
+  row_groups: Optional[Callable] = None
 
 
 @dataclasses.dataclass(frozen=True)

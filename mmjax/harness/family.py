@@ -54,10 +54,13 @@ class Family:
                                                   structured pruning; None: not offered
   unit_types                                      {name: regex}: groups of kernels that
                                                   sensitivity measures together
-  row_groups(params, batch) -> fn(path, row shape) -> modality id per row | None
+  row_groups(apply_fn, params, batch) -> fn(path, row shape) -> modality id per row | None
                                                   which modality each token of a layer's
                                                   input is (modality-balanced calibration,
-                                                  `balance="modality"`); None: not known
+                                                  `balance="modality"`), read off
+                                                  apply_fn, the calibration's forward (its
+                                                  hooks may merge or prune tokens); None:
+                                                  not known
   preprocess(data) -> {modality: fn(raw) -> {key: array}}
                                                   the family's own input preprocessing
                                                   (a pretrained model's resize and

@@ -58,20 +58,11 @@ def evaluate(eval_step, params, cstate, setup, batch_sharding, aux=None):
 
 # ============================================================================ calibration
 
-def calibration_context(fam, task, params, batches):
-  """-> (loss, groups) for `Plan.calibrate`: the task's loss on the model's outputs, and
-  the family's modality of each token (built when first asked), for the methods that weigh
-  calibration tokens by sensitivity."""
-  loss = lambda outputs, batch: task.loss(outputs[0], batch)[0]
-  if fam.row_groups is None:
-    return loss, None
-  made = []
-
-  def groups(path, shape):
-    if not made:
-      made.append(fam.row_groups(params, batches[0]))
-    return made[0](path, shape)
-  return loss, groups
+def calibration_context(fam, task):
+  """-> (loss, row_groups) for `Plan.calibrate`: the task's loss on the model's outputs,
+  and the family's modality of each token, for the methods that weigh calibration tokens
+  by sensitivity."""
+  return (lambda outputs, batch: task.loss(outputs[0], batch)[0]), fam.row_groups
 
 
 def _calibrate(comp, state, state_shd, setup, log):
@@ -86,8 +77,7 @@ def _calibrate(comp, state, state_shd, setup, log):
              for _ in range(examples // setup.input_cfg.batch_size)]
   params, cstate = comp.plan.calibrate(setup.family.apply, state.params,
                                        comp.plan.merge(state.cstate, state.aux), batches,
-                                       *calibration_context(setup.family, setup.task,
-                                                            state.params, batches))
+                                       *calibration_context(setup.family, setup.task))
   trained, cstate = comp.plan.split(cstate)
   log(f"[compress] calibrated {comp.plan.name} on {examples} examples ({len(batches)} "
       f"batches, seed {seed}) in {time.perf_counter() - t0:.1f} s")

@@ -58,10 +58,8 @@ def family(args: dict) -> Family:
                 shrunk_model=dict(num_heads=small_cfg.num_heads, head_dim=small_cfg.head_dim,
                                   mlp_dim=small_cfg.mlp_dim))
 
-  def row_groups(params, batch):
-    counts = {m: t["mask"].shape[1] for m, t in jax.eval_shape(apply, params, batch)[1].items()
-              if m in cfg.modalities}
-    return token_modalities(cfg, counts)
+  def row_groups(apply_fn, params, batch):
+    return token_modalities(cfg, jax.eval_shape(apply_fn, params, batch)[1])
 
   classify = cfg.head.kind == "classify"
   return Family(
@@ -72,35 +70,50 @@ def family(args: dict) -> Family:
       row_groups=row_groups, args=cfg.to_dict())
 
 
-def token_modalities(cfg: ModelConfig, counts: dict):
+def token_modalities(cfg: ModelConfig, inter: dict):
   """-> groups(path, row shape): the modality (its index in sorted order) of each token a
   fusion kernel sees, for modality-balanced calibration; None for a kernel one modality
-  feeds (a tower's, a cross layer's queries and MLP). `counts`: tokens per modality at the
-  towers' outputs. The layouts are the fusion's (`models/fusion.py`): a cross layer's keys
-  and values see the other modalities concatenated in sorted order, a joint block all of
-  them, a bottleneck layer its modality's tokens then the shared ones (one more id)."""
-  names = sorted(counts)
+  feeds (a tower's, a cross layer's queries and MLP). `inter`: the forward's intermediates
+  (shapes suffice), which give each layer's token counts as the calibration forward has
+  them, after token merging in the towers or pruning in the fusion. The layouts are the
+  fusion's (`models/fusion.py`): a cross layer's keys and values see the other modalities
+  concatenated in sorted order, a joint block all of them, a bottleneck layer its
+  modality's tokens then the shared ones (one more id)."""
+  names = sorted(m for m in cfg.modalities)
   index = {m: i for i, m in enumerate(names)}
-  ids = lambda ms: np.concatenate([np.full(counts[m], index[m]) for m in ms])
+  towers = {m: inter[m]["mask"].shape[1] for m in names}
   kind = cfg.fusion.kind
+
+  def counts_into(layer: int) -> dict:
+    """Tokens per modality entering fusion layer `layer` (cross, bottleneck)."""
+    if layer == 0:
+      return towers
+    prev = inter["fusion"][f"layer_{layer - 1:02d}"]
+    prev = prev["tokens"] if kind == "bottleneck" else prev
+    return {m: prev[m].shape[1] for m in names}
+
+  def ids(ms, counts):
+    return np.concatenate([np.full(counts[m], index[m]) for m in ms])
 
   def groups(path, shape):
     parts = path.split("/")
     if parts[0] != "fusion" or len(parts) < 3:
       return None
     if kind == "joint":
-      found = ids(names)
-    elif kind == "bottleneck":
-      found = np.concatenate([ids([parts[2]]),
-                              np.full(cfg.fusion.num_bottleneck, len(names))])
-    elif parts[3:4] == ["cross_attn"] and parts[4:5] in (["key"], ["value"]):
-      found = ids([o for o in names if o != parts[2]] or [parts[2]])
+      found = ids(names, towers)
     else:
-      return None
+      counts = counts_into(int(parts[1].rsplit("_", 1)[-1]))
+      if kind == "bottleneck":
+        found = np.concatenate([ids([parts[2]], counts),
+                                np.full(cfg.fusion.num_bottleneck, len(names))])
+      elif parts[3:4] == ["cross_attn"] and parts[4:5] in (["key"], ["value"]):
+        found = ids([o for o in names if o != parts[2]] or [parts[2]], counts)
+      else:
+        return None
     if shape[-1] != found.size:
       raise ValueError(f"balance='modality': {path}'s input has {shape[-1]} tokens but the "
-                       f"fusion's layout gives {found.size} (token merging or pruning changed "
-                       "the counts); use balance='token'.")
+                       f"fusion's layout gives {found.size}; a hook that reorders or resizes "
+                       "the fusion's tokens needs balance='token'.")
     return found
   return groups
 

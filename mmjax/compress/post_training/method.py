@@ -86,14 +86,21 @@ def calibrate_kernels(calib, flat, solve: Callable, wanted, mode: str, contract=
   check_stacked(u.layers, {p: flat[p].shape for p in paths}, contract)
   vcontract = layer_contract(contract, u)
   vflat = {v: (flat[of[v][0]][of[v][1]] if v in of else flat[v]) for v in u.paths}
-  groups = calib.groups and (lambda v, shape: calib.groups(of.get(v, (v,))[0], shape))
+  row_groups = calib.row_groups and (  # the model's layout, named by the unrolled paths
+      lambda fn, p, b: _renamed(calib.row_groups(calib.apply_fn, calib.params, b), of))
   done = _calibrate(calib._replace(apply_fn=u.apply_fn, params=u.params, paths=tuple(u.paths),
-                                   groups=groups),
+                                   row_groups=row_groups),
                     vflat, solve, wanted, mode, vcontract, group_by, u.block_of,
                     balance=balance)
   out = {p: done[p] for p in paths if p not in u.layers}
   out.update({p: side_by_side([done[v] for v in vs]) for p, vs in u.layers.items()})
   return out
+
+
+def _renamed(layout, of):
+  """A row layout f(path, shape) for the paths of an unrolled forward (`of`: layer path ->
+  (stacked path, index))."""
+  return lambda v, shape: layout(of.get(v, (v,))[0], shape)
 
 
 def layer_contract(contract, u):
@@ -167,7 +174,7 @@ def _calibrate(calib, flat, solve, wanted, mode, contract_of, group_by, block_of
   rw = None
   if balance != "none":  # from the forward the method starts from, as MBQ
     rw = row_weights.weights(calib.apply_fn, calib.params, calib.batches, paths, balance,
-                             calib.loss, calib.groups)
+                             calib.loss, calib.row_groups)
 
   def solve_block(block_paths, st):
     for p in block_paths:

@@ -21,7 +21,8 @@ dropped; it is this module's choice of magnitude.) The statistics
 (its weights' view: the dense model, or what earlier methods made of it), as in MBQ.
 
 Which modality a row belongs to is the model's layout, not something the program shows:
-`groups(path, free_shape)` (a family's `row_groups`) gives an integer id per row, or None
+`row_groups(apply_fn, params, batch)` (a family's) gives `fn(path, free_shape)`: an integer
+id per row, or None
 for a kernel that one modality feeds. Such a kernel's modality weight is one constant,
 and neither GPTQ's nor AWQ's solution changes when the objective is scaled: MBQ changes
 only the kernels that see several modalities (a fusion's keys and values, a joint
@@ -115,12 +116,12 @@ def signature(batch):
 
 
 def weights(apply_fn: Callable, params, batches: Sequence, paths: Sequence[str],
-            balance: str, loss: Optional[Callable], groups: Optional[Callable] = None,
+            balance: str, loss: Optional[Callable], row_groups: Optional[Callable] = None,
             convs: bool = True, what: str = "calibration") -> list:
   """-> per batch, {path: [row weights per use]} (float32, flat like `stats.rows`), for
   `balance` in {"modality", "token"}, divided by the mean sensitivity over every row of
   every use of the path in every batch (so a kernel used twice keeps the difference
-  between its uses). With `modality`, a use that one modality feeds (`groups` gives None)
+  between its uses). With `modality`, a use that one modality feeds (the layout gives None)
   weighs its rows by their mean: a kernel each modality uses once (shared weights) gets
   MBQ's per-modality weights too. A path whose rows all have zero sensitivity (nothing the
   loss sees depends on it) weighs them equally; so does a use the statistics cannot read
@@ -133,8 +134,18 @@ def weights(apply_fn: Callable, params, batches: Sequence, paths: Sequence[str],
   f, uses = sensitivities(apply_fn, loss, paths, convs, what)
   per_batch = [jax.device_get(f(params, b)) for b in batches]
   readable = lambda d: statistics._unsupported(d) is None
-  ids = [{p: [_row_ids(groups, p, d, what) if balance == "modality" and readable(d) else None
-              for d in ds]
+  layouts = {}  # per batch shape: the model's row layout, read off this forward
+  if balance == "modality":
+    if row_groups is None:
+      raise ValueError(f"{what}: balance='modality' needs to know which modality each token "
+                       "of a layer belongs to, and the model gave no row_groups; use "
+                       "balance='token' (per token, no layout needed), or give the family a "
+                       "row_groups.")
+    for b in batches:
+      if signature(b) not in layouts:
+        layouts[signature(b)] = row_groups(apply_fn, params, b)
+  ids = [{p: [_row_ids(layouts[signature(b)], p, d, what)
+              if balance == "modality" and readable(d) else None for d in ds]
           for p, ds in uses[signature(b)].items()} for b in batches]
   out = [dict() for _ in batches]
   for p, ds in per_batch[0].items():
@@ -157,15 +168,10 @@ def weights(apply_fn: Callable, params, batches: Sequence, paths: Sequence[str],
   return out
 
 
-def _row_ids(groups, path, d, what):
+def _row_ids(layout, path, d, what):
   """Integer modality ids of a use's rows (flat), or None: one modality."""
-  if groups is None:
-    raise ValueError(f"{what}: balance='modality' needs to know which modality each token "
-                     "of a layer belongs to, and the model gave no row_groups; use "
-                     "balance='token' (per token, no layout needed), or give the family a "
-                     "row_groups.")
   shape = free_shape(d)
-  got = groups(path, shape)
+  got = layout(path, shape)
   if got is None:
     return None
   got = np.asarray(got)
