@@ -16,14 +16,13 @@ each row's sensitivity is s_t = mean_n g_tn², and the rows' weights are
 
 the means taken over every calibration row of every use of the kernel. (The square makes
 the weighted objective the Fisher's, E[(gᵀ Δy)²] with the gradients' cross terms
-dropped; it is this module's choice of magnitude.) The statistics
-(`stats.of`) become weighted sums. Weights come from the model the method starts from
-(its weights' view: the dense model, or what earlier methods made of it), as in MBQ.
+dropped; it is this module's choice of magnitude.) The statistics (`stats.of`) become
+weighted sums. Weights come from the model the method starts from (its weights' view: the
+dense model, or what earlier methods made of it), as in MBQ.
 
 Which modality a row belongs to is the model's layout, not something the program shows:
-`row_groups(apply_fn, params, batch)` (a family's) gives `fn(path, free_shape)`: an integer
-id per row, or None
-for a kernel that one modality feeds. Such a kernel's modality weight is one constant,
+`row_groups(apply_fn, params, batch)` (a family's) gives `fn(path, free_shape)`, an integer
+id per row, or None for a kernel that one modality feeds. Such a kernel's modality weight is one constant,
 and neither GPTQ's nor AWQ's solution changes when the objective is scaled: MBQ changes
 only the kernels that see several modalities (a fusion's keys and values, a joint
 encoder). `token` changes every kernel.
@@ -133,7 +132,7 @@ def weights(apply_fn: Callable, params, batches: Sequence, paths: Sequence[str],
                      "-> scalar to plan.calibrate (the harness passes the task's).")
   f, uses = sensitivities(apply_fn, loss, paths, convs, what)
   per_batch = [jax.device_get(f(params, b)) for b in batches]
-  readable = lambda d: statistics._unsupported(d) is None
+  readable = lambda d: statistics.unsupported(d) is None
   layouts = {}  # per batch shape: the model's row layout, read off this forward
   if balance == "modality":
     if row_groups is None:

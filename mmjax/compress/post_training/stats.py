@@ -8,6 +8,9 @@ is its input patches: `patches`).
   amax     max |x| per input channel [K] (SmoothQuant)
   count    rows T seen (tokens, over every use of the weight)
 
+With row weights (`row_weights`: modality-balanced calibration) every sum weighs row t by
+r_t, `count` is Σ r_t (so absmean is a weighted mean) and amax skips rows of weight 0.
+
 X's rows are every position of every example (the product's free axes) and its columns the
 contracted axes in the order of `layout.to_matrix` (the weight's contracted axes,
 ascending), so `gram` pairs with the weight's matrix view row for row. For a conv kernel
@@ -99,7 +102,7 @@ def patches(c: intercept.Conv):
   return t.reshape(-1, k_all)
 
 
-def _unsupported(d):
+def unsupported(d):
   """Why a use has no single input matrix, or None."""
   if isinstance(d, intercept.Conv):
     groups = [f"{k}={d.params[k]}" for k in ("feature_group_count", "batch_group_count")
@@ -137,7 +140,7 @@ def check_uses(uses: dict, contract_of, universe, what: str = "post-training"):
   bad, wrong, needs, shapes = {}, [], {}, {}
   for path, ds in uses.items():
     for d in ds:
-      kind = _unsupported(d)
+      kind = unsupported(d)
       if kind:
         bad.setdefault(path, kind)
         continue
@@ -199,8 +202,9 @@ def program(apply_fn: Callable, paths: Sequence[str], wanted: Sequence[str],
             contract_of: Callable[[str, int], tuple], convs: bool = True,
             what: str = "calibration"):
   """-> (jitted f(params, batch, row_weights=None) -> {path: stats}, order): every path's
-  statistics from one forward (each row weighted, given `row_weights` {path: [per use]}); `order` lists the paths in the order the forward consumes them (filled when
-  f is first traced). Sequential calibration cuts the forward instead (`staged`).
+  statistics from one forward (each row weighted, given `row_weights` {path: [per use]});
+  `order` lists the paths in the order the forward consumes them (filled when f is first
+  traced). Sequential calibration cuts the forward instead (`staged`).
   `convs=False`: a conv kernel among `paths` is an error (a method that rewrites the
   products, as SmoothQuant does, cannot use a conv's statistics)."""
   check(wanted)
@@ -212,7 +216,7 @@ def program(apply_fn: Callable, paths: Sequence[str], wanted: Sequence[str],
     def stat(d):  # a use that cannot be measured is named below, with every other one
       axes = contract_of(d.path, d.w.ndim)
       k = counts[d.path] = counts.get(d.path, -1) + 1
-      ok = not _unsupported(d) and model_contract(d) == tuple(axes)
+      ok = not unsupported(d) and model_contract(d) == tuple(axes)
       return d, (of(rows(d, axes), wanted, use_weights(row_weights, d.path, k))
                  if ok else None)
 
