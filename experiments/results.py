@@ -277,21 +277,29 @@ def plot_flops(rows, path, title="mm_arith/procedural, small model"):
   return True
 
 
-def publish(sweep_dir, readme=RESULTS_DOC, results_dir=RESULTS_DIR, log=print):
+def publish(sweep_dir, readme=RESULTS_DOC, results_dir=RESULTS_DIR, log=print,
+            dataset: str | None = None):
   """Copy the results into the repository and rewrite docs/results/suite.md's section between
-  markers."""
+  markers. The suite's dataset (mm_arith/procedural) has the plain names; another dataset's
+  sweep gets files and a section of its own (`results_<tag>.md`, `<!--
+  sweep-results:<tag>:begin -->`), so publishing it never overwrites the suite's."""
+  tag = "" if dataset in (None, "mm_arith/procedural") else dataset.split("/")[-1]
+  named = lambda f: f.replace(".", f"_{tag}.", 1) if tag else f
+  begin, end = ((f"<!-- sweep-results:{tag}:begin -->", f"<!-- sweep-results:{tag}:end -->")
+                if tag else (MARK_BEGIN, MARK_END))
   os.makedirs(results_dir, exist_ok=True)
   for f in ("results.md", "results.json", "pareto.png", "pareto_flops.png"):
     if os.path.exists(os.path.join(sweep_dir, f)):
-      shutil.copy(os.path.join(sweep_dir, f), os.path.join(results_dir, f))
-  with open(os.path.join(results_dir, "results.md")) as f:
+      shutil.copy(os.path.join(sweep_dir, f), os.path.join(results_dir, named(f)))
+  with open(os.path.join(results_dir, named("results.md"))) as f:
     table = f.read()
-  rel = os.path.relpath(os.path.join(results_dir, "pareto.png"), os.path.dirname(readme))
-  body = f"{table}\n![accuracy against bytes on disk]({rel})"
+  rel = os.path.relpath(results_dir, os.path.dirname(os.path.abspath(readme)))
+  body = f"{table}\n![accuracy against bytes on disk]({rel}/{named('pareto.png')})"
   if os.path.exists(os.path.join(sweep_dir, "pareto_flops.png")):
-    body += f"\n\n![accuracy against forward FLOPs]({rel[:-len('pareto.png')]}pareto_flops.png)"
-  rewrite_section(readme, MARK_BEGIN, MARK_END, body)
-  log(f"[sweep] {os.path.relpath(readme, REPO)} results section rewritten from {results_dir}")
+    body += f"\n\n![accuracy against forward FLOPs]({rel}/{named('pareto_flops.png')})"
+  rewrite_section(readme, begin, end, body)
+  log(f"[sweep] {os.path.relpath(readme, REPO)} results section{f' ({tag})' if tag else ''} "
+      f"rewritten from {results_dir}")
 
 
 def rewrite_section(readme, begin, end, body):

@@ -322,7 +322,7 @@ def main(argv):
     report(names, _SEEDS.value, _DIR.value, carried=carried)
     if _PUBLISH.value:
       from experiments import results
-      results.publish(_DIR.value)
+      results.publish(_DIR.value, dataset=_DATASET.value)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

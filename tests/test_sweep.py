@@ -92,6 +92,14 @@ def test_sweep_runs_resumes_and_reports(procedural_dir, tiny_dense_dir, tmp_path
   text = readme.read_text()
   assert "old table" not in text and "| ptq_int8 |" in text and text.endswith("outro\n")
   assert "![accuracy against bytes on disk](results/pareto.png)" in text
+  # another dataset's sweep publishes beside the suite, never over it
+  readme.write_text(text + "<!-- sweep-results:real:begin -->\n<!-- sweep-results:real:end -->\n")
+  results.publish(sweep_dir, readme=str(readme), results_dir=str(tmp_path / "results"),
+                  log=lambda *_: None, dataset="mm_arith/real")
+  again = readme.read_text()
+  assert again.startswith(text) and again.count("| ptq_int8 |") == 2
+  assert "(results/pareto_real.png)" in again
+  assert (tmp_path / "results" / "results_real.json").exists()
 
 
 def _row(name, acc, std=0.0, ratio=1.0, seeds=3):
