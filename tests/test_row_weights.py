@@ -243,7 +243,6 @@ def test_mmjax_token_modalities_are_where_each_modalitys_tokens_are(kind):
 def test_mmjax_token_modalities_follow_the_tokens_a_plan_prunes():
   """With cross-modal pruning in the plan, the layout is read off the hooked forward: the
   layer after the pruning sees the kept counts, and GPTQ with MBQ calibrates through it."""
-  from mmjax.compress import hooks as hooks_lib
   from mmjax.compress.token_prune import kept_count, prune_tokens
   from test_token_prune import tiny_model
   fam, batch, params = tiny_model(fusion_layers=2)
@@ -251,7 +250,7 @@ def test_mmjax_token_modalities_follow_the_tokens_a_plan_prunes():
   prune = prune_tokens(keep=0.5, layer=0)
   plan = Plan(prune)
   _, state = plan.start(params, jax.random.PRNGKey(0))
-  hooked = hooks_lib.apply(fam.apply, [(p, f, n) for n, p, f in plan.hooks(state)])
+  hooked = plan.hooked(fam.apply, state)
   layout = fam.row_groups(hooked, params, batch)
   inter = jax.eval_shape(fam.apply, params, batch)[1]
   n = {m: inter[m]["mask"].shape[1] for m in ("audio", "image")}

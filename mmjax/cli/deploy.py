@@ -53,7 +53,6 @@ def _weights(workdir):
 def forward(config, fam):
   """The family's forward as the run computed it: with the run's module hooks (token
   merging, token pruning), which change what the model computes, not its weights."""
-  from mmjax.compress import hooks as hooks_lib
   from mmjax.harness.run_setup import validate
   plan = validate(config, read_checkpoints=False).compression.plan
   stateful = [m.name for m in plan.methods() if m.hooks and m.init is not None]
@@ -61,8 +60,7 @@ def forward(config, fam):
     raise ValueError(f"deploy: method {stateful[0]!r} has module hooks that read its state; "
                      "the artifact cannot carry that state yet (hooks-only methods such as "
                      "tome and xprune deploy).")
-  hooks = plan.hooks({})
-  apply = hooks_lib.apply(fam.apply, [(p, f, n) for n, p, f in hooks]) if hooks else fam.apply
+  apply = plan.hooked(fam.apply, {})
   return lambda p, b: apply(p, b)[0]
 
 

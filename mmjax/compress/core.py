@@ -183,6 +183,11 @@ class Plan:
     for e in self.entries(params_paths):
       if e.method.wrap is not None:
         apply_fn = e.method.wrap(apply_fn, state[e.method.name], e.paths)
+    return self.hooked(apply_fn, state)
+
+  def hooked(self, apply_fn, state):
+    """`apply_fn` with every method's module hooks (bound to `state`) applied; itself if
+    no method has hooks."""
     hooks = self.hooks(state)
     return hooks_lib.apply(apply_fn, [(p, f, n) for n, p, f in hooks]) if hooks else apply_fn
 
@@ -300,8 +305,7 @@ class Plan:
     weigh tokens by sensitivity (`balance=`)."""
     flat = flatten(params)
     state = dict(state)
-    hooks = self.hooks(state)
-    fn = hooks_lib.apply(apply_fn, [(p, f, n) for n, p, f in hooks]) if hooks else apply_fn
+    fn = self.hooked(apply_fn, state)
     for e in self.entries(flat):
       if e.method.calibrate is not None:
         view = jax.jit(self.view)(unflatten(flat, params), state)

@@ -82,11 +82,9 @@ def sensitivities(apply_fn: Callable, loss: Callable, paths: Sequence[str],
     def record(d):
       found.append(d)
       return d.bind(d.x, d.w)
-    jax.eval_shape(intercept.dots(apply_fn, list(paths), record, what, convs, scans=False),
-                   params, batch)
+    recorded = intercept.dots(apply_fn, list(paths), record, what, convs, scans=False)
+    out_shape = jax.eval_shape(lambda: loss(recorded(params, batch), batch))
     zeros = [jnp.zeros(d.out_aval.shape, d.out_aval.dtype) for d in found]
-
-    out_shape = jax.eval_shape(lambda: loss(apply_fn(params, batch), batch))
     if not (hasattr(out_shape, "shape") and out_shape.shape == ()):
       raise ValueError(f"{what}: loss(outputs, batch) must return one scalar, and it returned "
                        f"{jax.tree.map(lambda a: a.shape, out_shape)}; a task's loss returns "
