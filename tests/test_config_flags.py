@@ -94,7 +94,8 @@ METHODS = {
              "blocks": (r"image/block_\d+", r"image/block_\d+"), "keep_first": ("1", 1),
              "proportional": ("false", False)},
     "xprune": {"keep": ("0.5", 0.5), "queries": ("audio", "audio"),
-               "modalities": ("('image',)", ("image",)), "layer": ("1", 1)},
+               "modalities": ("('image',)", ("image",)), "layer": ("1", 1),
+               "block": ("0", 0)},
 }
 EXPORT = {"": ("false", False)}
 # not compression, but the same mechanism (typed placeholders for data_dir and init)

@@ -10,17 +10,20 @@ import pytest
 
 from mmjax.compress import Plan
 from mmjax.compress.hooks import HookError
-from mmjax.compress.token_prune import kept_count, prune_tokens
+from mmjax.compress.token_prune import kept_count, prune_tokens, prune_tower_tokens
 
 KEEP = 0.3
 
 
-def tiny_model(fusion_layers=2):
-  """The tiny preset with `fusion_layers` cross-fusion layers; audio padded in example 0."""
+def tiny_model(fusion_layers=2, tower_layers=1):
+  """The tiny preset with `fusion_layers` cross-fusion layers and `tower_layers` blocks in
+  the image and audio towers; audio padded in example 0."""
   from experiments.configs.common import base_config
   from mmjax.harness import family
   cfg = base_config(tiny=True)
   cfg.model.fusion["num_layers"] = fusion_layers
+  for m in ("image", "audio"):
+    cfg.model.towers[m]["num_layers"] = tower_layers
   fam = family.from_config(cfg)
   batch = fam.example_batch(2, with_labels=False)
   batch["audio_mask"] = np.arange(batch["audio"].shape[1])[None] < np.array([[6000], [8000]])
@@ -38,11 +41,19 @@ def reference_text_maps(params, inter, heads, layer="layer_00"):
   """The text's cross-attention over [audio; image] in fusion `layer`, averaged over heads,
   in float64 from the model's parameters and the tokens that layer received."""
   f64 = lambda t: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), t)
-  p, inter = f64(params["fusion"][layer]["text"]), f64(inter)
-  dense = lambda x, d: x @ d["kernel"] + d["bias"]
-  text = inter["text"]["final"]
+  inter = f64(inter)
   ctx = np.concatenate([inter["audio"]["final"], inter["image"]["final"]], 1)
   cmask = np.concatenate([inter["audio"]["mask"], inter["image"]["mask"]], 1) > 0
+  return _reference_maps(params["fusion"][layer]["text"], inter["text"]["final"], ctx, cmask,
+                         heads)
+
+
+def _reference_maps(p, text, ctx, cmask, heads):
+  """softmax(q kᵀ/√d_h) of the text's queries over `ctx` through the cross-attention `p`'s
+  LayerNorms and projections, averaged over heads, float64: [b, nq, nk]."""
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), p)
+  text, ctx = np.asarray(text, np.float64), np.asarray(ctx, np.float64)
+  dense = lambda x, d: x @ d["kernel"] + d["bias"]
   q = dense(_ln(text, p["ln_query"]), p["cross_attn"]["query"])
   k = dense(_ln(ctx, p["ln_context"]), p["cross_attn"]["key"])
   b, nq, inner = q.shape
@@ -103,6 +114,39 @@ def test_kept_tokens_are_the_texts_top_attended_and_keep_1_is_dense():
 
 
 
+def test_tower_mode_prunes_after_block_k_by_the_texts_ranking():
+  """Pruning at tower block 0: the tokens kept are the top ones by the text tower's output
+  through fusion layer 0's projections over block 0's tokens (float64 NumPy here), and
+  the tower's next block, its output mask and the fusion see only those."""
+  fam, batch, params = tiny_model(fusion_layers=1, tower_layers=2)
+  dense_logits, dense = jax.jit(fam.apply)(params, batch)
+  heads = fam.args["num_heads"]
+  plan = Plan(prune_tower_tokens(KEEP, block=0))
+  plan.check_hooks(fam.apply, params, {}, batch)
+  logits, inter = jax.jit(plan.wrap(fam.apply, {}, list(params)))(params, batch)
+  w = np.asarray(dense["text"]["mask"], np.float64)
+  for m in ("audio", "image"):
+    x, mask = np.asarray(dense[m]["block_00"]), np.asarray(dense[m]["mask"])
+    probs = _reference_maps(params["fusion"]["layer_00"]["text"], dense["text"]["final"], x,
+                            mask, heads)
+    score = (probs * w[..., None]).sum(1) / w.sum(1)[:, None]
+    count = kept_count(x.shape[1], KEEP)
+    want = np.sort(np.argsort(-score, axis=1, kind="stable")[:, :count], axis=1)
+    np.testing.assert_allclose(inter[m]["block_00"], np.take_along_axis(x, want[..., None], 1),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(inter[m]["mask"], np.take_along_axis(mask, want, 1))
+    assert inter[m]["block_01"].shape[1] == inter["fusion"]["layer_00"][m].shape[1] == count
+  assert bool(np.all(inter["audio"]["mask"][0]))  # example 0's padding went first
+  assert float(jnp.abs(logits - dense_logits).max()) > 1e-4
+  everything = Plan(prune_tower_tokens(1.0, block=1))
+  np.testing.assert_allclose(jax.jit(everything.wrap(fam.apply, {}, list(params)))(
+      params, batch)[0], dense_logits, rtol=1e-5, atol=1e-5)
+  with pytest.raises(HookError, match=r"'xprune': tower 'audio' has no block 2 \(block_02\)"):
+    Plan(prune_tower_tokens(KEEP, block=2)).check_hooks(fam.apply, params, {}, batch)
+  with pytest.raises(ValueError, match=r"block=-1 must be a tower block index >= 0"):
+    prune_tower_tokens(KEEP, block=-1)
+
+
 def test_token_methods_by_config_composed_and_bad_settings(procedural_dir, tiny_dense_dir,
                                                            tmp_path):
   """ToMe in the towers and cross-modal pruning in the fusion, one plan, trained a few
@@ -133,6 +177,8 @@ def test_token_methods_by_config_composed_and_bad_settings(procedural_dir, tiny_
       ("tiny,layer=3", None, r"config.compress.tokens.layer=3: the fusion has no "
                              r"cross-attention layer 3 whose 'text' tokens query the others "
                              r"\(its layers: \['layer_00'\]"),
+      ("tiny,block=3", None, r"config.compress.tokens.block=3: tower 'image' has no block 3 "
+                             r"\(its blocks: \['block_00'\]\)"),
       ("tiny", dict(modalities=("video",)), r"config.compress.merge.modalities=\['video'\]: "
                                             r"the model has no tower 'video'")):
     bad = str(tmp_path / arg.replace(",", "_"))

@@ -15,7 +15,8 @@ dict the method's hooks share within one forward, fresh at every call (what toke
 merging passes from block to block: the tokens' sizes, the keys it matches on). Paths:
 - Flax linen (mmjax's own models and foreign ones, unchanged): the module's scope path
   (`image/block_01`, the path of the parameters it owns without their last parts), through
-  Flax's method interception (`nn.intercept_methods`).
+  Flax's method interception (`nn.intercept_methods`); the root module's path is ""
+  (a hook around the whole forward, whose `call.module.variables` are all the parameters).
 - Flax NNX: the attribute path from the root module (`blocks/1`, as `nnx.iter_modules`
   gives it). NNX has no interception, so an NNX forward calls its root module through
   `hooks.call(model, *args)` instead of `model(*args)`; with no hook active it is exactly
@@ -178,8 +179,9 @@ def apply(apply_fn: Callable, hooks: Sequence[tuple]) -> Callable:
   return wrapped
 
 
-def module_paths(apply_fn: Callable, *args, **kwargs) -> list:
-  """Every module path `apply_fn(*args)` calls, linen or NNX (traced for shapes only)."""
+def module_paths(apply_fn: Callable, *args, root: bool = False, **kwargs) -> list:
+  """Every module path `apply_fn(*args)` calls, linen or NNX (traced for shapes only);
+  `root`: with "", the root module's path, if a hook can reach it (a linen model's)."""
   seen = []
 
   def record(path, run, a, k, module):
@@ -190,22 +192,22 @@ def module_paths(apply_fn: Callable, *args, **kwargs) -> list:
     with _active(record, lambda path: True):
       return apply_fn(*a, **kwargs)
   jax.eval_shape(run, *args)
-  return list(dict.fromkeys(p for p in seen if p))
+  return list(dict.fromkeys(p for p in seen if p or root))
 
 
 def check(apply_fn: Callable, named_hooks: Sequence[tuple], *args, **kwargs) -> None:
   """`named_hooks`: ((method name, pattern, fn), ...) as `apply` takes them. Every pattern
   matches a module of the forward, and the hooked forward traces; else one ValueError
   naming the method, the pattern or module, and what is valid."""
-  paths = module_paths(apply_fn, *args, **kwargs)
-  if not paths:
+  paths = module_paths(apply_fn, *args, root=True, **kwargs)
+  if not [p for p in paths if p]:
     raise ValueError("module hooks need a forward made of Flax modules: linen (hooked "
                      "through nn.intercept_methods) or NNX called as hooks.call(model, "
                      "...); this forward calls no module that can be hooked.")
   for name, pattern, _ in named_hooks:
     rx = re.compile(pattern)
     if not any(rx.fullmatch(p) for p in paths):
-      near = difflib.get_close_matches(pattern, paths, n=5, cutoff=0.0)
+      near = difflib.get_close_matches(pattern, [p for p in paths if p], n=5, cutoff=0.0)
       raise ValueError(f"compression method {name!r}: hook pattern {pattern!r} matches no "
                        f"module of the forward; nearest module paths: {near}.")
   names = list(dict.fromkeys(n for n, _, _ in named_hooks))

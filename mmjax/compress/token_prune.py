@@ -19,6 +19,19 @@ masks (and sizes, after token merging) carried to the later layers and to the po
   <layers>[k]                                after the layer: keep the top tokens
   <layers>[>k]                               the kept tokens' masks and attention biases
   fusion                                     the fused tokens' masks (and sizes) for pooling
+
+Tower mode (`prune_tower_tokens`): the pruning moves before the fusion, to block k of the
+image and audio towers, so the towers' later blocks run on the kept tokens too (most of
+the FLOPs a pruned token costs). There is no text attention over image tokens inside a
+tower, so the ranking borrows the fusion's: the text tower's output as queries and block
+k's tokens as keys, through fusion layer `layer`'s query and key projections (with their
+LayerNorms); the softmax runs over one tower's tokens. The text tower runs first (mmjax's
+MultimodalModel orders it so); the root hook reads the parameters off the model.
+  ""                       (the root) the parameters and the head width, recorded
+  <queries>                the text tower's output tokens and mask, recorded
+  <tower>/block_NN [k]     after the block: rank its tokens, keep the top ones
+  <tower>/block_NN [>k]    the kept tokens' key-padding mask
+  <tower>                  the tower's output mask, of the kept tokens
 """
 from __future__ import annotations
 
@@ -154,4 +167,104 @@ def prune_tokens(keep: float, *, queries: str = "text", prune=("image", "audio")
       (f"{base}/key", Around(record("key"))),
       (layers, Around(on_layer)),
       (fusion, Around(on_fusion)),
+  ))
+
+
+def _layer_norm(p, x, eps: float = 1e-6):
+  """flax.linen.LayerNorm's forward, in float32, from its parameters."""
+  x = x.astype(jnp.float32)
+  mu = x.mean(-1, keepdims=True)
+  y = (x - mu) * jax.lax.rsqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
+  return y * p["scale"] + p["bias"]
+
+
+def _dense(p, x):
+  return x @ p["kernel"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+
+
+def prune_tower_tokens(keep: float, block: int, *, queries: str = "text",
+                       prune=("image", "audio"), layer: int = 0, fusion: str = "fusion",
+                       attention: str = "cross_attn", name: str = "xprune") -> Method:
+  """A hooks-only method: in each tower of `prune`, after its block `block`, keep the
+  fraction `keep` of its tokens that the `queries` tower's output rates highest through
+  fusion layer `layer`'s cross-attention projections (the module docstring's tower mode)."""
+  if not (isinstance(keep, (int, float)) and 0 < keep <= 1):
+    raise ValueError(f"cross-modal pruning {name!r}: keep={keep!r} must be in (0, 1] (the "
+                     "fraction of each pruned modality's tokens kept).")
+  if not (isinstance(block, int) and block >= 0):
+    raise ValueError(f"cross-modal pruning {name!r}: block={block!r} must be a tower block "
+                     "index >= 0.")
+  prune = tuple(prune)
+  if not prune or queries in prune:
+    raise ValueError(f"cross-modal pruning {name!r}: prune={list(prune)} must name "
+                     f"modalities other than the queries' {queries!r}.")
+  towers = "|".join(re.escape(m) for m in prune)
+  block_rx = re.compile(rf"({towers})/block_(\d+)")
+
+  def on_root(call, state):
+    cfg = getattr(call.module, "cfg", None)
+    if cfg is None or not hasattr(cfg, "num_heads"):
+      raise HookError(f"cross-modal pruning {name!r} at a tower block reads the head width "
+                      "off mmjax's MultimodalModel config; this model has none (prune in "
+                      "the fusion instead, or pass a model with .cfg.num_heads).")
+    call.carry["params"] = call.module.variables["params"]
+    call.carry["head_dim"] = cfg.head_dim or cfg.d_model // cfg.num_heads
+    return call()
+
+  def on_queries(call, state):
+    out = call()
+    call.carry["queries"] = (out[0], out[1]["mask"])
+    return out
+
+  def scores(carry, x, mask):
+    if "queries" not in carry:
+      raise HookError(f"cross-modal pruning {name!r}: the {queries!r} tower must run before "
+                      f"the pruned towers {list(prune)} (its output ranks their tokens).")
+    try:
+      p = carry["params"][fusion][f"layer_{layer:02d}"][queries]
+      attn = p[attention]
+      q_tokens, q_mask = carry["queries"]
+      q = _dense(attn["query"], _layer_norm(p["ln_query"], q_tokens))
+      k = _dense(attn["key"], _layer_norm(p["ln_context"], x))
+    except KeyError as e:
+      raise HookError(f"cross-modal pruning {name!r}: no parameters {fusion}/layer_"
+                      f"{layer:02d}/{queries}/{{ln_query,ln_context,{attention}/query,key}} "
+                      f"(missing {e}); rank with a cross fusion layer the model has.") from None
+    return importance(q, k, q.shape[-1] // carry["head_dim"], q_mask, mask)
+
+  def on_block(call, state):
+    m, i = block_rx.fullmatch(call.path).groups()
+    i, carry = int(i), call.carry
+    if i < block:
+      return call()
+    args, kwargs = list(call.args), dict(call.kwargs)
+    where = 1 if len(args) > 1 else ("mask" if "mask" in kwargs else None)
+    mask = None if where is None else (args[1] if where == 1 else kwargs["mask"])
+    if i > block:  # the kept tokens' padding
+      if mask is not None and ("kept", m) in carry:
+        if where == 1:
+          args[1] = _gather(mask, carry["kept", m])
+        else:
+          kwargs["mask"] = _gather(mask, carry["kept", m])
+      return call(*args, **kwargs)
+    x = call()
+    score = jax.lax.stop_gradient(scores(carry, x, mask))
+    kept = top_tokens(score, kept_count(x.shape[1], keep))
+    carry["kept", m] = kept
+    return _gather(x, kept)
+
+  def on_tower(call, state):
+    out = call()
+    kept = call.carry.get(("kept", call.path))
+    if kept is None:
+      raise HookError(f"cross-modal pruning {name!r}: tower {call.path!r} has no block "
+                      f"{block} (block_{block:02d}); choose a block every pruned tower has.")
+    x, inter = out
+    return x, {**inter, "mask": _gather(inter["mask"], kept)}
+
+  return Method(name, hooks=(
+      ("", Around(on_root)),
+      (re.escape(queries), Around(on_queries)),
+      (rf"(?:{towers})/block_\d+", Around(on_block)),
+      (rf"(?:{towers})", Around(on_tower)),
   ))

@@ -58,15 +58,19 @@ class TokenMerging(Settings):
         keep_first=self.keep_first, name=where.rsplit(".", 1)[-1])
 
 
-@register("xprune", stage=TOKENS, doc="Cross-modal token pruning: after fusion layer k, "
-          "each pruned modality keeps the fraction of its tokens that the query modality's "
-          "cross-attention rates highest.")
+@register("xprune", stage=TOKENS, doc="Cross-modal token pruning: after fusion layer k (or "
+          "tower block k), each pruned modality keeps the fraction of its tokens that the "
+          "query modality's cross-attention rates highest.")
 @dataclasses.dataclass(frozen=True)
 class CrossModalPruning(Settings):
   keep: float = setting(0.3, "fraction of each pruned modality's tokens kept, in (0, 1]")
   queries: str = setting("text", "the modality whose attention rates the others' tokens")
   modalities: tuple = setting(("image", "audio"), "the modalities whose tokens are pruned")
-  layer: int = setting(0, "the fusion layer after which tokens are pruned")
+  layer: int = setting(0, "the fusion layer after which tokens are pruned (with block: the "
+                       "layer whose cross-attention projections rank them)")
+  block: Optional[int] = setting(None, "prune in the pruned towers instead, after their block "
+                                 "k, ranked by the query tower's output (the later tower "
+                                 "blocks run on the kept tokens too)")
 
   def check(self, where):
     if not 0 < self.keep <= 1:
@@ -74,6 +78,9 @@ class CrossModalPruning(Settings):
                        "kept).")
     if self.layer < 0:
       raise ValueError(f"{where}.layer={self.layer} must be >= 0.")
+    if self.block is not None and self.block < 0:
+      raise ValueError(f"{where}.block={self.block} must be >= 0 (a tower block) or None "
+                       "(prune in the fusion).")
 
   def build(self, ctx, where):
     require_modalities(ctx, (self.queries,), f"{where}.queries")
@@ -85,6 +92,16 @@ class CrossModalPruning(Settings):
       raise ValueError(f"{where}.layer={self.layer}: the fusion has no cross-attention layer "
                        f"{self.layer} whose {self.queries!r} tokens query the others (its "
                        f"layers: {layers or 'none: fusion.kind is not cross'}).")
+    if self.block is not None:
+      for m in self.modalities:
+        blocks = sorted({p.split("/")[1] for p in ctx.paths
+                         if re.fullmatch(rf"{re.escape(m)}/block_\d+/.*", p)})
+        if f"block_{self.block:02d}" not in blocks:
+          raise ValueError(f"{where}.block={self.block}: tower {m!r} has no block "
+                           f"{self.block} (its blocks: {blocks or 'none'}).")
+      return token_prune.prune_tower_tokens(
+          self.keep, self.block, queries=self.queries, prune=tuple(self.modalities),
+          layer=self.layer, name=where.rsplit(".", 1)[-1])
     return token_prune.prune_tokens(self.keep, queries=self.queries,
                                     prune=tuple(self.modalities), layer=self.layer,
                                     name=where.rsplit(".", 1)[-1])

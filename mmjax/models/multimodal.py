@@ -37,7 +37,10 @@ class MultimodalModel(nn.Module):
       raise ValueError(f"inputs lack modalities {missing}: the model is configured for "
                        f"{list(cfg.modalities)} and got keys {sorted(inputs)}.")
     tokens, masks, inter = {}, {}, {}
-    for m in cfg.modalities:
+    # The text tower runs first: its output is ready when an image or audio block runs, so
+    # a module hook there can ask it which tokens matter (token_prune's tower mode). The
+    # towers are independent, so the order changes no number.
+    for m in sorted(cfg.modalities, key=lambda m: cfg.towers[m].kind != "text"):
       tower_cfg = cfg.towers[m]
       if tower_cfg.kind not in TOWERS:
         raise ValueError(f"modality {m!r} has unknown tower kind {tower_cfg.kind!r}; valid "
