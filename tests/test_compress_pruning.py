@@ -267,7 +267,7 @@ def test_bad_input(bad, match):
     bad()
 
 
-@hypothesis.settings(max_examples=8, deadline=None)
+@hypothesis.settings(max_examples=5, deadline=None)
 @hypothesis.given(shapes=st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9)), min_size=1,
                                   max_size=5),
                   sparsity=st.floats(0.0, 0.95), bits=st.integers(2, 8),
