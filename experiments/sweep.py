@@ -43,6 +43,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 from absl import app, flags
 
@@ -207,12 +208,15 @@ def enable_compile_cache(path: str):
 
 def run_all(names, seeds, sweep_dir, tiny, data_dir, log=print, adjust=None, dataset=None):
   """Train every (name, seed) not yet complete (`seeds`: a count, or the seeds themselves);
-  `adjust(config)` edits each config last."""
+  `adjust(config)` edits each config last. A run that fails is logged and the sweep goes
+  on (a background sweep does not lose the night to one bad row); -> [(name, seed, why)]
+  of the failed runs."""
   from mmjax.harness import train
   # seed-major: a complete one-seed table exists after the first pass over the suite
   seeds = range(seeds) if isinstance(seeds, int) else seeds
   todo = [(n, s) for s in seeds for n in names]
   t0 = time.perf_counter()
+  failed = []
   for i, (name, seed) in enumerate(todo, 1):
     workdir = run_dir(sweep_dir, name, seed)
     if is_complete(workdir):
@@ -221,11 +225,20 @@ def run_all(names, seeds, sweep_dir, tiny, data_dir, log=print, adjust=None, dat
       continue
     log(f"[sweep {i}/{len(todo)}] {name} seed {seed} ({SUITE[name]}) -> {workdir} "
         f"[{time.perf_counter() - t0:.0f} s into this sweep]")
-    config = build_config(name, seed, sweep_dir, tiny, data_dir, dataset)
-    if adjust is not None:
-      adjust(config)
-    os.makedirs(os.path.dirname(workdir), exist_ok=True)
-    train.train_and_evaluate(config, workdir, log=lambda m, p=f"  [{name}/{seed}] ": log(p + m))
+    try:
+      config = build_config(name, seed, sweep_dir, tiny, data_dir, dataset)
+      if adjust is not None:
+        adjust(config)
+      os.makedirs(os.path.dirname(workdir), exist_ok=True)
+      train.train_and_evaluate(config, workdir,
+                               log=lambda m, p=f"  [{name}/{seed}] ": log(p + m))
+    except Exception as e:  # noqa: BLE001 (any run's failure; the rest still run)
+      why = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+      if not isinstance(e, ValueError):  # not one of mmjax's one-line errors: the trace
+        log(traceback.format_exc())
+      log(f"[sweep {i}/{len(todo)}] {name} seed {seed}: FAILED: {why}")
+      failed.append((name, seed, why))
+  return failed
 
 
 def load_carry(path) -> list:
@@ -318,11 +331,16 @@ def main(argv):
       return post_training_main()
     names = select(_RUNS.value)
     carried = load_carry(_CARRY.value)
+    failed = []
     if not _REPORT_ONLY.value:
       enable_compile_cache(_CACHE.value.replace("<sweep_dir>", _DIR.value))
-      run_all(names, _SEEDS.value, _DIR.value, _TINY.value, _DATA.value,
-              dataset=_DATASET.value)
+      failed = run_all(names, _SEEDS.value, _DIR.value, _TINY.value, _DATA.value,
+                       dataset=_DATASET.value)
     report(names, _SEEDS.value, _DIR.value, carried=carried)
+    if failed:
+      raise ValueError(f"{len(failed)} run(s) failed: " + "; ".join(
+          f"{n} seed {s} ({why.splitlines()[0][:150]})" for n, s, why in failed)
+          + ". Fix them and rerun the same command (complete runs are skipped).")
     if _PUBLISH.value:
       from experiments import results
       results.publish(_DIR.value, dataset=_DATASET.value)
@@ -354,7 +372,10 @@ def post_training_main():
     # dense seed by seed, each followed by its rows: a seed's rows exist before the next
     # dense run starts, so an interrupted session still leaves whole seeds behind
     for s in pending:
-      run_all(["dense"], [s], _DIR.value, _TINY.value, _DATA.value, dataset=_DATASET.value)
+      failed = run_all(["dense"], [s], _DIR.value, _TINY.value, _DATA.value,
+                       dataset=_DATASET.value)
+      if failed:  # the rows start from it
+        raise ValueError(f"dense seed {s} failed: {failed[0][2].splitlines()[0][:200]}")
       carried = pts.consistent_carried(carried, _SEEDS.value, _DIR.value)
       pts.run_all(rows, _SEEDS.value, _CALIB_SEEDS.value, _DIR.value, _TINY.value,
                   _DATA.value, _DATASET.value, carried=carried, only_seeds={s})

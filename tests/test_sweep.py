@@ -51,6 +51,19 @@ def test_sweep_runs_resumes_and_reports(procedural_dir, tiny_dense_dir, tmp_path
   sweep.run_all(names, 2, sweep_dir, True, procedural_dir, log=again.append,
                 adjust=one_device)
   assert len(again) == 6 and all("complete, skipped" in m for m in again)
+  # a run that fails is logged and the others still run (here: prune50's config made
+  # invalid; it fails before it writes anything)
+  def bad_prune(config):
+    one_device(config)
+    if "prune" in config.compress:
+      config.compress.prune.sparsity = 1.5
+  bad = []
+  failed = sweep.run_all(["prune50"] + names, 1, sweep_dir, True, procedural_dir,
+                         log=bad.append, adjust=bad_prune)
+  assert [(n, s) for n, s, _ in failed] == [("prune50", 0)], bad
+  assert "sparsity=1.5" in failed[0][2] and any("prune50 seed 0: FAILED" in m for m in bad)
+  assert sum("complete, skipped" in m for m in bad) == 3
+  assert not os.path.exists(sweep.run_dir(sweep_dir, "prune50", 0))
 
   out = sweep.report(names, 2, sweep_dir, log=lambda *_: None)
   rows = {r["name"]: r for r in out["methods"]}
