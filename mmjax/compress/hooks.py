@@ -82,6 +82,21 @@ class ModuleCall:
     return self.run(*args, **kwargs) if (args or kwargs) else self.run(*self.args,
                                                                        **self.kwargs)
 
+  def arg(self, index: int, name: str, default=None):
+    """The input given at position `index` or as keyword `name` (a block's `mask`, which
+    callers pass either way); `default` if neither."""
+    return self.args[index] if len(self.args) > index else self.kwargs.get(name, default)
+
+  def with_arg(self, index: int, name: str, value):
+    """-> (args, kwargs) with that input replaced where the caller gave it; as they were
+    if it was not given. Run them with `call(*args, **kwargs)`."""
+    args, kwargs = list(self.args), dict(self.kwargs)
+    if len(args) > index:
+      args[index] = value
+    elif name in kwargs:
+      kwargs[name] = value
+    return args, kwargs
+
 
 def module_path(context) -> str:
   return "/".join(context.module.path)

@@ -115,16 +115,9 @@ def merge_tokens(r, blocks: str, *, tower: str | None = None, attention: str = "
 
   def on_block(call, state):
     carry, key = call.carry, ("size", tower_of(call.path))
-    args, kwargs = list(call.args), dict(call.kwargs)
-    where = 1 if len(args) > 1 else ("mask" if "mask" in kwargs else None)
-    mask = None if where is None else (args[1] if where == 1 else kwargs["mask"])
-    if key in carry:
-      size = carry[key]
-      if mask is not None:  # this block's key padding: what the merges left real
-        if where == 1:
-          args[1] = size > 0
-        else:
-          kwargs["mask"] = size > 0
+    mask, args, kwargs = call.arg(1, "mask"), call.args, call.kwargs
+    if key in carry and mask is not None:  # this block's key padding: what merges left real
+      args, kwargs = call.with_arg(1, "mask", carry[key] > 0)
     elif mask is not None:
       carry[key] = mask.astype(jnp.float32)
     out = call(*args, **kwargs)

@@ -84,12 +84,8 @@ def _gather(x, idx):
   return jnp.take_along_axis(x, idx[..., None] if x.ndim == 3 else idx, axis=1)
 
 
-def prune_tokens(keep: float, *, queries: str = "text", prune=("image", "audio"),
-                 layer: int = 0, layers: str = r"fusion/layer_(\d+)",
-                 attention: str = "cross_attn", fusion: str = "fusion",
-                 name: str = "xprune") -> Method:
-  """A hooks-only method: after fusion layer `layer`, each modality of `prune` keeps the
-  fraction `keep` of its tokens that the `queries` modality's attention rates highest."""
+def _checked(keep, queries, prune, name) -> tuple:
+  """The settings both modes share, validated; -> `prune` as a tuple."""
   if not (isinstance(keep, (int, float)) and 0 < keep <= 1):
     raise ValueError(f"cross-modal pruning {name!r}: keep={keep!r} must be in (0, 1] (the "
                      "fraction of each pruned modality's tokens kept).")
@@ -97,6 +93,16 @@ def prune_tokens(keep: float, *, queries: str = "text", prune=("image", "audio")
   if not prune or queries in prune:
     raise ValueError(f"cross-modal pruning {name!r}: prune={list(prune)} must name "
                      f"modalities other than the queries' {queries!r}.")
+  return prune
+
+
+def prune_tokens(keep: float, *, queries: str = "text", prune=("image", "audio"),
+                 layer: int = 0, layers: str = r"fusion/layer_(\d+)",
+                 attention: str = "cross_attn", fusion: str = "fusion",
+                 name: str = "xprune") -> Method:
+  """A hooks-only method: after fusion layer `layer`, each modality of `prune` keeps the
+  fraction `keep` of its tokens that the `queries` modality's attention rates highest."""
+  prune = _checked(keep, queries, prune, name)
   layer_rx = re.compile(layers)
   at = layers.replace(r"(\d+)", f"{layer:02d}")
 
@@ -154,7 +160,7 @@ def prune_tokens(keep: float, *, queries: str = "text", prune=("image", "audio")
     if kept is None:
       return out
     tokens, inter = out
-    masks, sizes = call.args[1], (call.args[2] if len(call.args) > 2 else None)
+    masks, sizes = call.arg(1, "masks"), call.arg(2, "sizes")
     pruned = {"masks": {m: _gather(masks[m], kept[m]) for m in kept}}
     if sizes is not None:
       pruned["sizes"] = {m: _gather(sizes[m], kept[m]) for m in kept}
@@ -188,16 +194,10 @@ def prune_tower_tokens(keep: float, block: int, *, queries: str = "text",
   """A hooks-only method: in each tower of `prune`, after its block `block`, keep the
   fraction `keep` of its tokens that the `queries` tower's output rates highest through
   fusion layer `layer`'s cross-attention projections (the module docstring's tower mode)."""
-  if not (isinstance(keep, (int, float)) and 0 < keep <= 1):
-    raise ValueError(f"cross-modal pruning {name!r}: keep={keep!r} must be in (0, 1] (the "
-                     "fraction of each pruned modality's tokens kept).")
+  prune = _checked(keep, queries, prune, name)
   if not (isinstance(block, int) and block >= 0):
     raise ValueError(f"cross-modal pruning {name!r}: block={block!r} must be a tower block "
                      "index >= 0.")
-  prune = tuple(prune)
-  if not prune or queries in prune:
-    raise ValueError(f"cross-modal pruning {name!r}: prune={list(prune)} must name "
-                     f"modalities other than the queries' {queries!r}.")
   towers = "|".join(re.escape(m) for m in prune)
   block_rx = re.compile(rf"({towers})/block_(\d+)")
 
@@ -237,15 +237,11 @@ def prune_tower_tokens(keep: float, block: int, *, queries: str = "text",
     i, carry = int(i), call.carry
     if i < block:
       return call()
-    args, kwargs = list(call.args), dict(call.kwargs)
-    where = 1 if len(args) > 1 else ("mask" if "mask" in kwargs else None)
-    mask = None if where is None else (args[1] if where == 1 else kwargs["mask"])
+    mask = call.arg(1, "mask")
     if i > block:  # the kept tokens' padding
-      if mask is not None and ("kept", m) in carry:
-        if where == 1:
-          args[1] = _gather(mask, carry["kept", m])
-        else:
-          kwargs["mask"] = _gather(mask, carry["kept", m])
+      if mask is None or ("kept", m) not in carry:
+        return call()
+      args, kwargs = call.with_arg(1, "mask", _gather(mask, carry["kept", m]))
       return call(*args, **kwargs)
     x = call()
     score = jax.lax.stop_gradient(scores(carry, x, mask))
