@@ -49,7 +49,7 @@ LONGEST_FIRST = (
     "tests/test_train.py::test_sigkill_and_resume_is_bit_identical",
     "tests/test_train.py::test_two_processes_on_localhost_match_one_process",
     "tests/test_quickstart.py::test_quickstart_end_to_end_then_reuses_its_stages",
-    "tests/test_compress_harness.py::test_ptq_without_training_and_int8_qat",
+    "tests/test_compress_harness.py::test_ptq_fake_quant_and_integer_paths_agree",
     "tests/test_sweep.py::test_sweep_runs_resumes_and_reports",
     "tests/test_notebook.py::test_new_transform_notebook_runs",
     "tests/test_train.py::test_resume_after_the_final_checkpoint_and_past_an_unreadable_step",

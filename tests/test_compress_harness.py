@@ -272,7 +272,9 @@ def test_teacher_that_does_not_fit_its_config(procedural_dir, dense_dir, tmp_pat
   assert not (tmp_path / "w").exists()
 
 
-def test_ptq_without_training_and_int8_qat(procedural_dir, dense_dir, tmp_path):
+def test_ptq_fake_quant_and_integer_paths_agree(procedural_dir, dense_dir, tmp_path):
+  """Post-training int8 without training, fake-quant and on the integer path. (int8 W8A8 QAT
+  trains through the harness in test_any_model; test_lowering lowers its step for GPU/TPU.)"""
   from experiments.configs import ptq
   dense_acc = json.load(open(os.path.join(dense_dir, "summary.json")))["eval_accuracy"]
   accs = {}
@@ -288,11 +290,6 @@ def test_ptq_without_training_and_int8_qat(procedural_dir, dense_dir, tmp_path):
   # the integer path computes what fake-quant computes: the same predictions (up to ties)
   assert abs(accs["tiny"] - accs["tiny,int8"]) <= 0.002
   assert abs(accs["tiny"] - dense_acc) <= 0.05
-  workdir = str(tmp_path / "qat_int8")
-  c = _cfg(qat, "tiny,int8", procedural_dir, dense_dir)
-  c.train.steps = 6
-  summary = train.train_and_evaluate(c, workdir, log=_quiet)
-  assert np.isfinite(summary["eval_loss"])
 
 
 def test_post_training_one_shot_runs(procedural_dir, dense_dir, tmp_path):
