@@ -68,7 +68,9 @@ def run_record(name, seed, workdir, config="") -> dict:
   nothing)."""
   summary = _read_json(os.path.join(workdir, "summary.json"))
   report = _read_json(os.path.join(workdir, "compression_report.json"))
-  rec = dict(name=name, seed=seed, config=config, workdir=workdir,
+  config_json = _read_json(os.path.join(workdir, "config.json")) or {}
+  dataset = (config_json.get("data") or {}).get("dataset")
+  rec = dict(name=name, seed=seed, config=config, workdir=workdir, dataset=dataset,
              accuracy=summary.get("eval_accuracy"), loss=summary.get("eval_loss"),
              parameters=summary.get("parameters"),
              wall_s=summary.get("wall_s"), steps=summary.get("step"),
@@ -195,7 +197,7 @@ def _stagger(points, min_dy):
   return offsets
 
 
-def plot(rows, path):
+def plot(rows, path, title="mm_arith/procedural, small model"):
   """Two panels: every method (modality-subset baselines in gray), and a zoom on the methods
   within 5% of the best accuracy, where the compression methods crowd; each method keeps
   its color and marker in both, named in the legend. The Pareto front (fewest bytes for
@@ -240,7 +242,7 @@ def plot(rows, path):
                  "every method (mean ± std over seeds)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
   handles, labels = axes[0].get_legend_handles_labels()
-  fig.suptitle("mm_arith/procedural, small model: accuracy against size on disk")
+  fig.suptitle(f"{title}: accuracy against size on disk")
   fig.tight_layout(rect=(0, 0, 0.86, 1))
   fig.legend(handles, labels, loc="center right", fontsize=8)
   fig.savefig(path, dpi=120)

@@ -299,21 +299,29 @@ def report(names, seeds, sweep_dir, log=print, carried=()) -> dict:
   rows = results.aggregate(records, BASELINES, dense_times)
   total = sum(r["wall_s"] or 0 for r in records)
   seeds_seen = ", ".join(sorted({str(r["seed"]) for r in records}))
-  meta = (f"{len(records)} runs (seeds {seeds_seen}), {total / 3600:.2f} h of training wall "
+  datasets = sorted({r["dataset"] for r in records if r.get("dataset")})
+  meta = (f"{len(records)} runs" + (f" on {', '.join(datasets)}" if datasets else "")
+          + f" (seeds {seeds_seen}), {total / 3600:.2f} h of training wall "
           f"time in total, sweep dir `{sweep_dir}`"
           + (f"; {n_old} runs carried from an earlier publish" if n_old else "")
           + "".join(f"; {n}" for n in notes) + ".")
-  checks = targets.check(rows)
+  # the targets are set for the suite's dataset: on another one (mm_arith/real's ceiling is
+  # lower) a verdict such as "dense >= 95%: missed" would mislead
+  other = sorted({r.get("dataset") for r in records} - {None, targets.DATASET})
+  checks = [] if other else targets.check(rows)
   out = dict(meta=meta, methods=rows, targets=[dict(target=t, measured=m, met=v)
                                                for t, m, v in checks], runs=records)
   os.makedirs(sweep_dir, exist_ok=True)
   with open(os.path.join(sweep_dir, "results.json"), "w") as f:
     json.dump(out, f, indent=1)
-  md = results.table_md(rows, meta) + "\nTargets:\n\n" + targets.table_md(checks)
+  md = results.table_md(rows, meta) + (
+      f"\nThe suite's targets are set for {targets.DATASET}; none is checked on "
+      f"{', '.join(other)}.\n" if other else "\nTargets:\n\n" + targets.table_md(checks))
   with open(os.path.join(sweep_dir, "results.md"), "w") as f:
     f.write(md)
-  results.plot(rows, os.path.join(sweep_dir, "pareto.png"))
-  results.plot_flops(rows, os.path.join(sweep_dir, "pareto_flops.png"))
+  title = f"{', '.join(datasets) or targets.DATASET}, small model"
+  results.plot(rows, os.path.join(sweep_dir, "pareto.png"), title)
+  results.plot_flops(rows, os.path.join(sweep_dir, "pareto_flops.png"), title)
   log(md)
   log(f"[sweep] wrote results.md, results.json, pareto.png (and pareto_flops.png) in "
       f"{sweep_dir}")

@@ -7,6 +7,7 @@ A method that has not run yet gives "not run" instead of a verdict.
 """
 from __future__ import annotations
 
+DATASET = "mm_arith/procedural"  # the dataset the targets are set for
 CHANCE_MAX = 0.20          # "near chance" for the 10-way task
 IMAGE_AUDIO = (0.55, 0.65)  # "near its 60% ceiling": the digits without the operation
 

@@ -114,6 +114,20 @@ def test_sweep_runs_resumes_and_reports(procedural_dir, tiny_dense_dir, tmp_path
   assert "(results/pareto_real.png)" in again
   assert (tmp_path / "results" / "results_real.json").exists()
 
+  # the suite's targets are checked on its own dataset only: the same runs, marked as
+  # trained on mm_arith/real, report no verdicts (its ceiling is lower)
+  assert "runs on mm_arith/procedural (seeds 0, 1)" in out["meta"] and out["targets"]
+  for name in names:
+    for seed in (0, 1):
+      path = os.path.join(sweep.run_dir(sweep_dir, name, seed), "config.json")
+      config = json.load(open(path))
+      config["data"]["dataset"] = "mm_arith/real"
+      json.dump(config, open(path, "w"))
+  real = sweep.report(names, 2, sweep_dir, log=lambda *_: None)
+  assert real["targets"] == [] and "runs on mm_arith/real" in real["meta"]
+  md = open(os.path.join(sweep_dir, "results.md")).read()
+  assert "none is checked on mm_arith/real" in md and "| dense ≥ 95%" not in md
+
 
 def _row(name, acc, std=0.0, ratio=1.0, seeds=3):
   return dict(name=name, accuracy=acc, accuracy_std=std, ratio=ratio, seeds=seeds)
