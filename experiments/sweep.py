@@ -77,9 +77,9 @@ SUITE = {
     "qat_w2_lsq": "qat.py:bits=2,lsq",
     "lowrank16": "lowrank.py:rank=16",
     # multimodal-only compression (issue 31): token merging in the image and audio towers
-    # (off the shelf, and fine-tuned; r = 6 is the most these towers allow), cross-modal token pruning after fusion layer 0 or
-    # after tower block 0 (without and with a fine-tune), and the student distilled with
-    # fusion attention maps
+    # (off the shelf, and fine-tuned; r = 6 is the most these towers allow), cross-modal
+    # token pruning after fusion layer 0 or after tower block 0 (without and with a
+    # fine-tune), and the student distilled with fusion attention maps
     "tome_r4": "tome.py:r=4,steps=0",
     "tome_r4_ft": "tome.py:r=4",
     "tome_r6": "tome.py:r=6,steps=0",
